@@ -1,0 +1,150 @@
+"""ModelConfig: one frozen dataclass describes every model family the repo builds."""
+
+import dataclasses
+from typing import Literal
+
+from lm.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    d_ff: int = 512
+    max_seq_len: int = 256
+    head_dim: int | None = None  # None: d_model // n_heads
+
+    # Family options.
+    norm: Literal["rms", "layer"] = "rms"
+    norm_eps: float = 1e-6
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    positions: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10_000.0
+    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
+    qkv_bias: bool = False  # Qwen2
+    mlp_bias: bool = False  # GPT-2 (also gives the attention output projection a bias)
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head's queries and keys
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    # Execution options: they change speed and memory, never the numbers.
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    attention_impl: Literal["xla", "cudnn", "splash"] = "xla"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
+                f"use n_kv_heads in {_divisors(self.n_heads)}"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise UserError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "change one of them or set model.head_dim"
+            )
+        if self.positions == "rope" and self.dim_per_head % 2:
+            raise UserError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        for name, allowed in (
+            ("norm", ("rms", "layer")),
+            ("mlp", ("swiglu", "gelu")),
+            ("positions", ("rope", "learned")),
+            ("remat", ("none", "full", "dots", "dots_no_batch")),
+            ("attention_impl", ("xla", "cudnn", "splash")),
+            ("dtype", ("float32", "bfloat16", "float16")),
+            ("param_dtype", ("float32", "bfloat16")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count, computed from the shapes (the model's own count is tested against it)."""
+        d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.dim_per_head
+        attn = d * hd * (h + 2 * kv) + h * hd * d
+        if self.qkv_bias:
+            attn += hd * (h + 2 * kv)
+        if self.mlp_bias:
+            attn += d
+        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
+        if self.mlp_bias:
+            mlp += f * (2 if self.mlp == "swiglu" else 1) + d
+        norm = d * (2 if self.norm == "layer" else 1)
+        qk = 2 * hd if self.qk_norm else 0
+        block = attn + mlp + 2 * norm + qk
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        pos = self.max_seq_len * d if self.positions == "learned" else 0
+        return self.n_layers * block + embed + pos + norm
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * (non-embedding params + LM head) + 12 * layers * seq_len * heads * head_dim.
+
+        This is the PaLM / nanoGPT formula (Chowdhery et al. 2022, appendix B): matmuls only, causal
+        attention counted as a full square, as MaxText and nanoGPT report it.
+        """
+        n = self.n_params - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        n += self.vocab_size * self.d_model  # the LM head is a matmul even when tied
+        if self.positions == "learned":
+            n -= self.max_seq_len * self.d_model
+        attn = 12 * self.n_layers * seq_len * self.n_heads * self.dim_per_head
+        return 6 * n + attn
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The embedded default: a few million parameters, trains in minutes on a 2-core CPU.
+    "stdlib_tiny": ModelConfig(
+        vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
+        tie_embeddings=True,
+    ),
+    # The 'small config' of the benchmarks: 6 layers, width 384, 6 heads, vocab 8192.
+    "small": ModelConfig(
+        vocab_size=8192, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1024, max_seq_len=1024,
+    ),
+    "gpt2_124m": ModelConfig(
+        vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=3072, max_seq_len=1024,
+        norm="layer", norm_eps=1e-5, mlp="gelu", positions="learned", mlp_bias=True, qkv_bias=True,
+        tie_embeddings=True,
+    ),
+    "llama3_1b": ModelConfig(
+        vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, max_seq_len=8192,
+        norm_eps=1e-5, rope_theta=500_000.0, tie_embeddings=True, dtype="bfloat16",
+    ),
+    "llama3_8b": ModelConfig(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, max_seq_len=8192,
+        norm_eps=1e-5, rope_theta=500_000.0, dtype="bfloat16", remat="dots_no_batch",
+    ),
+    "qwen2_0_5b": ModelConfig(
+        vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2, d_ff=4864, max_seq_len=32768,
+        rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=True, dtype="bfloat16",
+    ),
+    "qwen3_0_6b": ModelConfig(
+        vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, d_ff=3072, max_seq_len=40960,
+        head_dim=128, rope_theta=1_000_000.0, qk_norm=True, tie_embeddings=True, dtype="bfloat16",
+    ),
+    "mistral_7b": ModelConfig(
+        vocab_size=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, max_seq_len=32768,
+        norm_eps=1e-5, rope_theta=1_000_000.0, dtype="bfloat16", remat="dots_no_batch",
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)

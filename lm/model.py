@@ -1,0 +1,89 @@
+"""The decoder-only Transformer: embed, a stack of Blocks, final norm, LM head.
+
+Blocks are built once with `nnx.vmap` (every parameter gains a leading `layers` axis) and applied
+with `nnx.scan`, so compile time does not grow with depth. `scan_layers=False` keeps a plain list
+of Blocks applied in a Python loop; it gives the same numbers and is there for debugging and export.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.attention import Mode
+from lm.config import ModelConfig
+from lm.layers import Block, make_norm
+from sharding.rules import logical_constraint
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+LAYERS = {nnx.PARTITION_NAME: "layers"}  # keeps partition specs aligned under vmap/scan (NNX_NOTES)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        embed_init = nnx.initializers.normal(cfg.init_std)
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                               embedding_init=embed_init, rngs=rngs,
+                               embedding_metadata={"out_sharding": ("vocab", "embed")})
+        self.pos_embed = nnx.data(None)
+        if cfg.positions == "learned":
+            self.pos_embed = nnx.Embed(cfg.max_seq_len, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                                       embedding_init=embed_init, rngs=rngs,
+                                       embedding_metadata={"out_sharding": ("position", "embed")})
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS)
+            def stack(rngs):
+                return Block(cfg, rngs=rngs)
+
+            self.blocks = stack(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = make_norm(cfg, rngs)
+        self.lm_head = nnx.data(None)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype,
+                                      param_dtype=param_dtype, kernel_init=embed_init, rngs=rngs,
+                                      kernel_metadata={"out_sharding": ("embed", "vocab")})
+
+    def __call__(self, tokens, positions, segment_ids=None, *, mode: Mode = "train") -> jax.Array:
+        """tokens, positions, segment_ids: int [batch, length]. Returns float32 logits [batch, length, vocab]."""
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = logical_constraint(x, ("batch", "length", "embed"))
+
+        def layer(block: Block, x):
+            return block(x, positions, segment_ids, mode=mode)
+
+        if self.cfg.remat != "none":
+            layer = nnx.remat(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+        if self.cfg.scan_layers:
+            x = nnx.scan(layer, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=LAYERS)(self.blocks, x)
+        else:
+            for block in self.blocks:
+                x = layer(block, x)
+
+        x = self.final_norm(x)
+        # Logits in float32 (accumulated from the compute dtype): the softmax over a large vocab
+        # loses too much precision in bf16.
+        head = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        return logical_constraint(logits, ("batch", "length", "vocab"))
+
+    def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
+        """Allocate every layer's KV cache: [layers, batch, max_length, kv_heads, head_dim] when scanned."""
+        if self.cfg.scan_layers:
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def init(block: Block):
+                block.attn.init_cache((batch, max_length), dtype)
+
+            init(self.blocks)
+        else:
+            for block in self.blocks:
+                block.attn.init_cache((batch, max_length), dtype)

@@ -1,0 +1,57 @@
+"""The one table that maps logical axis names to mesh axes, and the helpers that read it."""
+
+from collections.abc import Sequence
+
+import jax
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec as P
+
+MeshAxes = str | tuple[str, ...] | None
+
+# Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers, position.
+# Activation axes: batch, length, embed, heads, kv_heads, mlp, vocab, cache_length.
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("cache_length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("position", None),
+    ("layers", None),  # required: without it abstract init fails (NNX_NOTES)
+)
+
+
+def logical_rules(overrides: Sequence[tuple[str, MeshAxes]] = ()) -> tuple[tuple[str, MeshAxes], ...]:
+    """DEFAULT_RULES with the recipe's overrides applied (an override replaces a name's mapping)."""
+    table = dict(DEFAULT_RULES)
+    for name, axes in overrides:
+        table[name] = tuple(axes) if isinstance(axes, list) else axes
+    return tuple(table.items())
+
+
+def current_rules() -> tuple[tuple[str, MeshAxes], ...]:
+    """The rules of the enclosing `nnx.logical_axis_rules` context (empty outside one)."""
+    return tuple(flax_spmd.get_logical_axis_rules())
+
+
+def logical_to_spec(names: Sequence[str | None], rules=None) -> P:
+    """PartitionSpec for a tuple of logical names under `rules` (default: the enclosing context's)."""
+    table = dict(current_rules() if rules is None else rules)
+    return P(*(table.get(n) if n is not None else None for n in names))
+
+
+def logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's sharding by logical names. A no-op when no mesh or rules are active,
+    so model code can call it unconditionally (single device, tests, export)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not current_rules():
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+__all__ = ["DEFAULT_RULES", "logical_rules", "logical_to_spec", "logical_constraint", "current_rules"]
