@@ -1,0 +1,94 @@
+"""Packed fixed-length training batches from a token file, as a deterministic, resumable grain dataset."""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from lm.data.tokens import TokenFile
+from lm.errors import UserError
+
+
+class PackedWindows:
+    """Random-access windows of the concatenated token stream: example i is tokens[i*L : i*L + L + 1].
+
+    Windows cross document boundaries (packing); `segment_ids` and `positions` tell attention and
+    RoPE where each document starts, and `weights` drops the loss on the EOS -> next-document step.
+    """
+
+    def __init__(self, token_file: TokenFile, seq_len: int):
+        self.path = token_file.path
+        self.seq_len = seq_len
+        self.n_tokens = len(token_file)
+        self._file: TokenFile | None = token_file
+
+    def __len__(self) -> int:
+        return max(0, (self.n_tokens - 1) // self.seq_len)
+
+    def __getstate__(self) -> dict:
+        # A memmap does not pickle usefully: worker processes reopen the file instead.
+        return {**self.__dict__, '_file': None}
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f'window {index} out of range [0, {len(self)})')
+        if self._file is None:
+            self._file = TokenFile(self.path)
+        length, start = self.seq_len, index * self.seq_len
+        window = np.asarray(self._file.tokens[start : start + length + 1], dtype=np.int32)
+        doc_starts = self._file.doc_starts
+        offsets = np.arange(start, start + length + 1)
+        doc = np.searchsorted(doc_starts, offsets, side='right') - 1  # document holding each offset
+        return {
+            'tokens': window[:-1],
+            'targets': window[1:],
+            'segment_ids': (doc[:-1] - doc[0] + 1).astype(np.int32),
+            # A document already running at the window start counts from 0 there.
+            'positions': (offsets[:-1] - np.maximum(doc_starts[doc[:-1]], start)).astype(np.int32),
+            'weights': (doc[1:] == doc[:-1]).astype(np.float32),
+        }
+
+
+def make_dataset(
+    token_file: TokenFile,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> grain.IterDataset:
+    """Batches of this process's `global_batch_size // process_count` rows; arrays are [rows, seq_len].
+
+    The global batch at each step is the same whatever `process_count` is: the example sequence is
+    cut into process-local batches, and process p takes local batches p, p + P, p + 2P, ...
+    The shuffle is re-drawn each epoch (grain seeds epoch e with seed + e). `num_epochs=None` repeats forever.
+    """
+    if seq_len < 1 or global_batch_size < 1:
+        raise UserError(f'seq_len={seq_len} and batch size={global_batch_size} must be positive')
+    if not 0 <= process_index < process_count:
+        raise UserError(f'process_index={process_index} is not in [0, process_count={process_count})')
+    if global_batch_size % process_count:
+        raise UserError(
+            f'train.batch_size={global_batch_size} is not divisible by the {process_count} processes; '
+            f'use a multiple of {process_count}'
+        )
+    if not 0 <= seed < 2**32:
+        raise UserError(f'seed={seed} must be in [0, 2**32); use e.g. train.seed=0')
+    source = PackedWindows(token_file, seq_len)
+    if len(source) < global_batch_size:
+        needed = global_batch_size * seq_len + 1
+        raise UserError(
+            f'{token_file.path} has {len(token_file)} tokens but seq_len={seq_len} x batch={global_batch_size} '
+            f'needs at least {needed}; use a smaller train.seq_len or train.batch_size, or more data'
+        )
+    local_batch = global_batch_size // process_count
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).batch(local_batch, drop_remainder=True)
+    # Every process must see the same number of steps.
+    ds = ds[: len(ds) - len(ds) % process_count][process_index::process_count]
+    # One background thread overlaps batch assembly with the training step; more would fight for the GIL.
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))

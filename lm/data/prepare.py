@@ -1,0 +1,163 @@
+"""Raw text -> tokenizer.model + train/eval token files + meta.json, reused when nothing changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lm.data.corpus import (
+    check_eval_fraction,
+    document_keys,
+    expand_inputs,
+    file_keys,
+    hash_score,
+    held_out_mask,
+    is_jsonl,
+    iter_documents,
+    split_files,
+    stdlib_files,
+)
+from lm.data.tokenizer import Tokenizer, train_tokenizer
+from lm.data.tokens import write_tokens
+from lm.errors import UserError
+
+FORMAT = 1
+STDLIB = 'stdlib'
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(files: list[Path]) -> str:
+    """Changes when any input file is added, removed, resized or touched: the cache key for the text."""
+    digest = hashlib.sha256()
+    for f, key in zip(files, file_keys(files)):
+        st = f.stat()
+        digest.update(f'{key}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    return digest.hexdigest()
+
+
+def _splitter(files: list[Path], text_field: str, eval_fraction: float, seed: int):
+    """(train documents, eval documents, what was split): each side a function returning a fresh stream.
+
+    Plain files are held out whole; as soon as any input is `.jsonl`, the split is per document
+    (hash of file and line number), so even one big jsonl file yields an eval set.
+    """
+    if not any(is_jsonl(f) for f in files):
+        _need_two(len(files), 'files')
+        train, held = split_files(files, eval_fraction, seed)
+        return (lambda: iter_documents(train)), (lambda: iter_documents(held)), {'train': len(train), 'eval': len(held)}
+    scores = np.fromiter((hash_score(k, seed) for k in document_keys(files)), dtype=np.float64)
+    _need_two(len(scores), 'documents')
+    is_eval = held_out_mask(scores, eval_fraction)
+
+    def side(want_eval: bool) -> Callable[[], Iterator[str]]:
+        def docs() -> Iterator[str]:
+            for doc, held_out in zip(iter_documents(files, text_field), is_eval):
+                if held_out == want_eval:
+                    yield doc
+
+        return docs
+
+    return side(False), side(True), {'train': None, 'eval': None}
+
+
+def _need_two(n: int, what: str) -> None:
+    if n < 2:
+        raise UserError(f'the input has {n} {what}; holding some out for eval needs at least 2, so add more --input')
+
+
+def prepare_corpus(
+    inputs: list[str] | None,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_path: str | os.PathLike | None = None,
+    vocab_size: int = 8192,
+    text_field: str = 'text',
+    eval_fraction: float = 0.02,
+    seed: int = 0,
+    workers: int = 2,
+) -> dict:
+    """Prepare `out_dir` for training; `inputs=None` (or ['stdlib']) means the stdlib `.py` files."""
+    started = time.perf_counter()
+    check_eval_fraction(eval_fraction)
+    inputs = [STDLIB] if inputs is None or list(inputs) in ([], [STDLIB]) else [str(i) for i in inputs]
+    files = stdlib_files() if inputs == [STDLIB] else expand_inputs(inputs)
+    if not files:
+        raise UserError('found no standard library .py files; pass --input PATH_OR_GLOB instead')
+    args = {
+        'format': FORMAT,
+        'inputs': inputs,
+        'n_files': len(files),
+        'fingerprint': _fingerprint(files),
+        'tokenizer': file_sha256(Tokenizer(tokenizer_path).path) if tokenizer_path else None,
+        'vocab_size': None if tokenizer_path else vocab_size,
+        'text_field': text_field,
+        'eval_fraction': eval_fraction,
+        'seed': seed,
+    }
+    out_dir = Path(out_dir)
+    meta_path = out_dir / 'meta.json'
+    if cached := _reusable(meta_path, args):
+        return {**cached, 'cached': True}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # from here until the end the directory is not a finished one
+    train_docs, eval_docs, files_per_split = _splitter(files, text_field, eval_fraction, seed)
+    tokenizer_out = out_dir / 'tokenizer.model'
+    t0 = time.perf_counter()
+    if tokenizer_path:
+        tmp = tokenizer_out.with_name(tokenizer_out.name + '.tmp')
+        shutil.copyfile(tokenizer_path, tmp)
+        os.replace(tmp, tokenizer_out)
+        tokenizer = Tokenizer(tokenizer_out)
+    else:
+        tokenizer = train_tokenizer(train_docs(), vocab_size, tokenizer_out, seed=seed)
+    t1 = time.perf_counter()
+    train = write_tokens(train_docs(), tokenizer, out_dir, 'train', workers)
+    held = write_tokens(eval_docs(), tokenizer, out_dir, 'eval', workers)
+    t2 = time.perf_counter()
+    meta = {
+        'args': args,
+        'sources': inputs,
+        'vocab_size': tokenizer.vocab_size,
+        'tokenizer_sha256': file_sha256(tokenizer_out),
+        'seed': seed,
+        'eval_fraction': eval_fraction,
+        'splits': {
+            name: {'n_files': files_per_split[name], 'n_docs': tf.n_docs, 'n_tokens': tf.n_tokens, 'n_bytes': tf.n_bytes}
+            for name, tf in (('train', train), ('eval', held))
+        },
+        'seconds': {'tokenizer': round(t1 - t0, 2), 'encode': round(t2 - t1, 2), 'total': round(t2 - started, 2)},
+    }
+    tmp = meta_path.with_name('meta.json.tmp')
+    tmp.write_text(json.dumps(meta, indent=1) + '\n')
+    os.replace(tmp, meta_path)
+    return {**meta, 'cached': False}
+
+
+def _reusable(meta_path: Path, args: dict) -> dict | None:
+    """The existing meta if it was made from the same arguments and all its files are there."""
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    out = meta_path.parent
+    needed = ['tokenizer.model'] + [f'{s}{ext}' for s in ('train', 'eval') for ext in ('.bin', '.idx.npy', '.json')]
+    if meta.get('args') != args or not all((out / n).is_file() for n in needed):
+        return None
+    return meta

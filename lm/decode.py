@@ -1,0 +1,201 @@
+"""Autoregressive generation: one-pass prefill into the KV cache, then a jitted decode loop.
+
+Prompts of different lengths are right-padded into one batch. Each row keeps its own position, so
+row b's next token is written at cache slot lengths[b] + step. Shapes are bucketed to powers of
+two, so new prompt lengths rarely recompile. The loop runs on the device (`lax.while_loop`) in
+chunks: one chunk for throughput, small chunks when the caller streams tokens.
+"""
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm.errors import UserError
+from lm.sampling import Sampling, apply_repetition_penalty, sample
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= n (and >= minimum)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per row, up to and including EOS
+    prefill_seconds: float
+    decode_seconds: float
+    prompt_tokens: int
+    decode_steps: int  # loop iterations actually run (each makes one token per row)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return len(self.tokens) * self.decode_steps / max(self.decode_seconds, 1e-9)
+
+
+def _logits_at(logits, index):
+    """logits [batch, length, vocab], index [batch] -> [batch, vocab]."""
+    return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
+
+
+def _pick(logits, seen, key, step, sampling: Sampling):
+    if sampling.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    return sample(logits, jax.random.fold_in(key, step), sampling)
+
+
+def _mark_seen(seen, tokens):
+    return seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
+def _full_first(graphdef, params, buffer, lengths, key, seen, *, sampling):
+    """The uncached path's first token: a plain forward pass over the padded buffer."""
+    positions = jnp.broadcast_to(jnp.arange(buffer.shape[1]), buffer.shape)
+    logits = nnx.merge(graphdef, params)(buffer, positions)
+    return _pick(_logits_at(logits, lengths - 1), seen, key, 0, sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _prefill(graphdef, params, cache, tokens, lengths, key, seen, *, sampling):
+    """Run every prompt through the model in one call, filling the cache; sample the first token."""
+    model = nnx.merge(graphdef, params, cache)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+    logits = model(tokens, positions, segment_ids, mode="prefill")
+    first = _pick(_logits_at(logits, lengths - 1), seen, key, 0, sampling)
+    return nnx.state(model, nnx.Cache), first
+
+
+def _decode_body(graphdef, sampling, eos_id, use_cache, c):
+    """One token per row. Cached: feed the last token. Uncached: rerun the whole buffer."""
+    tok, pos, params = c["tokens"][:, -1], c["pos"], c["params"]
+    if use_cache:
+        model = nnx.merge(graphdef, params, c["cache"])
+        logits = model(tok[:, None], pos[:, None], mode="decode")[:, 0]
+        c = {**c, "cache": nnx.state(model, nnx.Cache)}
+    else:
+        model = nnx.merge(graphdef, params)
+        buf = c["buffer"].at[jnp.arange(tok.shape[0]), pos].set(tok)
+        positions = jnp.broadcast_to(jnp.arange(buf.shape[1]), buf.shape)
+        logits = _logits_at(model(buf, positions), pos)
+        c = {**c, "buffer": buf}
+    nxt = _pick(logits, c["seen"], c["key"], c["step"], sampling)
+    nxt = jnp.where(c["done"], eos_id if eos_id is not None else 0, nxt)
+    out = c["out"].at[:, c["step"]].set(nxt)
+    done = c["done"] | (nxt == eos_id) if eos_id is not None else c["done"]
+    return {**c, "out": out, "done": done, "pos": pos + 1, "step": c["step"] + 1,
+            "seen": _mark_seen(c["seen"], nxt), "tokens": nxt[:, None]}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_id", "use_cache"), donate_argnames=("c",))
+def _decode_chunk(graphdef, params, c, until, *, sampling, eos_id, use_cache):
+    """Decode until step == until or every row is done, all on the device."""
+    def cond(c):
+        return (c["step"] < until) & ~jnp.all(c["done"])
+
+    # The parameters ride in the loop carry: NNX refuses Variables closed over from an outer trace.
+    body = functools.partial(_decode_body, graphdef, sampling, eos_id, use_cache)
+    c = jax.lax.while_loop(cond, body, {**c, "params": params})
+    del c["params"]
+    return c
+
+
+def check_lengths(prompt_lengths: Sequence[int], max_new_tokens: int, max_seq_len: int) -> None:
+    if not prompt_lengths or min(prompt_lengths) == 0:
+        raise UserError("empty prompt: give at least one token of text (an empty string encodes to nothing)")
+    if max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens={max_new_tokens} must be positive")
+    longest = max(prompt_lengths)
+    if longest + max_new_tokens > max_seq_len:
+        raise UserError(
+            f"prompt ({longest} tokens) + --max-new-tokens ({max_new_tokens}) = {longest + max_new_tokens} exceeds "
+            f"the model's context of {max_seq_len} tokens; shorten the prompt or lower --max-new-tokens")
+
+
+def generate(
+    model: nnx.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    cache_dtype=None,
+    chunk: int | None = None,
+    on_tokens: Callable[[np.ndarray], None] | None = None,
+) -> Generation:
+    """Generate up to max_new_tokens for each prompt (lists of token ids).
+
+    on_tokens, if given, is called after each chunk of `chunk` steps with the new tokens
+    [batch, n] (for streaming). The model is not modified: the cache lives on a copy.
+    """
+    cfg = model.cfg
+    lengths = [len(p) for p in prompts]
+    check_lengths(lengths, max_new_tokens, cfg.max_seq_len)
+    batch = len(prompts)
+    width = min(bucket(max(lengths)), cfg.max_seq_len)
+    cache_len = min(bucket(max(lengths) + max_new_tokens), cfg.max_seq_len)
+    tokens = np.zeros((batch, width), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, : len(p)] = p
+    lengths_arr = jnp.asarray(lengths, jnp.int32)
+    key = jax.random.key(seed)
+    seen = jnp.zeros((batch, cfg.vocab_size), bool)
+    if sampling.repetition_penalty != 1.0:
+        seen = seen.at[jnp.arange(batch)[:, None], tokens].set(tokens != 0)
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    start = time.perf_counter()
+    c = {"pos": lengths_arr, "step": jnp.int32(1), "key": key, "done": jnp.zeros(batch, bool),
+         "out": jnp.zeros((batch, max_new_tokens), jnp.int32)}
+    if use_cache:
+        clone = nnx.merge(graphdef, params)
+        clone.init_cache(batch, cache_len, cache_dtype or jnp.dtype(cfg.dtype))
+        dgraph, _, cache = nnx.split(clone, nnx.Param, nnx.Cache)
+        cache, first = _prefill(dgraph, params, cache, jnp.asarray(tokens), lengths_arr, key, seen, sampling=sampling)
+        c["cache"] = cache
+    else:
+        dgraph = graphdef
+        buffer = jnp.zeros((batch, cache_len), jnp.int32).at[:, :width].set(tokens)
+        first = _full_first(graphdef, params, buffer, lengths_arr, key, seen, sampling=sampling)
+        c["buffer"] = buffer
+    first = jax.block_until_ready(first)
+    prefill_s = time.perf_counter() - start
+
+    c["out"] = c["out"].at[:, 0].set(first)
+    c["done"] = first == eos_id if eos_id is not None else c["done"]
+    c["seen"] = _mark_seen(seen, first)
+    c["tokens"] = first[:, None]
+    if on_tokens:
+        on_tokens(np.asarray(first)[:, None])
+
+    start, emitted = time.perf_counter(), 1
+    step = chunk or max_new_tokens
+    while emitted < max_new_tokens and not bool(c["done"].all()):
+        until = min(emitted + step, max_new_tokens)
+        c = _decode_chunk(dgraph, params, c, jnp.int32(until), sampling=sampling, eos_id=eos_id, use_cache=use_cache)
+        reached = int(c["step"])
+        if on_tokens:
+            on_tokens(np.asarray(c["out"][:, emitted:reached]))
+        emitted = reached
+    out = np.asarray(jax.block_until_ready(c["out"]))
+    decode_s = time.perf_counter() - start
+
+    result = []
+    for row in out[:, :emitted]:
+        ids = row.tolist()
+        if eos_id is not None and eos_id in ids:
+            ids = ids[: ids.index(eos_id) + 1]
+        result.append(ids)
+    return Generation(result, prefill_s, decode_s, sum(lengths), emitted - 1)

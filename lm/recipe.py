@@ -1,0 +1,252 @@
+"""Typed recipes: nested frozen dataclasses, dotted `--set key=value` overrides, JSON round trip."""
+
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import json
+import pathlib
+import types
+import typing
+from typing import Any, Literal
+
+from lm.config import ModelConfig
+from lm.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh. One of data/fsdp/tensor may be -1: it takes whatever devices are left.
+    dcn_* > 1 make a multi-slice mesh: those axes span slices over the data-centre network."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    rules: tuple[tuple[str, Any], ...] = ()  # overrides of sharding.rules.DEFAULT_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    inputs: tuple[str, ...] = ()  # paths or globs; empty: the embedded stdlib corpus
+    text_field: str = "text"
+    tokenizer: str | None = None  # an existing sentencepiece .model; None: train one
+    eval_fraction: float = 0.02
+    dir: str | None = None  # prepared data; None: <run_dir>/data
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # global, in sequences, per optimizer step
+    seq_len: int = 256
+    grad_accum: int = 1  # microbatches per step (inside the jitted step)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    sample_prompt: str = "def "
+    sample_tokens: int = 96
+    peak_tflops: float | None = None  # per device, for MFU; None: looked up from the device kind
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+    keep_period: int | None = None  # also keep every N-th step for good
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "nnx-lm"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str = "unnamed"
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def __post_init__(self):
+        t = self.train
+        if t.batch_size % t.grad_accum:
+            raise UserError(
+                f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+        if t.seq_len > self.model.max_seq_len:
+            raise UserError(
+                f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                "lower train.seq_len or raise model.max_seq_len")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every"):
+            if getattr(t, name) <= 0:
+                raise UserError(f"train.{name}={getattr(t, name)} must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        return _build(cls, d, "")
+
+
+# ------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def all_keys(cls=Recipe, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _parse(text: str, tp, key: str):
+    """Parse a command-line string into the field's declared type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _parse(text, a, key)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0])
+    if origin is Literal:
+        if text not in args:
+            raise UserError(f"{key}={text!r} is not one of {list(args)}")
+        return text
+    if origin is tuple:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [s for s in text.split(",") if s]
+        if not isinstance(value, list):
+            value = [value]
+        return _coerce(value, tp, key)
+    if tp is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"{key} expects true or false, got {text!r}")
+    if tp in (int, float):
+        try:
+            value = float(text) if tp is float else int(text)
+        except ValueError:
+            raise UserError(f"{key} expects {tp.__name__}, got {text!r}") from None
+        return value
+    if tp is str:
+        return text
+    if tp is Any:
+        return json.loads(text)
+    raise UserError(f"{key} cannot be set from the command line")
+
+
+def _coerce(value, tp, key):
+    """Coerce a JSON value (recipe.json or a tuple override) into the declared type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:
+        if value is None:
+            raise UserError(f"{key} expects a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if isinstance(value, list):
+        return tuple(_coerce(v, Any, key) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _build(cls, d: dict, prefix: str):
+    fields = _fields(cls)
+    kwargs = {}
+    for name, value in d.items():
+        if name not in fields:
+            raise UserError(f"unknown recipe key {prefix}{name!r}")
+        tp = fields[name]
+        kwargs[name] = _build(tp, value, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else _coerce(
+            value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """Apply `key.path=value` strings, then validate once (so overrides may be given in any order).
+    Unknown keys fail with the nearest valid ones."""
+    keys = all_keys()
+    tree = recipe.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set expects key.path=value, got {item!r}")
+        key, text = (part.strip() for part in item.split("=", 1))
+        if key not in keys:
+            near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(near)}?" if near else f"; valid keys start with {sorted({k.split('.')[0] for k in keys})}"
+            raise UserError(f"unknown recipe key {key!r}{hint}")
+        *parents, leaf = key.split(".")
+        cls, node = Recipe, tree
+        for name in parents:
+            cls, node = _fields(cls)[name], node[name]
+        node[leaf] = _parse(text, _fields(cls)[leaf], key)
+    return Recipe.from_dict(tree)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def available_recipes() -> list[str]:
+    folder = pathlib.Path(__file__).resolve().parent.parent / "recipes"
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_recipe(name_or_file: str, overrides: list[str] = ()) -> Recipe:
+    """A recipe by name (`recipes/<name>.py`) or by path to a .py file defining `recipe() -> Recipe`."""
+    path = pathlib.Path(name_or_file)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise UserError(f"recipe file {name_or_file} does not exist")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        if name_or_file not in available_recipes():
+            raise UserError(f"unknown recipe {name_or_file!r}; choose one of {available_recipes()} or give a .py file")
+        module = importlib.import_module(f"recipes.{name_or_file}")
+    if not hasattr(module, "recipe"):
+        raise UserError(f"recipe {name_or_file} defines no recipe() function")
+    try:
+        return apply_overrides(module.recipe(), list(overrides))
+    except TypeError as e:  # a frozen dataclass rejecting a value of the wrong kind
+        raise UserError(f"invalid recipe {name_or_file}: {e}") from None

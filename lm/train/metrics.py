@@ -1,0 +1,74 @@
+"""Throughput, MFU and the metrics log (metrics.jsonl plus wandb)."""
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak TFLOP/s per device, from the vendors' data sheets, matched by device_kind prefix.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,  # v6e (Trillium)
+    "NVIDIA A100": 312.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA GH200": 989.0,
+    "NVIDIA B200": 2250.0,
+}
+
+
+def measure_peak_tflops(n: int = 1024, repeats: int = 5) -> float:
+    """A float32 matmul's TFLOP/s on this device: the CPU's 'peak' (no data sheet applies)."""
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        f(x).block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def peak_tflops_per_device(configured: float | None = None) -> tuple[float, str]:
+    """(peak TFLOP/s per device, where the number came from)."""
+    if configured:
+        return configured, "configured"
+    kind = jax.devices()[0].device_kind
+    for prefix, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if kind.startswith(prefix):
+            return tflops, f"data sheet ({kind})"
+    return measure_peak_tflops(), f"measured float32 matmul ({kind})"
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors it to wandb.
+
+    Only process 0 writes; other processes get a disabled log.
+    """
+
+    def __init__(self, run_dir: pathlib.Path, config: dict, *, wandb_mode: str, project: str, enabled: bool):
+        self.enabled = enabled
+        self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        if enabled and wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=project, dir=str(run_dir), config=config, mode=wandb_mode,
+                                    name=pathlib.Path(run_dir).name, resume="allow",
+                                    settings=wandb.Settings(silent=True, console="off"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

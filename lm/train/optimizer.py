@@ -1,0 +1,36 @@
+"""AdamW with linear warmup, cosine decay and global-norm clipping."""
+
+import jax
+import optax
+from flax import nnx
+
+from lm.recipe import OptimizerConfig
+
+
+def learning_rate(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def _decay_mask(params):
+    # Weight decay on weight matrices and embeddings only; norm scales and biases are left alone
+    # (as in GPT-2 and Llama). Decided by name because stacked layers make ndim misleading.
+    def decays(path, _):
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        return any(n in ("kernel", "embedding") for n in names)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_tx(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(learning_rate(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, mask=_decay_mask),
+    )
+
+
+def make_optimizer(model: nnx.Module, cfg: OptimizerConfig, total_steps: int) -> nnx.Optimizer:
+    return nnx.Optimizer(model, make_tx(cfg, total_steps), wrt=nnx.Param)

@@ -1,0 +1,69 @@
+"""The jitted train and eval steps. Sharding comes from the arrays and the mesh context, not from here."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lm.loss import cross_entropy_sum
+from sharding.rules import logical_constraint
+
+
+def _loss_sums(model, batch):
+    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return cross_entropy_sum(logits, batch["targets"], batch["weights"])
+
+
+def _microbatches(batch, k: int):
+    """[batch, ...] -> [k, batch/k, ...], microbatch i taking rows i, i+k, i+2k, ...
+
+    Strided rows keep every microbatch spread over all data-parallel devices (each device's
+    contiguous block of rows holds a slice of every microbatch), so no rows move between devices.
+    """
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+@functools.partial(nnx.jit, static_argnames=("grad_accum",), donate_argnames=("model", "optimizer"))
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_accum: int = 1) -> dict:
+    """One optimizer step on a global batch, optionally as `grad_accum` microbatches.
+
+    Gradients of summed losses are accumulated in float32 and divided once by the total token
+    weight, so the update equals the single-big-batch update.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def sums_and_grads(mb):
+        def loss(p):
+            return _loss_sums(nnx.merge(graphdef, p, rest), mb)
+
+        (loss_sum, weight), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return loss_sum, weight, grads
+
+    if grad_accum == 1:
+        loss_sum, weight, grads = sums_and_grads(batch)
+    else:
+        def body(acc, mb):
+            loss_sum, weight, grads = sums_and_grads(mb)
+            return jax.tree.map(jnp.add, acc, (loss_sum, weight, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                 jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        (loss_sum, weight, grads), _ = jax.lax.scan(body, zeros, _microbatches(batch, grad_accum))
+
+    weight = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
+    grad_norm = optax.global_norm(grads)
+    optimizer.update(model, grads)
+    return {"loss": loss_sum / weight, "grad_norm": grad_norm}
+
+
+@nnx.jit
+def eval_step(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Summed loss and token weight of one batch (the caller averages over batches)."""
+    return _loss_sums(model, batch)

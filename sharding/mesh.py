@@ -1,0 +1,55 @@
+"""Build the device mesh from the recipe: axes (data, fsdp, tensor), -1 fills, multi-slice DCN axes."""
+
+import math
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+
+from lm.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def resolve_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+    """Fill the one -1 axis so that data * fsdp * tensor == n_devices, or explain why it can't."""
+    shape = [data, fsdp, tensor]
+    if sum(s == -1 for s in shape) > 1:
+        raise UserError(f"mesh {dict(zip(AXES, shape))}: at most one of mesh.data/fsdp/tensor may be -1")
+    if any(s == 0 or s < -1 for s in shape):
+        raise UserError(f"mesh {dict(zip(AXES, shape))}: sizes must be positive or -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if n_devices % known:
+            raise UserError(
+                f"mesh {dict(zip(AXES, shape))}: the fixed axes ({known}) do not divide the {n_devices} devices")
+        shape[shape.index(-1)] = n_devices // known
+    if math.prod(shape) != n_devices:
+        raise UserError(
+            f"mesh data*fsdp*tensor = {'*'.join(map(str, shape))} = {math.prod(shape)} but there are {n_devices} "
+            f"devices; set one of mesh.data/fsdp/tensor to -1 to fill")
+    return tuple(shape)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """A Mesh over all devices (or `devices`). With dcn_data/dcn_fsdp > 1, devices are grouped by
+    slice: the ICI part of each axis stays inside a slice and the DCN part spans slices."""
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1)
+    n_slices = math.prod(dcn)
+    if len(devices) % n_slices:
+        raise UserError(f"{len(devices)} devices cannot form mesh.dcn_data*dcn_fsdp={n_slices} slices")
+    ici = resolve_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, len(devices) // n_slices)
+    if n_slices > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.array(devices).reshape(ici)  # CPU and unusual topologies: plain order
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def mesh_shape(mesh: Mesh) -> dict[str, int]:
+    return dict(mesh.shape)

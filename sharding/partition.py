@@ -1,0 +1,76 @@
+"""Shardings for parameters, optimizer state and batches, plus the divisibility checks."""
+
+import math
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from lm.errors import UserError
+from sharding.rules import logical_to_spec
+
+
+def _mesh_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_divisible(dims: Mapping[str, int], mesh: Mesh, rules, what: Mapping[str, str] = None) -> None:
+    """Every logical dimension must split evenly over the mesh axes its rule names.
+
+    dims: logical name -> size; what: logical name -> the user-facing key (e.g. 'model.n_kv_heads').
+    XLA would silently replicate or pad an indivisible dimension; we refuse instead.
+    """
+    table = dict(rules)
+    what = what or {}
+    for name, size in dims.items():
+        axes = table.get(name)
+        n = _mesh_size(mesh, axes)
+        if size % n:
+            axes_t = (axes,) if isinstance(axes, str) else axes
+            label = "*".join(f"mesh.{a}" for a in axes_t)
+            ok = sorted({d for d in range(1, size + 1) if size % d == 0 and d <= n * 8})
+            raise UserError(
+                f"{what.get(name, name)}={size} is not divisible by {label}={n}; "
+                f"choose {label} in {ok} or change the '{name}' rule")
+
+
+def abstract_state_shardings(abstract_tree, mesh: Mesh, rules):
+    """NamedShardings for a tree of (abstract) nnx Variables, from their logical `out_sharding` names."""
+    with nnx.logical_axis_rules(rules):
+        return nnx.get_named_sharding(abstract_tree, mesh)
+
+
+def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules) -> nnx.Module:
+    """Build a module (model, or model + optimizer) directly sharded: no full copy on any device.
+
+    The abstract shapes come from `nnx.eval_shape`; a jit with out_shardings then runs the
+    initialisers so that each device materialises only its own shards.
+    """
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        abstract = nnx.eval_shape(make)
+        graphdef, abstract_state = nnx.split(abstract)
+        shardings = nnx.get_named_sharding(abstract_state, mesh)
+
+        @jax.jit(out_shardings=shardings)
+        def init():
+            return nnx.split(make())[1]
+
+        return nnx.merge(graphdef, init())
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
+    """Assemble global arrays from each process's rows (the rows are that process's slice of the
+    global batch; see lm.data.pipeline)."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+        for k, v in local.items()
+    }
