@@ -88,6 +88,16 @@ class ModelConfig:
         pos = self.max_seq_len * d if self.positions == "learned" else 0
         return self.n_layers * block + embed + pos + norm
 
+    def logical_dims(self) -> dict[str, tuple[int, str]]:
+        """Sizes of the logical axes the mesh must divide, with the recipe key that sets each."""
+        return {
+            "vocab": (self.vocab_size, "model.vocab_size"),
+            "embed": (self.d_model, "model.d_model"),
+            "heads": (self.n_heads, "model.n_heads"),
+            "kv_heads": (self.n_kv_heads, "model.n_kv_heads"),
+            "mlp": (self.d_ff, "model.d_ff"),
+        }
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * (non-embedding params + LM head) + 12 * layers * seq_len * heads * head_dim.
 

@@ -222,6 +222,32 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     return Recipe.from_dict(tree)
 
 
+# Keys a resumed run may change: they alter neither the saved state's shapes nor the data order.
+SAFE_TO_CHANGE = (
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.sample_prompt",
+    "train.sample_tokens", "train.peak_tflops", "train.grad_accum", "model.remat", "model.attention_impl",
+    "model.dtype", "mesh.", "checkpoint.", "logging.", "data.dir", "name",
+)
+
+
+def diff_recipes(saved: Recipe, new: Recipe) -> tuple[list[str], list[str]]:
+    """(safe, conflicting) descriptions of the keys whose values differ."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield prefix + k, v
+
+    old, cur = dict(flat(saved.to_dict())), dict(flat(new.to_dict()))
+    safe, conflicts = [], []
+    for key in cur:
+        if old.get(key) != cur[key]:
+            change = f"{key}: {old.get(key)!r} -> {cur[key]!r}"
+            (safe if key.startswith(SAFE_TO_CHANGE) else conflicts).append(change)
+    return safe, conflicts
+
+
 # ------------------------------------------------------------------------------------------------
 # Loading
 

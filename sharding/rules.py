@@ -40,9 +40,21 @@ def current_rules() -> tuple[tuple[str, MeshAxes], ...]:
 
 
 def logical_to_spec(names: Sequence[str | None], rules=None) -> P:
-    """PartitionSpec for a tuple of logical names under `rules` (default: the enclosing context's)."""
+    """PartitionSpec for a tuple of logical names under `rules` (default: the enclosing context's).
+
+    A mesh axis shards at most one dimension; the first dimension that claims it keeps it. So an
+    activation [batch, length, embed] is split over (data, fsdp) by batch and not again by embed,
+    while a parameter [embed, mlp] still puts embed on fsdp.
+    """
     table = dict(current_rules() if rules is None else rules)
-    return P(*(table.get(n) if n is not None else None for n in names))
+    used, spec = set(), []
+    for name in names:
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        free = tuple(a for a in axes if a not in used)
+        used.update(free)
+        spec.append(None if not free else free[0] if len(free) == 1 else free)
+    return P(*spec)
 
 
 def logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

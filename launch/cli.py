@@ -1,0 +1,24 @@
+"""What every entry point shares: one-line errors for bad input, and quiet start-up."""
+
+import functools
+import os
+import sys
+
+from lm.errors import UserError
+
+
+def main_guard(fn):
+    """Run a CLI main: bad input becomes `error: <one line>` on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(argv=None):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        try:
+            return fn(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

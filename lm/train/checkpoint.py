@@ -1,0 +1,64 @@
+"""Orbax checkpoints of the whole training state: model, optimizer, data iterator, step and recipe.
+
+Restores go onto the *current* model's shardings (built for the current mesh), so a checkpoint
+saved on one mesh restores onto another without a full copy on any device (flax #5110).
+"""
+
+import pathlib
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lm.recipe import CheckpointConfig
+
+
+def _abstract(state):
+    """ShapeDtypeStructs carrying the live arrays' shardings: the restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+class Checkpointer:
+    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, keep_period=cfg.keep_period, enable_async_checkpointing=cfg.async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, model, optimizer, data_iter, meta: dict, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            model=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
+            optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave({**meta, "step": step}),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, model, optimizer, data_iter) -> dict:
+        """Load `step` into model, optimizer and data_iter in place; return the saved meta."""
+        model_state, opt_state = nnx.state(model, nnx.Param), nnx.state(optimizer)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(_abstract(model_state)),
+            optimizer=ocp.args.StandardRestore(_abstract(opt_state)),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+            meta=ocp.args.JsonRestore(),
+        ))
+        nnx.update(model, restored["model"])
+        nnx.update(optimizer, restored["optimizer"])
+        return restored["meta"]
+
+    def restore_params(self, step: int, model) -> None:
+        """Load only the parameters (generation and export need nothing else)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(_abstract(nnx.state(model, nnx.Param)))))
+        nnx.update(model, restored["model"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
