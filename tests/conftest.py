@@ -48,3 +48,8 @@ def tiny_train_args(corpus: pathlib.Path, run_dir: pathlib.Path, *extra: str) ->
     for s in sets + list(extra):
         args += ["--set", s]
     return args
+
+
+# tests/multidevice needs 8 fake CPU devices, which must be requested before jax is imported;
+# test_sharding.py runs it in a subprocess that sets XLA_FLAGS.
+collect_ignore = [] if os.environ.get("NNXLM_MULTIDEVICE") else ["multidevice"]

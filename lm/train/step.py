@@ -58,7 +58,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
 
     weight = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return {"loss": loss_sum / weight, "grad_norm": grad_norm}
 

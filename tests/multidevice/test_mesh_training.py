@@ -1,0 +1,123 @@
+"""On 8 fake CPU devices: sharding changes where bytes live, not what is computed."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lm.config import ModelConfig
+from lm.errors import UserError
+from lm.model import Transformer
+from lm.recipe import MeshConfig, OptimizerConfig
+from lm.train.optimizer import make_optimizer
+from lm.train.step import train_step
+from sharding.mesh import make_mesh
+from sharding.partition import check_divisible, create_sharded, put_batch
+from sharding.rules import logical_rules, logical_to_spec
+
+CFG = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, d_ff=128, max_seq_len=64)
+MESHES = [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2), (1, 1, 8)]
+RULES = logical_rules()
+
+
+def batches(n, batch=16, length=32, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        tokens = rng.integers(0, CFG.vocab_size, (batch, length + 1)).astype(np.int32)
+        yield {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+               "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+               "segment_ids": np.ones((batch, length), np.int32), "weights": np.ones((batch, length), np.float32)}
+
+
+def build(mesh, cfg=CFG, sgd=False):
+    def make():
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        if sgd:  # the update is the gradient itself, so equal parameters mean equal gradients
+            return model, nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+        return model, make_optimizer(model, OptimizerConfig(lr=1e-2, warmup_steps=0), 10)
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+        return create_sharded(make, mesh, RULES)
+
+
+def run_steps(mesh, n=3, grad_accum=1, cfg=CFG, sgd=False):
+    model, opt = build(mesh, cfg, sgd)
+    out = []
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+        for b in batches(n):
+            m = train_step(model, opt, put_batch(b, mesh, RULES), grad_accum=grad_accum)
+            out.append((float(m["loss"]), float(m["grad_norm"])))
+    return out, model
+
+
+def mesh_of(shape, devices=None):
+    return make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]), devices)
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    return run_steps(mesh_of((1, 1, 1), jax.devices()[:1]))[0]
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_shard_shapes_follow_logical_rules(shape):
+    mesh = mesh_of(shape)
+    model, opt = build(mesh)
+    for state in (nnx.state(model, nnx.Param), nnx.state(opt, nnx.optimizer.OptState)):
+        for path, var in nnx.to_flat_state(state):
+            names = var.get_metadata().get("out_sharding")
+            value = var.get_value()
+            if not names:
+                continue
+            spec = logical_to_spec(names, RULES)
+            expected = list(value.shape)
+            for dim, axes in enumerate(spec):
+                axes = (axes,) if isinstance(axes, str) else (axes or ())
+                for a in axes:
+                    expected[dim] //= mesh.shape[a]
+            for shard in value.addressable_shards:
+                assert shard.data.shape == tuple(expected), (path, shard.data.shape, expected)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_first_steps_match_single_device(shape, single_device):
+    sharded, _ = run_steps(mesh_of(shape))
+    np.testing.assert_allclose(sharded, single_device, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_per_device_bytes_shrink_with_fsdp_and_tensor(shape):
+    mesh = mesh_of(shape)
+    model, opt = build(mesh)
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param)) + jax.tree.leaves(nnx.state(opt))
+    total = sum(x.nbytes for x in leaves)
+    device0 = jax.devices()[0]
+    on_device0 = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == device0)
+    expected = total / (shape[1] * shape[2])
+    assert abs(on_device0 - expected) / expected < 0.15, (on_device0, expected)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_grad_accumulation_equals_one_big_batch(k):
+    mesh = mesh_of((2, 2, 2))
+    big, model_a = run_steps(mesh, n=2, sgd=True)
+    acc, model_b = run_steps(mesh, n=2, grad_accum=k, sgd=True)
+    np.testing.assert_allclose(acc, big, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(model_a, nnx.Param)), jax.tree.leaves(nnx.state(model_b, nnx.Param))):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_indivisible_mesh_is_a_clear_error_before_compile():
+    cfg = dataclasses.replace(CFG, n_kv_heads=2)
+    mesh = mesh_of((1, 2, 4))
+    dims = cfg.logical_dims()
+    with pytest.raises(UserError, match=r"model.n_kv_heads=2 is not divisible by mesh.tensor=4"):
+        check_divisible({k: v[0] for k, v in dims.items()}, mesh, RULES, {k: v[1] for k, v in dims.items()})
+    with pytest.raises(UserError, match="devices"):
+        make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
+    with pytest.raises(UserError, match="at most one"):
+        make_mesh(MeshConfig(data=-1, fsdp=-1, tensor=1))
