@@ -133,12 +133,13 @@ def generate(
     use_cache: bool = True,
     cache_dtype=None,
     chunk: int | None = None,
-    on_tokens: Callable[[np.ndarray], None] | None = None,
+    on_tokens: Callable[[np.ndarray], np.ndarray | None] | None = None,
 ) -> Generation:
     """Generate up to max_new_tokens for each prompt (lists of token ids).
 
     on_tokens, if given, is called after each chunk of `chunk` steps with the new tokens
-    [batch, n] (for streaming). The model is not modified: the cache lives on a copy.
+    [batch, n] (for streaming and stop strings); it may return a bool [batch] of rows to stop.
+    The model is not modified: the cache lives on a copy.
     """
     cfg = model.cfg
     lengths = [len(p) for p in prompts]
@@ -177,8 +178,13 @@ def generate(
     c["done"] = first == eos_id if eos_id is not None else c["done"]
     c["seen"] = _mark_seen(seen, first)
     c["tokens"] = first[:, None]
-    if on_tokens:
-        on_tokens(np.asarray(first)[:, None])
+
+    def emit(new):
+        stop = on_tokens(new) if on_tokens else None
+        if stop is not None:
+            c["done"] = c["done"] | jnp.asarray(stop)
+
+    emit(np.asarray(first)[:, None])
 
     start, emitted = time.perf_counter(), 1
     step = chunk or max_new_tokens
@@ -186,8 +192,7 @@ def generate(
         until = min(emitted + step, max_new_tokens)
         c = _decode_chunk(dgraph, params, c, jnp.int32(until), sampling=sampling, eos_id=eos_id, use_cache=use_cache)
         reached = int(c["step"])
-        if on_tokens:
-            on_tokens(np.asarray(c["out"][:, emitted:reached]))
+        emit(np.asarray(c["out"][:, emitted:reached]))
         emitted = reached
     out = np.asarray(jax.block_until_ready(c["out"]))
     decode_s = time.perf_counter() - start
@@ -199,3 +204,62 @@ def generate(
             ids = ids[: ids.index(eos_id) + 1]
         result.append(ids)
     return Generation(result, prefill_s, decode_s, sum(lengths), emitted - 1)
+
+
+@dataclasses.dataclass
+class Completion:
+    prompt: str
+    completion: str
+    tokens: list[int]
+
+
+def complete(
+    model: nnx.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    use_cache: bool = True,
+    stream: Callable[[str], None] | None = None,
+    chunk: int = 16,
+) -> tuple[list[Completion], Generation]:
+    """Text in, text out. Rows end at EOS or at the first stop string (which is cut off).
+
+    `stream`, for a single prompt, receives each new piece of text as soon as its chunk is done.
+    """
+    ids = [tokenizer.encode(p) for p in prompts]
+    produced: list[list[int]] = [[] for _ in prompts]
+    shown = [0]
+
+    def text_of(row: list[int]) -> str:
+        return tokenizer.decode([t for t in row if t != tokenizer.eos_id])
+
+    def cut(text: str) -> tuple[str, bool]:
+        hits = [text.index(s) for s in stop if s in text]
+        return (text[: min(hits)], True) if hits else (text, False)
+
+    def on_tokens(new: np.ndarray):
+        for row, toks in zip(produced, new.tolist()):
+            row.extend(toks)
+        stopped = [cut(text_of(row))[1] for row in produced]
+        if stream is not None:
+            text, _ = cut(text_of(produced[0]))
+            # Hold back a tail that could still grow into a stop string.
+            safe = len(text) if stopped[0] else max(shown[0], len(text) - max((len(s) for s in stop), default=0))
+            stream(text[shown[0]:safe])
+            shown[0] = safe
+        return np.array(stopped) if stop else None
+
+    gen = generate(model, ids, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                   eos_id=tokenizer.eos_id, use_cache=use_cache, chunk=chunk if (stream or stop) else None,
+                   on_tokens=on_tokens if (stream or stop) else None)
+    out = []
+    for prompt, row in zip(prompts, gen.tokens):
+        text, _ = cut(text_of(row))
+        out.append(Completion(prompt, text, row))
+    if stream is not None:
+        stream(out[0].completion[shown[0]:])
+    return out, gen

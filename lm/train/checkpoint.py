@@ -62,3 +62,26 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def find_checkpoint(run_dir=None, checkpoint=None) -> tuple[pathlib.Path, int, pathlib.Path]:
+    """(checkpoints folder, step, run folder) for --run-dir (latest step) or --checkpoint (a step
+    folder such as runs/x/checkpoints/300, or a checkpoints folder: its latest step)."""
+    from lm.errors import UserError
+
+    if checkpoint is not None:
+        path = pathlib.Path(checkpoint).absolute()
+        if not path.is_dir():
+            raise UserError(f"checkpoint {checkpoint} does not exist; pass a run's checkpoints/<step> folder")
+        if path.name.isdigit():
+            return path.parent, int(path.name), path.parent.parent
+        run_dir = path.parent if path.name == "checkpoints" else path
+    path = pathlib.Path(run_dir).absolute()
+    folder = path / "checkpoints"
+    if not (path / "recipe.json").is_file() or not folder.is_dir():
+        raise UserError(f"{run_dir} is not a run directory (no recipe.json and checkpoints/); "
+                        "pass the --run-dir that launch.train wrote")
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    if not steps:
+        raise UserError(f"{folder} holds no finished checkpoint; train longer than checkpoint.every steps")
+    return folder, steps[-1], path

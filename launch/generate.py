@@ -1,0 +1,110 @@
+"""Generate text from a trained run: prefill each prompt batch in one pass, then a cached decode loop."""
+
+import argparse
+import json
+import sys
+
+from launch.cli import main_guard
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.generate", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", help="a run directory written by launch.train (its latest checkpoint)")
+    src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/300")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--prompt", action="append", help="a prompt (repeatable; prompts are batched)")
+    text.add_argument("--prompts-file", help="one prompt per line, or a .jsonl with a 'prompt' field")
+    text.add_argument("--interactive", action="store_true", help="read prompts from stdin, keeping the model loaded")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); it is cut from the output")
+    p.add_argument("--kv-cache", choices=["on", "off"], default="on",
+                   help="off recomputes the whole sequence every step (to verify and measure the cache)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices for a model too large for one")
+    p.add_argument("--output", help="write one JSON object per prompt to this .jsonl file")
+    args = p.parse_args(argv)
+    if not (args.prompt or args.prompts_file or args.interactive):
+        p.error("give --prompt, --prompts-file or --interactive")
+    return args
+
+
+def read_prompts(path: str) -> list[str]:
+    from lm.errors import UserError
+
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read --prompts-file {path}: {e.strerror}") from None
+    if path.endswith(".jsonl"):
+        return [json.loads(line)["prompt"] for line in lines if line.strip()]
+    return [line.replace("\\n", "\n") for line in lines if line.strip()]
+
+
+@main_guard
+def main(argv=None):
+    args = parse(argv)
+    import jax
+
+    from lm.decode import complete
+    from lm.inference import load_run
+    from lm.sampling import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    recipe, model, tokenizer, mesh, _ = load_run(args.run_dir, args.checkpoint, args.tensor)
+
+    def run(prompts: list[str], stream: bool):
+        with jax.set_mesh(mesh):
+            return complete(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                            seed=args.seed, stop=args.stop, use_cache=args.kv_cache == "on",
+                            stream=(lambda s: print(s, end="", flush=True)) if stream else None)
+
+    if args.interactive:
+        print(f"{recipe.name}: type a prompt, end with an empty line; Ctrl-D quits.", file=sys.stderr)
+        while True:
+            lines = []
+            for line in sys.stdin:
+                if not line.strip():
+                    break
+                lines.append(line)
+            else:
+                if not lines:
+                    return
+            if lines:
+                prompt = "".join(lines).rstrip("\n")
+                print(prompt, end="", flush=True)
+                run([prompt], stream=True)
+                print("\n")
+
+    prompts = args.prompt or read_prompts(args.prompts_file)
+    rows = []
+    for i in range(0, len(prompts), args.batch_size):
+        batch = prompts[i : i + args.batch_size]
+        single = len(prompts) == 1
+        if single:
+            print(batch[0], end="", flush=True)
+        completions, gen = run(batch, stream=single)
+        for c in completions:
+            if not single:
+                print(f"--- {c.prompt!r}\n{c.prompt}{c.completion}\n")
+            rows.append({"prompt": c.prompt, "completion": c.completion, "tokens": c.tokens,
+                         "prefill_tokens_per_s": gen.prefill_tokens_per_s,
+                         "decode_tokens_per_s": gen.decode_tokens_per_s})
+    if len(prompts) == 1:
+        print()
+    print(f"[prefill {rows[-1]['prefill_tokens_per_s']:,.0f} tokens/s, decode {rows[-1]['decode_tokens_per_s']:,.0f} "
+          f"tokens/s, kv-cache {args.kv_cache}]", file=sys.stderr)
+    if args.output:
+        with open(args.output, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Load a trained run for inference: recipe, tokenizer and parameters, sharded over a mesh."""
+
+import json
+
+import jax
+from flax import nnx
+
+from lm.data import Tokenizer
+from lm.errors import UserError
+from lm.model import Transformer
+from lm.recipe import MeshConfig, Recipe
+from lm.train.checkpoint import Checkpointer, find_checkpoint
+from sharding.mesh import make_mesh
+from sharding.partition import check_divisible, create_sharded
+from sharding.rules import logical_rules
+
+
+def load_run(run_dir=None, checkpoint=None, tensor: int = 1):
+    """(recipe, model, tokenizer, mesh, rules) for --run-dir or --checkpoint.
+
+    tensor > 1 shards heads, kv heads, MLP and vocab over that many devices (tensor parallelism),
+    for a model too large for one device; the batch is not split.
+    """
+    folder, step, run = find_checkpoint(run_dir, checkpoint)
+    recipe = Recipe.from_dict(json.loads((run / "recipe.json").read_text()))
+    tokenizer_path = run / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise UserError(f"{run} has no tokenizer.model; copy the tokenizer the run was trained with there")
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > recipe.model.vocab_size:
+        raise UserError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the checkpoint's model "
+                        f"has vocab_size={recipe.model.vocab_size}; use the tokenizer the run was trained with")
+    if not 1 <= tensor <= jax.device_count():
+        raise UserError(f"--tensor={tensor} but there are {jax.device_count()} devices")
+    mesh_ = make_mesh(MeshConfig(data=1, fsdp=1, tensor=tensor), jax.devices()[:tensor])
+    rules = logical_rules(recipe.mesh.rules)
+    dims = recipe.model.logical_dims()
+    check_divisible({k: v[0] for k, v in dims.items() if k != "embed"}, mesh_, rules,
+                    {k: v[1] for k, v in dims.items()})
+    with jax.set_mesh(mesh_), nnx.logical_axis_rules(rules):
+        model = create_sharded(lambda: Transformer(recipe.model, rngs=nnx.Rngs(0)), mesh_, rules)
+        ckpt = Checkpointer(folder, recipe.checkpoint)
+        try:
+            ckpt.restore_params(step, model)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {folder / str(step)} does not match the model in {run / 'recipe.json'}: "
+                            f"{str(e).splitlines()[0][:200]}") from None
+        finally:
+            ckpt.close()
+    return recipe, model, tokenizer, mesh_, rules
+
+
+__all__ = ["load_run"]
