@@ -1,5 +1,6 @@
 """What every entry point shares: one-line errors for bad input, and quiet start-up."""
 
+import argparse
 import functools
 import os
 import sys
@@ -7,8 +8,17 @@ import sys
 from lm.errors import UserError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `error:` line and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message}; see --help", file=sys.stderr)
+        sys.exit(2)
+
+
 def main_guard(fn):
     """Run a CLI main: bad input becomes `error: <one line>` on stderr and exit code 2."""
+
     @functools.wraps(fn)
     def wrapper(argv=None):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -4,11 +4,11 @@ import argparse
 import json
 import sys
 
-from launch.cli import main_guard
+from launch.cli import ArgumentParser, main_guard
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch.generate", description=__doc__)
+    p = ArgumentParser(prog="python -m launch.generate", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="a run directory written by launch.train (its latest checkpoint)")
     src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/300")
@@ -24,8 +24,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); it is cut from the output")
-    p.add_argument("--kv-cache", choices=["on", "off"], default="on",
-                   help="off recomputes the whole sequence every step (to verify and measure the cache)")
+    p.add_argument(
+        "--kv-cache",
+        choices=["on", "off"],
+        default="on",
+        help="off recomputes the whole sequence every step (to verify and measure the cache)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="prompts per batch")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices for a model too large for one")
     p.add_argument("--output", help="write one JSON object per prompt to this .jsonl file")
@@ -61,9 +65,17 @@ def main(argv=None):
 
     def run(prompts: list[str], stream: bool):
         with jax.set_mesh(mesh):
-            return complete(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                            seed=args.seed, stop=args.stop, use_cache=args.kv_cache == "on",
-                            stream=(lambda s: print(s, end="", flush=True)) if stream else None)
+            return complete(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=args.max_new_tokens,
+                sampling=sampling,
+                seed=args.seed,
+                stop=args.stop,
+                use_cache=args.kv_cache == "on",
+                stream=(lambda s: print(s, end="", flush=True)) if stream else None,
+            )
 
     if args.interactive:
         print(f"{recipe.name}: type a prompt, end with an empty line; Ctrl-D quits.", file=sys.stderr)
@@ -93,13 +105,22 @@ def main(argv=None):
         for c in completions:
             if not single:
                 print(f"--- {c.prompt!r}\n{c.prompt}{c.completion}\n")
-            rows.append({"prompt": c.prompt, "completion": c.completion, "tokens": c.tokens,
-                         "prefill_tokens_per_s": gen.prefill_tokens_per_s,
-                         "decode_tokens_per_s": gen.decode_tokens_per_s})
+            rows.append(
+                {
+                    "prompt": c.prompt,
+                    "completion": c.completion,
+                    "tokens": c.tokens,
+                    "prefill_tokens_per_s": gen.prefill_tokens_per_s,
+                    "decode_tokens_per_s": gen.decode_tokens_per_s,
+                }
+            )
     if len(prompts) == 1:
         print()
-    print(f"[prefill {rows[-1]['prefill_tokens_per_s']:,.0f} tokens/s, decode {rows[-1]['decode_tokens_per_s']:,.0f} "
-          f"tokens/s, kv-cache {args.kv_cache}]", file=sys.stderr)
+    print(
+        f"[prefill {rows[-1]['prefill_tokens_per_s']:,.0f} tokens/s, decode {rows[-1]['decode_tokens_per_s']:,.0f} "
+        f"tokens/s, kv-cache {args.kv_cache}]",
+        file=sys.stderr,
+    )
     if args.output:
         with open(args.output, "w") as f:
             for row in rows:

@@ -4,16 +4,25 @@ import argparse
 import pathlib
 import time
 
-from launch.cli import main_guard
+from launch.cli import ArgumentParser, main_guard
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.split(":")[0] + ".")
+    p = ArgumentParser(prog="python -m launch.train", description=__doc__.split(":")[0] + ".")
     p.add_argument("--recipe", required=True, help="a name from recipes/ (e.g. stdlib_tiny) or a path to a .py file")
-    p.add_argument("--run-dir", help="where recipe.json, metrics.jsonl and checkpoints/ go (default runs/<recipe>); "
-                                     "an existing run directory is resumed")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. train.steps=200 or mesh.fsdp=4 (repeatable)")
+    p.add_argument(
+        "--run-dir",
+        help="where recipe.json, metrics.jsonl and checkpoints/ go (default runs/<recipe>); "
+        "an existing run directory is resumed",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. train.steps=200 or mesh.fsdp=4 (repeatable)",
+    )
     p.add_argument("--list-keys", action="store_true", help="print every settable key with its value and exit")
     return p.parse_args(argv)
 
@@ -38,9 +47,11 @@ def main(argv=None):
     start = time.perf_counter()
     summary = train(recipe, run_dir)
     if summary.get("sample") is not None and summary.get("step"):
-        print(f"\ntrained {summary['params'] / 1e6:.2f}M parameters to step {summary['step']} in "
-              f"{time.perf_counter() - start:.0f} s; final loss {summary['loss']:.3f}"
-              + (f", eval loss {summary['eval_loss']:.3f}" if "eval_loss" in summary else ""))
+        print(
+            f"\ntrained {summary['params'] / 1e6:.2f}M parameters to step {summary['step']} in "
+            f"{time.perf_counter() - start:.0f} s; final loss {summary['loss']:.3f}"
+            + (f", eval loss {summary['eval_loss']:.3f}" if "eval_loss" in summary else "")
+        )
         print(f"run directory: {run_dir}")
     if summary.get("sample"):
         print("\n--- sample ---\n" + summary["sample"] + "\n--------------")

@@ -100,15 +100,23 @@ class Attention(nnx.MultiHeadAttention):
         self.value = nnx.LinearGeneral(cfg.d_model, **kv, **linear)
         if cfg.mlp_bias != cfg.qkv_bias:
             self.out = nnx.LinearGeneral(
-                (cfg.n_heads, hd), cfg.d_model, axis=(-2, -1), use_bias=cfg.mlp_bias,
+                (cfg.n_heads, hd),
+                cfg.d_model,
+                axis=(-2, -1),
+                use_bias=cfg.mlp_bias,
                 kernel_metadata={"out_sharding": ("heads", "head_dim", "embed")},
                 bias_metadata={"out_sharding": ("embed",)},
                 **{**linear, "kernel_init": kernel_init(cfg, residual=True)},
             )
         if cfg.qk_norm:
             self.normalize_qk = True
-            norm = dict(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                        scale_metadata={"out_sharding": ("head_dim",)})
+            norm = dict(
+                epsilon=cfg.norm_eps,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+                scale_metadata={"out_sharding": ("head_dim",)},
+            )
             self.query_ln = nnx.RMSNorm(hd, **norm)
             self.key_ln = nnx.RMSNorm(hd, **norm)
         self.cfg = cfg

@@ -93,13 +93,21 @@ def _decode_body(graphdef, sampling, eos_id, use_cache, c):
     nxt = jnp.where(c["done"], eos_id if eos_id is not None else 0, nxt)
     out = c["out"].at[:, c["step"]].set(nxt)
     done = c["done"] | (nxt == eos_id) if eos_id is not None else c["done"]
-    return {**c, "out": out, "done": done, "pos": pos + 1, "step": c["step"] + 1,
-            "seen": _mark_seen(c["seen"], nxt), "tokens": nxt[:, None]}
+    return {
+        **c,
+        "out": out,
+        "done": done,
+        "pos": pos + 1,
+        "step": c["step"] + 1,
+        "seen": _mark_seen(c["seen"], nxt),
+        "tokens": nxt[:, None],
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_id", "use_cache"), donate_argnames=("c",))
 def _decode_chunk(graphdef, params, c, until, *, sampling, eos_id, use_cache):
     """Decode until step == until or every row is done, all on the device."""
+
     def cond(c):
         return (c["step"] < until) & ~jnp.all(c["done"])
 
@@ -119,7 +127,8 @@ def check_lengths(prompt_lengths: Sequence[int], max_new_tokens: int, max_seq_le
     if longest + max_new_tokens > max_seq_len:
         raise UserError(
             f"prompt ({longest} tokens) + --max-new-tokens ({max_new_tokens}) = {longest + max_new_tokens} exceeds "
-            f"the model's context of {max_seq_len} tokens; shorten the prompt or lower --max-new-tokens")
+            f"the model's context of {max_seq_len} tokens; shorten the prompt or lower --max-new-tokens"
+        )
 
 
 def generate(
@@ -158,8 +167,13 @@ def generate(
 
     graphdef, params = nnx.split(model, nnx.Param)
     start = time.perf_counter()
-    c = {"pos": lengths_arr, "step": jnp.int32(1), "key": key, "done": jnp.zeros(batch, bool),
-         "out": jnp.zeros((batch, max_new_tokens), jnp.int32)}
+    c = {
+        "pos": lengths_arr,
+        "step": jnp.int32(1),
+        "key": key,
+        "done": jnp.zeros(batch, bool),
+        "out": jnp.zeros((batch, max_new_tokens), jnp.int32),
+    }
     if use_cache:
         clone = nnx.merge(graphdef, params)
         clone.init_cache(batch, cache_len, cache_dtype or jnp.dtype(cfg.dtype))
@@ -249,17 +263,25 @@ def complete(
             text, _ = cut(text_of(produced[0]))
             # Hold back a tail that could still grow into a stop string.
             safe = len(text) if stopped[0] else max(shown[0], len(text) - max((len(s) for s in stop), default=0))
-            stream(text[shown[0]:safe])
+            stream(text[shown[0] : safe])
             shown[0] = safe
         return np.array(stopped) if stop else None
 
-    gen = generate(model, ids, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                   eos_id=tokenizer.eos_id, use_cache=use_cache, chunk=chunk if (stream or stop) else None,
-                   on_tokens=on_tokens if (stream or stop) else None)
+    gen = generate(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        seed=seed,
+        eos_id=tokenizer.eos_id,
+        use_cache=use_cache,
+        chunk=chunk if (stream or stop) else None,
+        on_tokens=on_tokens if (stream or stop) else None,
+    )
     out = []
     for prompt, row in zip(prompts, gen.tokens):
         text, _ = cut(text_of(row))
         out.append(Completion(prompt, text, row))
     if stream is not None:
-        stream(out[0].completion[shown[0]:])
+        stream(out[0].completion[shown[0] :])
     return out, gen

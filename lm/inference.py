@@ -28,23 +28,28 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1):
         raise UserError(f"{run} has no tokenizer.model; copy the tokenizer the run was trained with there")
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > recipe.model.vocab_size:
-        raise UserError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the checkpoint's model "
-                        f"has vocab_size={recipe.model.vocab_size}; use the tokenizer the run was trained with")
+        raise UserError(
+            f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the checkpoint's model "
+            f"has vocab_size={recipe.model.vocab_size}; use the tokenizer the run was trained with"
+        )
     if not 1 <= tensor <= jax.device_count():
         raise UserError(f"--tensor={tensor} but there are {jax.device_count()} devices")
     mesh_ = make_mesh(MeshConfig(data=1, fsdp=1, tensor=tensor), jax.devices()[:tensor])
     rules = logical_rules(recipe.mesh.rules)
     dims = recipe.model.logical_dims()
-    check_divisible({k: v[0] for k, v in dims.items() if k != "embed"}, mesh_, rules,
-                    {k: v[1] for k, v in dims.items()})
+    check_divisible(
+        {k: v[0] for k, v in dims.items() if k != "embed"}, mesh_, rules, {k: v[1] for k, v in dims.items()}
+    )
     with jax.set_mesh(mesh_), nnx.logical_axis_rules(rules):
         model = create_sharded(lambda: Transformer(recipe.model, rngs=nnx.Rngs(0)), mesh_, rules)
         ckpt = Checkpointer(folder, recipe.checkpoint)
         try:
             ckpt.restore_params(step, model)
         except (ValueError, KeyError) as e:
-            raise UserError(f"checkpoint {folder / str(step)} does not match the model in {run / 'recipe.json'}: "
-                            f"{str(e).splitlines()[0][:200]}") from None
+            raise UserError(
+                f"checkpoint {folder / str(step)} does not match the model in {run / 'recipe.json'}: "
+                f"{str(e).splitlines()[0][:200]}"
+            ) from None
         finally:
             ckpt.close()
     return recipe, model, tokenizer, mesh_, rules

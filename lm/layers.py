@@ -10,8 +10,13 @@ from sharding.rules import logical_constraint
 
 
 def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    common = dict(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                  rngs=rngs, scale_metadata={"out_sharding": ("norm",)})
+    common = dict(
+        epsilon=cfg.norm_eps,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        rngs=rngs,
+        scale_metadata={"out_sharding": ("norm",)},
+    )
     if cfg.norm == "layer":
         return nnx.LayerNorm(cfg.d_model, bias_metadata={"out_sharding": ("norm",)}, **common)
     return nnx.RMSNorm(cfg.d_model, **common)
@@ -23,9 +28,15 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         def linear(d_in, d_out, names, residual=False):
             return nnx.Linear(
-                d_in, d_out, use_bias=cfg.mlp_bias, dtype=jnp.dtype(cfg.dtype),
-                param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=kernel_init(cfg, residual), rngs=rngs,
-                kernel_metadata={"out_sharding": names}, bias_metadata={"out_sharding": names[1:]},
+                d_in,
+                d_out,
+                use_bias=cfg.mlp_bias,
+                dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.dtype(cfg.param_dtype),
+                kernel_init=kernel_init(cfg, residual),
+                rngs=rngs,
+                kernel_metadata={"out_sharding": names},
+                bias_metadata={"out_sharding": names[1:]},
             )
 
         self.gated = cfg.mlp == "swiglu"

@@ -27,15 +27,28 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         embed_init = nnx.initializers.normal(cfg.init_std)
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-                               embedding_init=embed_init, rngs=rngs,
-                               embedding_metadata={"out_sharding": ("vocab", "embed")})
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=embed_init,
+            rngs=rngs,
+            embedding_metadata={"out_sharding": ("vocab", "embed")},
+        )
         self.pos_embed = nnx.data(None)
         if cfg.positions == "learned":
-            self.pos_embed = nnx.Embed(cfg.max_seq_len, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-                                       embedding_init=embed_init, rngs=rngs,
-                                       embedding_metadata={"out_sharding": ("position", "embed")})
+            self.pos_embed = nnx.Embed(
+                cfg.max_seq_len,
+                cfg.d_model,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                embedding_init=embed_init,
+                rngs=rngs,
+                embedding_metadata={"out_sharding": ("position", "embed")},
+            )
         if cfg.scan_layers:
+
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS)
             def stack(rngs):
@@ -47,9 +60,16 @@ class Transformer(nnx.Module):
         self.final_norm = make_norm(cfg, rngs)
         self.lm_head = nnx.data(None)
         if not cfg.tie_embeddings:
-            self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype,
-                                      param_dtype=param_dtype, kernel_init=embed_init, rngs=rngs,
-                                      kernel_metadata={"out_sharding": ("embed", "vocab")})
+            self.lm_head = nnx.Linear(
+                cfg.d_model,
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=embed_init,
+                rngs=rngs,
+                kernel_metadata={"out_sharding": ("embed", "vocab")},
+            )
 
     def __call__(self, tokens, positions, segment_ids=None, *, mode: Mode = "train") -> jax.Array:
         """tokens, positions, segment_ids: int [batch, length]. Returns float32 logits [batch, length, vocab]."""
@@ -79,6 +99,7 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
         """Allocate every layer's KV cache: [layers, batch, max_length, kv_heads, head_dim] when scanned."""
         if self.cfg.scan_layers:
+
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def init(block: Block):
                 block.attn.init_cache((batch, max_length), dtype)

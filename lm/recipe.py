@@ -91,12 +91,12 @@ class Recipe:
     def __post_init__(self):
         t = self.train
         if t.batch_size % t.grad_accum:
-            raise UserError(
-                f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+            raise UserError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
         if t.seq_len > self.model.max_seq_len:
             raise UserError(
                 f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
-                "lower train.seq_len or raise model.max_seq_len")
+                "lower train.seq_len or raise model.max_seq_len"
+            )
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every"):
             if getattr(t, name) <= 0:
                 raise UserError(f"train.{name}={getattr(t, name)} must be positive")
@@ -196,8 +196,9 @@ def _build(cls, d: dict, prefix: str):
         if name not in fields:
             raise UserError(f"unknown recipe key {prefix}{name!r}")
         tp = fields[name]
-        kwargs[name] = _build(tp, value, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else _coerce(
-            value, tp, prefix + name)
+        kwargs[name] = (
+            _build(tp, value, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else _coerce(value, tp, prefix + name)
+        )
     return cls(**kwargs)
 
 
@@ -212,7 +213,11 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         key, text = (part.strip() for part in item.split("=", 1))
         if key not in keys:
             near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(near)}?" if near else f"; valid keys start with {sorted({k.split('.')[0] for k in keys})}"
+            hint = (
+                f"; did you mean {', '.join(near)}?"
+                if near
+                else f"; valid keys start with {sorted({k.split('.')[0] for k in keys})}"
+            )
             raise UserError(f"unknown recipe key {key!r}{hint}")
         *parents, leaf = key.split(".")
         cls, node = Recipe, tree
@@ -224,14 +229,28 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
 
 # Keys a resumed run may change: they alter neither the saved state's shapes nor the data order.
 SAFE_TO_CHANGE = (
-    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.sample_prompt",
-    "train.sample_tokens", "train.peak_tflops", "train.grad_accum", "model.remat", "model.attention_impl",
-    "model.dtype", "mesh.", "checkpoint.", "logging.", "data.dir", "name",
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.sample_prompt",
+    "train.sample_tokens",
+    "train.peak_tflops",
+    "train.grad_accum",
+    "model.remat",
+    "model.attention_impl",
+    "model.dtype",
+    "mesh.",
+    "checkpoint.",
+    "logging.",
+    "data.dir",
+    "name",
 )
 
 
 def diff_recipes(saved: Recipe, new: Recipe) -> tuple[list[str], list[str]]:
     """(safe, conflicting) descriptions of the keys whose values differ."""
+
     def flat(d, prefix=""):
         for k, v in d.items():
             if isinstance(v, dict):

@@ -23,12 +23,14 @@ def resolve_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[in
     if -1 in shape:
         if n_devices % known:
             raise UserError(
-                f"mesh {dict(zip(AXES, shape))}: the fixed axes ({known}) do not divide the {n_devices} devices")
+                f"mesh {dict(zip(AXES, shape))}: the fixed axes ({known}) do not divide the {n_devices} devices"
+            )
         shape[shape.index(-1)] = n_devices // known
     if math.prod(shape) != n_devices:
         raise UserError(
             f"mesh data*fsdp*tensor = {'*'.join(map(str, shape))} = {math.prod(shape)} but there are {n_devices} "
-            f"devices; set one of mesh.data/fsdp/tensor to -1 to fill")
+            f"devices; set one of mesh.data/fsdp/tensor to -1 to fill"
+        )
     return tuple(shape)
 
 

@@ -36,7 +36,8 @@ def check_divisible(dims: Mapping[str, int], mesh: Mesh, rules, what: Mapping[st
             ok = sorted({d for d in range(1, size + 1) if size % d == 0 and d <= n * 8})
             raise UserError(
                 f"{what.get(name, name)}={size} is not divisible by {label}={n}; "
-                f"choose {label} in {ok} or change the '{name}' rule")
+                f"choose {label} in {ok} or change the '{name}' rule"
+            )
 
 
 def abstract_state_shardings(abstract_tree, mesh: Mesh, rules):
@@ -70,7 +71,4 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
 def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
     """Assemble global arrays from each process's rows (the rows are that process's slice of the
     global batch; see lm.data.pipeline)."""
-    return {
-        k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
-        for k, v in local.items()
-    }
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v) for k, v in local.items()}

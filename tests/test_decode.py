@@ -28,6 +28,7 @@ def prompts():
 
 class ByteTokenizer:
     """Independent stand-in tokenizer: one token per byte, 3 is EOS."""
+
     eos_id = 3
 
     def encode(self, text):
@@ -59,9 +60,18 @@ def test_seeded_sampling_is_reproducible(model, prompts):
 
 def test_top_k_1_and_tiny_top_p_equal_greedy(model, prompts):
     greedy = generate(model, prompts, max_new_tokens=12).tokens
-    assert generate(model, prompts, max_new_tokens=12, sampling=Sampling(temperature=1.0, top_k=1), seed=3).tokens == greedy
-    assert generate(model, prompts, max_new_tokens=12, sampling=Sampling(temperature=1.0, top_p=1e-6), seed=3).tokens == greedy
-    assert generate(model, prompts, max_new_tokens=12, sampling=Sampling(temperature=1.0, min_p=0.999), seed=3).tokens == greedy
+    assert (
+        generate(model, prompts, max_new_tokens=12, sampling=Sampling(temperature=1.0, top_k=1), seed=3).tokens
+        == greedy
+    )
+    assert (
+        generate(model, prompts, max_new_tokens=12, sampling=Sampling(temperature=1.0, top_p=1e-6), seed=3).tokens
+        == greedy
+    )
+    assert (
+        generate(model, prompts, max_new_tokens=12, sampling=Sampling(temperature=1.0, min_p=0.999), seed=3).tokens
+        == greedy
+    )
 
 
 def test_sampling_filters_keep_only_allowed_tokens():

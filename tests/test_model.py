@@ -117,7 +117,7 @@ def test_prefill_then_cached_steps_equal_full_forward(tiny_cfg, family):
     prefill = model(tokens[:, :25], positions[:, :25], mode="prefill")
     np.testing.assert_allclose(prefill, full[:, :25], atol=1e-5)
     for t in range(25, 40):
-        step = model(tokens[:, t:t + 1], positions[:, t:t + 1], mode="decode")
+        step = model(tokens[:, t : t + 1], positions[:, t : t + 1], mode="decode")
         np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5)
 
 
@@ -137,8 +137,10 @@ def test_rope_matches_direct_numpy_rotation():
     np.testing.assert_allclose(got, want, atol=1e-4)
     # Relative property: q.k depends only on the distance between positions.
     q, k = rng.normal(size=(1, 1, 1, 8)).astype(np.float32), rng.normal(size=(1, 1, 1, 8)).astype(np.float32)
+
     def dot(pq, pk):
         return float((rope(q, jnp.array([[pq]]), 10_000.0) * rope(k, jnp.array([[pk]]), 10_000.0)).sum())
+
     assert abs(dot(5, 3) - dot(105, 103)) < 1e-4
 
 

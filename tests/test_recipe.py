@@ -7,8 +7,18 @@ from lm.recipe import Recipe, all_keys, apply_overrides, diff_recipes, load_reci
 
 
 def test_overrides_are_typed_and_order_free():
-    r = load_recipe("stdlib_tiny", ["model.n_heads=8", "model.n_kv_heads=8", "train.steps=7", "optimizer.lr=1e-3",
-                                    "checkpoint.keep_period=none", "model.scan_layers=false", 'data.inputs=["a","b"]'])
+    r = load_recipe(
+        "stdlib_tiny",
+        [
+            "model.n_heads=8",
+            "model.n_kv_heads=8",
+            "train.steps=7",
+            "optimizer.lr=1e-3",
+            "checkpoint.keep_period=none",
+            "model.scan_layers=false",
+            'data.inputs=["a","b"]',
+        ],
+    )
     assert (r.model.n_heads, r.model.n_kv_heads, r.train.steps) == (8, 8, 7)
     assert r.optimizer.lr == 1e-3 and r.model.scan_layers is False and r.data.inputs == ("a", "b")
     # n_kv_heads=8 before n_heads=8 would be invalid on its own; overrides are validated together.
@@ -20,14 +30,17 @@ def test_unknown_key_lists_near_matches():
         load_recipe("stdlib_tiny", ["train.stepz=3"])
 
 
-@pytest.mark.parametrize("item, message", [
-    ("train.steps=abc", "expects int"),
-    ("model.scan_layers=maybe", "true or false"),
-    ("logging.wandb=loud", "not one of"),
-    ("train.steps", "key.path=value"),
-    ("model.n_kv_heads=3", "not divisible"),
-    ("train.seq_len=100000", "max_seq_len"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.steps=abc", "expects int"),
+        ("model.scan_layers=maybe", "true or false"),
+        ("logging.wandb=loud", "not one of"),
+        ("train.steps", "key.path=value"),
+        ("model.n_kv_heads=3", "not divisible"),
+        ("train.seq_len=100000", "max_seq_len"),
+    ],
+)
 def test_bad_values_are_one_line_user_errors(item, message):
     with pytest.raises(UserError, match=message) as e:
         load_recipe("stdlib_tiny", [item])

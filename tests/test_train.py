@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, run_cli, tiny_train_args
 
 pytestmark = pytest.mark.slow
@@ -44,8 +43,12 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_corpus, tmp_path):
     assert run_cli(*tiny_train_args(tiny_corpus, straight, *sets)).returncode == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", *tiny_train_args(tiny_corpus, killed, *sets)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *tiny_train_args(tiny_corpus, killed, *sets)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "5").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -69,18 +72,28 @@ def _write_empty_corpus(tmp_path):
     return str(tmp_path / "empty" / "*.txt")
 
 
-@pytest.mark.parametrize("case, sets, message", [
-    ("unknown key", ["train.stepz=3"], "unknown recipe key"),
-    ("wrong type", ["train.steps=ten"], "expects int"),
-    ("missing corpus", ['data.inputs=["/nonexistent/corpus/*.txt"]'], "/nonexistent/corpus"),
-    ("empty corpus", None, "empty"),
-    ("invalid model", ["model.n_heads=4", "model.n_kv_heads=3"], "not divisible"),
-])
+@pytest.mark.parametrize(
+    "case, sets, message",
+    [
+        ("unknown key", ["train.stepz=3"], "unknown recipe key"),
+        ("wrong type", ["train.steps=ten"], "expects int"),
+        ("missing corpus", ['data.inputs=["/nonexistent/corpus/*.txt"]'], "/nonexistent/corpus"),
+        ("empty corpus", None, "empty"),
+        ("invalid model", ["model.n_heads=4", "model.n_kv_heads=3"], "not divisible"),
+    ],
+)
 def test_bad_input_is_one_line_and_nonzero(tmp_path, case, sets, message):
     if sets is None:
         sets = [f'data.inputs=["{_write_empty_corpus(tmp_path)}"]']
-    args = ["launch.train", "--recipe", "stdlib_tiny", "--run-dir", str(tmp_path / "run"),
-            "--set", "logging.wandb=disabled"]
+    args = [
+        "launch.train",
+        "--recipe",
+        "stdlib_tiny",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "logging.wandb=disabled",
+    ]
     for s in sets:
         args += ["--set", s]
     out = run_cli(*args)

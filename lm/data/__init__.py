@@ -7,15 +7,15 @@ from lm.data.tokenizer import Tokenizer, train_tokenizer
 from lm.data.tokens import TokenFile, write_tokens
 
 __all__ = [
-    'PackedWindows',
-    'TokenFile',
-    'Tokenizer',
-    'expand_inputs',
-    'iter_documents',
-    'make_dataset',
-    'prepare_corpus',
-    'split_files',
-    'stdlib_files',
-    'train_tokenizer',
-    'write_tokens',
+    "PackedWindows",
+    "TokenFile",
+    "Tokenizer",
+    "expand_inputs",
+    "iter_documents",
+    "make_dataset",
+    "prepare_corpus",
+    "split_files",
+    "stdlib_files",
+    "train_tokenizer",
+    "write_tokens",
 ]

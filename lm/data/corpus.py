@@ -15,20 +15,20 @@ import numpy as np
 
 from lm.errors import UserError
 
-TEXT_SUFFIXES = ('.txt', '.jsonl', '.jsonl.gz', '.py')
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".py")
 
 
 def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()['stdlib'])
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
 def stdlib_files() -> list[Path]:
     """The standard library's own `.py` files: a corpus every Python install carries, so no download."""
     root = stdlib_root()
     files = []
-    for path in root.rglob('*.py'):
+    for path in root.rglob("*.py"):
         rel = path.relative_to(root)
-        if {'site-packages', 'dist-packages'} & set(rel.parts):
+        if {"site-packages", "dist-packages"} & set(rel.parts):
             continue
         if path.is_file() and os.access(path, os.R_OK):
             files.append(path)
@@ -36,7 +36,7 @@ def stdlib_files() -> list[Path]:
 
 
 def is_jsonl(path: Path) -> bool:
-    return path.name.endswith(('.jsonl', '.jsonl.gz'))
+    return path.name.endswith((".jsonl", ".jsonl.gz"))
 
 
 def file_keys(files: list[Path]) -> list[str]:
@@ -49,8 +49,8 @@ def file_keys(files: list[Path]) -> list[str]:
 
 def hash_score(key: str, seed: int) -> float:
     """A uniform number in [0, 1) fixed by (key, seed); a hash, not an RNG, so the split never drifts."""
-    digest = hashlib.blake2b(f'{seed}:{key}'.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, 'little') / 2.0**64
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
 
 
 def held_out_mask(scores: np.ndarray, eval_fraction: float) -> np.ndarray:
@@ -67,7 +67,7 @@ def held_out_mask(scores: np.ndarray, eval_fraction: float) -> np.ndarray:
 
 def check_eval_fraction(eval_fraction: float) -> None:
     if not 0.0 < eval_fraction < 1.0:
-        raise UserError(f'eval_fraction={eval_fraction} must be between 0 and 1; use e.g. --eval-fraction 0.02')
+        raise UserError(f"eval_fraction={eval_fraction} must be between 0 and 1; use e.g. --eval-fraction 0.02")
 
 
 def split_files(files: list[Path], eval_fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
@@ -91,7 +91,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
         for match in matches:
             if os.path.isdir(match):
                 files += sorted(
-                    (p for p in Path(match).rglob('*') if p.is_file() and p.name.endswith(TEXT_SUFFIXES)),
+                    (p for p in Path(match).rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES)),
                     key=lambda p: p.as_posix(),
                 )
             elif os.path.isfile(match):
@@ -107,16 +107,16 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) for each non-blank line; one JSON document per line."""
-    opener = gzip.open if path.name.endswith('.gz') else open
+    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, 'rt', encoding='utf-8', errors='replace') as f:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     yield lineno, line
     except FileNotFoundError:
-        raise UserError(f'input file {path} does not exist; check --input') from None
+        raise UserError(f"input file {path} does not exist; check --input") from None
     except (OSError, EOFError) as e:
-        raise UserError(f'cannot read {path} ({e}); check that the file is intact') from None
+        raise UserError(f"cannot read {path} ({e}); check that the file is intact") from None
 
 
 def document_keys(paths: Iterable[Path]) -> Iterator[str]:
@@ -125,35 +125,37 @@ def document_keys(paths: Iterable[Path]) -> Iterator[str]:
     for path, key in zip(paths, file_keys(paths)):
         if is_jsonl(path):
             for lineno, _ in jsonl_lines(path):
-                yield f'{key}:{lineno}'
+                yield f"{key}:{lineno}"
         else:
             yield key
 
 
-def iter_documents(paths: Iterable[Path], text_field: str = 'text') -> Iterator[str]:
+def iter_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[str]:
     """Stream documents: a plain file is one document, a `.jsonl[.gz]` line is one (its `text_field`)."""
     for path in map(Path, paths):
         if not is_jsonl(path):
             try:
-                yield path.read_text(encoding='utf-8', errors='replace')
+                yield path.read_text(encoding="utf-8", errors="replace")
             except FileNotFoundError:
-                raise UserError(f'input file {path} does not exist; check --input') from None
+                raise UserError(f"input file {path} does not exist; check --input") from None
             continue
         for lineno, line in jsonl_lines(path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f'{path}:{lineno} is not valid JSON ({e.msg}); each line must be one JSON object') from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise UserError(
-                    f'{path}:{lineno} has no {text_field!r} field (found {keys}); '
-                    f'pass --text-field with the key that holds the text'
+                    f"{path}:{lineno} is not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record)[:10] if isinstance(record, dict) else type(record).__name__
+                raise UserError(
+                    f"{path}:{lineno} has no {text_field!r} field (found {keys}); "
+                    f"pass --text-field with the key that holds the text"
                 )
             text = record[text_field]
             if not isinstance(text, str):
                 raise UserError(
-                    f'{path}:{lineno} field {text_field!r} is a {type(text).__name__}, not a string; '
-                    f'pass --text-field with the key that holds the text'
+                    f"{path}:{lineno} field {text_field!r} is a {type(text).__name__}, not a string; "
+                    f"pass --text-field with the key that holds the text"
                 )
             yield text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import grain
 import numpy as np
 
@@ -27,30 +29,30 @@ class PackedWindows:
 
     def __getstate__(self) -> dict:
         # A memmap does not pickle usefully: worker processes reopen the file instead.
-        return {**self.__dict__, '_file': None}
+        return {**self.__dict__, "_file": None}
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not 0 <= index < len(self):
-            raise IndexError(f'window {index} out of range [0, {len(self)})')
+            raise IndexError(f"window {index} out of range [0, {len(self)})")
         if self._file is None:
             self._file = TokenFile(self.path)
         length, start = self.seq_len, index * self.seq_len
         window = np.asarray(self._file.tokens[start : start + length + 1], dtype=np.int32)
         doc_starts = self._file.doc_starts
         offsets = np.arange(start, start + length + 1)
-        doc = np.searchsorted(doc_starts, offsets, side='right') - 1  # document holding each offset
+        doc = np.searchsorted(doc_starts, offsets, side="right") - 1  # document holding each offset
         return {
-            'tokens': window[:-1],
-            'targets': window[1:],
-            'segment_ids': (doc[:-1] - doc[0] + 1).astype(np.int32),
+            "tokens": window[:-1],
+            "targets": window[1:],
+            "segment_ids": (doc[:-1] - doc[0] + 1).astype(np.int32),
             # A document already running at the window start counts from 0 there.
-            'positions': (offsets[:-1] - np.maximum(doc_starts[doc[:-1]], start)).astype(np.int32),
-            'weights': (doc[1:] == doc[:-1]).astype(np.float32),
+            "positions": (offsets[:-1] - np.maximum(doc_starts[doc[:-1]], start)).astype(np.int32),
+            "weights": (doc[1:] == doc[:-1]).astype(np.float32),
         }
 
 
 def make_dataset(
-    token_file: TokenFile,
+    token_file: TokenFile | str | os.PathLike,
     seq_len: int,
     global_batch_size: int,
     seed: int,
@@ -66,22 +68,23 @@ def make_dataset(
     The shuffle is re-drawn each epoch (grain seeds epoch e with seed + e). `num_epochs=None` repeats forever.
     """
     if seq_len < 1 or global_batch_size < 1:
-        raise UserError(f'seq_len={seq_len} and batch size={global_batch_size} must be positive')
+        raise UserError(f"seq_len={seq_len} and batch size={global_batch_size} must be positive")
     if not 0 <= process_index < process_count:
-        raise UserError(f'process_index={process_index} is not in [0, process_count={process_count})')
+        raise UserError(f"process_index={process_index} is not in [0, process_count={process_count})")
     if global_batch_size % process_count:
         raise UserError(
-            f'train.batch_size={global_batch_size} is not divisible by the {process_count} processes; '
-            f'use a multiple of {process_count}'
+            f"train.batch_size={global_batch_size} is not divisible by the {process_count} processes; "
+            f"use a multiple of {process_count}"
         )
     if not 0 <= seed < 2**32:
-        raise UserError(f'seed={seed} must be in [0, 2**32); use e.g. train.seed=0')
+        raise UserError(f"seed={seed} must be in [0, 2**32); use e.g. train.seed=0")
+    token_file = token_file if isinstance(token_file, TokenFile) else TokenFile(token_file)
     source = PackedWindows(token_file, seq_len)
     if len(source) < global_batch_size:
         needed = global_batch_size * seq_len + 1
         raise UserError(
-            f'{token_file.path} has {len(token_file)} tokens but seq_len={seq_len} x batch={global_batch_size} '
-            f'needs at least {needed}; use a smaller train.seq_len or train.batch_size, or more data'
+            f"{token_file.path} has {len(token_file)} tokens but seq_len={seq_len} x batch={global_batch_size} "
+            f"needs at least {needed}; use a smaller train.seq_len or train.batch_size, or more data"
         )
     local_batch = global_batch_size // process_count
     ds = grain.MapDataset.source(source)

@@ -29,13 +29,13 @@ from lm.data.tokens import write_tokens
 from lm.errors import UserError
 
 FORMAT = 1
-STDLIB = 'stdlib'
+STDLIB = "stdlib"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -45,7 +45,7 @@ def _fingerprint(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for f, key in zip(files, file_keys(files)):
         st = f.stat()
-        digest.update(f'{key}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+        digest.update(f"{key}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -56,11 +56,12 @@ def _splitter(files: list[Path], text_field: str, eval_fraction: float, seed: in
     (hash of file and line number), so even one big jsonl file yields an eval set.
     """
     if not any(is_jsonl(f) for f in files):
-        _need_two(len(files), 'files')
+        _need_two(len(files), "files")
         train, held = split_files(files, eval_fraction, seed)
-        return (lambda: iter_documents(train)), (lambda: iter_documents(held)), {'train': len(train), 'eval': len(held)}
+        n_files = {"train": len(train), "eval": len(held)}
+        return (lambda: iter_documents(train)), (lambda: iter_documents(held)), n_files
     scores = np.fromiter((hash_score(k, seed) for k in document_keys(files)), dtype=np.float64)
-    _need_two(len(scores), 'documents')
+    _need_two(len(scores), "documents")
     is_eval = held_out_mask(scores, eval_fraction)
 
     def side(want_eval: bool) -> Callable[[], Iterator[str]]:
@@ -71,12 +72,12 @@ def _splitter(files: list[Path], text_field: str, eval_fraction: float, seed: in
 
         return docs
 
-    return side(False), side(True), {'train': None, 'eval': None}
+    return side(False), side(True), {"train": None, "eval": None}
 
 
 def _need_two(n: int, what: str) -> None:
     if n < 2:
-        raise UserError(f'the input has {n} {what}; holding some out for eval needs at least 2, so add more --input')
+        raise UserError(f"the input has {n} {what}; holding some out for eval needs at least 2, so add more --input")
 
 
 def prepare_corpus(
@@ -85,67 +86,73 @@ def prepare_corpus(
     *,
     tokenizer_path: str | os.PathLike | None = None,
     vocab_size: int = 8192,
-    text_field: str = 'text',
+    text_field: str = "text",
     eval_fraction: float = 0.02,
     seed: int = 0,
     workers: int = 2,
 ) -> dict:
-    """Prepare `out_dir` for training; `inputs=None` (or ['stdlib']) means the stdlib `.py` files."""
+    """Prepare `out_dir` for training; `inputs=None`, or 'stdlib' among them, means the stdlib `.py` files."""
     started = time.perf_counter()
     check_eval_fraction(eval_fraction)
-    inputs = [STDLIB] if inputs is None or list(inputs) in ([], [STDLIB]) else [str(i) for i in inputs]
-    files = stdlib_files() if inputs == [STDLIB] else expand_inputs(inputs)
+    inputs = [str(i) for i in inputs or [STDLIB]]
+    patterns = [i for i in inputs if i != STDLIB]
+    files = (stdlib_files() if STDLIB in inputs else []) + (expand_inputs(patterns) if patterns else [])
     if not files:
-        raise UserError('found no standard library .py files; pass --input PATH_OR_GLOB instead')
+        raise UserError("found no standard library .py files; pass --input PATH_OR_GLOB instead")
     args = {
-        'format': FORMAT,
-        'inputs': inputs,
-        'n_files': len(files),
-        'fingerprint': _fingerprint(files),
-        'tokenizer': file_sha256(Tokenizer(tokenizer_path).path) if tokenizer_path else None,
-        'vocab_size': None if tokenizer_path else vocab_size,
-        'text_field': text_field,
-        'eval_fraction': eval_fraction,
-        'seed': seed,
+        "format": FORMAT,
+        "inputs": inputs,
+        "n_files": len(files),
+        "fingerprint": _fingerprint(files),
+        "tokenizer": file_sha256(Tokenizer(tokenizer_path).path) if tokenizer_path else None,
+        "vocab_size": None if tokenizer_path else vocab_size,
+        "text_field": text_field,
+        "eval_fraction": eval_fraction,
+        "seed": seed,
     }
     out_dir = Path(out_dir)
-    meta_path = out_dir / 'meta.json'
+    meta_path = out_dir / "meta.json"
     if cached := _reusable(meta_path, args):
-        return {**cached, 'cached': True}
+        return {**cached, "cached": True}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # from here until the end the directory is not a finished one
     train_docs, eval_docs, files_per_split = _splitter(files, text_field, eval_fraction, seed)
-    tokenizer_out = out_dir / 'tokenizer.model'
+    tokenizer_out = out_dir / "tokenizer.model"
     t0 = time.perf_counter()
     if tokenizer_path:
-        tmp = tokenizer_out.with_name(tokenizer_out.name + '.tmp')
+        tmp = tokenizer_out.with_name(tokenizer_out.name + ".tmp")
         shutil.copyfile(tokenizer_path, tmp)
         os.replace(tmp, tokenizer_out)
         tokenizer = Tokenizer(tokenizer_out)
     else:
         tokenizer = train_tokenizer(train_docs(), vocab_size, tokenizer_out, seed=seed)
     t1 = time.perf_counter()
-    train = write_tokens(train_docs(), tokenizer, out_dir, 'train', workers)
-    held = write_tokens(eval_docs(), tokenizer, out_dir, 'eval', workers)
+    train = write_tokens(train_docs(), tokenizer, out_dir, "train", workers)
+    held = write_tokens(eval_docs(), tokenizer, out_dir, "eval", workers)
     t2 = time.perf_counter()
     meta = {
-        'args': args,
-        'sources': inputs,
-        'vocab_size': tokenizer.vocab_size,
-        'tokenizer_sha256': file_sha256(tokenizer_out),
-        'seed': seed,
-        'eval_fraction': eval_fraction,
-        'splits': {
-            name: {'n_files': files_per_split[name], 'n_docs': tf.n_docs, 'n_tokens': tf.n_tokens, 'n_bytes': tf.n_bytes}
-            for name, tf in (('train', train), ('eval', held))
+        "args": args,
+        "sources": inputs,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": file_sha256(tokenizer_out),
+        "seed": seed,
+        "eval_fraction": eval_fraction,
+        "splits": {
+            name: {
+                "n_files": files_per_split[name],
+                "n_docs": tf.n_docs,
+                "n_tokens": tf.n_tokens,
+                "n_bytes": tf.n_bytes,
+            }
+            for name, tf in (("train", train), ("eval", held))
         },
-        'seconds': {'tokenizer': round(t1 - t0, 2), 'encode': round(t2 - t1, 2), 'total': round(t2 - started, 2)},
+        "seconds": {"tokenizer": round(t1 - t0, 2), "encode": round(t2 - t1, 2), "total": round(t2 - started, 2)},
     }
-    tmp = meta_path.with_name('meta.json.tmp')
-    tmp.write_text(json.dumps(meta, indent=1) + '\n')
+    tmp = meta_path.with_name("meta.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp, meta_path)
-    return {**meta, 'cached': False}
+    return {**meta, "cached": False}
 
 
 def _reusable(meta_path: Path, args: dict) -> dict | None:
@@ -157,7 +164,7 @@ def _reusable(meta_path: Path, args: dict) -> dict | None:
     except json.JSONDecodeError:
         return None
     out = meta_path.parent
-    needed = ['tokenizer.model'] + [f'{s}{ext}' for s in ('train', 'eval') for ext in ('.bin', '.idx.npy', '.json')]
-    if meta.get('args') != args or not all((out / n).is_file() for n in needed):
+    needed = ["tokenizer.model"] + [f"{s}{ext}" for s in ("train", "eval") for ext in (".bin", ".idx.npy", ".json")]
+    if meta.get("args") != args or not all((out / n).is_file() for n in needed):
         return None
     return meta

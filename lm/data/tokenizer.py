@@ -24,13 +24,13 @@ class Tokenizer:
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(
-                f'tokenizer {self.path} does not exist; pass a sentencepiece .model file '
-                f'or run `python -m launch.prepare` to train one'
+                f"tokenizer {self.path} does not exist; pass a sentencepiece .model file "
+                f"or run `python -m launch.prepare` to train one"
             )
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
-            raise UserError(f'{self.path} is not a sentencepiece model ({e}); pass a .model file') from None
+            raise UserError(f"{self.path} is not a sentencepiece model ({e}); pass a .model file") from None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -58,7 +58,7 @@ class Tokenizer:
         return self._sp.pad_id()
 
     def __repr__(self) -> str:
-        return f'Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})'
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
 def _training_lines(documents: Iterable[str], counter: list[int]) -> Iterator[str]:
@@ -70,7 +70,9 @@ def _training_lines(documents: Iterable[str], counter: list[int]) -> Iterator[st
                 yield line[start : start + _MAX_LINE_CHARS]
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: str | os.PathLike, *, seed: int = 0) -> Tokenizer:
+def train_tokenizer(
+    documents: Iterable[str], vocab_size: int, out_path: str | os.PathLike, *, seed: int = 0
+) -> Tokenizer:
     """Train BPE on `documents` and write `out_path` (written whole, via a temporary name)."""
     out_path = Path(out_path)
     model = io.BytesIO()
@@ -80,14 +82,14 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: str | o
         spm.SentencePieceTrainer.train(
             sentence_iterator=_training_lines(documents, n_lines),
             model_writer=model,
-            model_type='bpe',
+            model_type="bpe",
             vocab_size=vocab_size,
             # Identity normalization, kept whitespace and no dummy prefix make decode(encode(s)) == s.
-            normalization_rule_name='identity',
+            normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
-            user_defined_symbols=['\n'],
+            user_defined_symbols=["\n"],
             byte_fallback=True,  # any character, seen in training or not, encodes as bytes, never <unk>
             split_digits=True,
             character_coverage=0.9995,
@@ -104,7 +106,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: str | o
     except RuntimeError as e:
         raise _training_error(str(e), vocab_size, n_lines[0]) from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + '.tmp')
+    tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, out_path)
     return Tokenizer(out_path)
@@ -112,15 +114,15 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: str | o
 
 def _training_error(message: str, vocab_size: int, n_lines: int) -> UserError:
     if n_lines == 0:
-        return UserError('corpus for the tokenizer is empty; check --input and --text-field')
-    if m := re.search(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', message):
+        return UserError("corpus for the tokenizer is empty; check --input and --text-field")
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message):
         return UserError(
-            f'vocab_size={vocab_size} is too large for this corpus (it supports at most {m.group(2)}); '
-            f'use a smaller --vocab-size or more text'
+            f"vocab_size={vocab_size} is too large for this corpus (it supports at most {m.group(2)}); "
+            f"use a smaller --vocab-size or more text"
         )
-    if m := re.search(r'smaller than required_chars\. (\d+) vs (\d+)', message):
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message):
         return UserError(
-            f'vocab_size={vocab_size} is too small: the bytes, special tokens and common characters '
-            f'need {m.group(2)}; use --vocab-size {int(m.group(2)) + 64} or more'
+            f"vocab_size={vocab_size} is too small: the bytes, special tokens and common characters "
+            f"need {m.group(2)}; use --vocab-size {int(m.group(2)) + 64} or more"
         )
-    return UserError(f'tokenizer training failed with vocab_size={vocab_size}: {message.splitlines()[0]}')
+    return UserError(f"tokenizer training failed with vocab_size={vocab_size}: {message.splitlines()[0]}")

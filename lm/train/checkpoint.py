@@ -23,7 +23,8 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, keep_period=cfg.keep_period, enable_async_checkpointing=cfg.async_save, create=True)
+            max_to_keep=cfg.keep, keep_period=cfg.keep_period, enable_async_checkpointing=cfg.async_save, create=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -41,20 +42,24 @@ class Checkpointer:
     def restore(self, step: int, model, optimizer, data_iter) -> dict:
         """Load `step` into model, optimizer and data_iter in place; return the saved meta."""
         model_state, opt_state = nnx.state(model, nnx.Param), nnx.state(optimizer)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(_abstract(model_state)),
-            optimizer=ocp.args.StandardRestore(_abstract(opt_state)),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
-            meta=ocp.args.JsonRestore(),
-        ))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(_abstract(model_state)),
+                optimizer=ocp.args.StandardRestore(_abstract(opt_state)),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         nnx.update(model, restored["model"])
         nnx.update(optimizer, restored["optimizer"])
         return restored["meta"]
 
     def restore_params(self, step: int, model) -> None:
         """Load only the parameters (generation and export need nothing else)."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(_abstract(nnx.state(model, nnx.Param)))))
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(nnx.state(model, nnx.Param))))
+        )
         nnx.update(model, restored["model"])
 
     def wait(self) -> None:
@@ -79,8 +84,10 @@ def find_checkpoint(run_dir=None, checkpoint=None) -> tuple[pathlib.Path, int, p
     path = pathlib.Path(run_dir).absolute()
     folder = path / "checkpoints"
     if not (path / "recipe.json").is_file() or not folder.is_dir():
-        raise UserError(f"{run_dir} is not a run directory (no recipe.json and checkpoints/); "
-                        "pass the --run-dir that launch.train wrote")
+        raise UserError(
+            f"{run_dir} is not a run directory (no recipe.json and checkpoints/); "
+            "pass the --run-dir that launch.train wrote"
+        )
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
     if not steps:
         raise UserError(f"{folder} holds no finished checkpoint; train longer than checkpoint.every steps")

@@ -7,7 +7,6 @@ import shutil
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -42,7 +41,8 @@ def reconcile_recipe(run_dir: pathlib.Path, recipe: Recipe) -> None:
         if conflicts:
             raise UserError(
                 f"{run_dir} holds a run with a different recipe ({'; '.join(conflicts)}); "
-                "use a new --run-dir or the saved values")
+                "use a new --run-dir or the saved values"
+            )
         if safe:
             say(f"resuming with changed settings: {'; '.join(safe)}")
     if jax.process_index() == 0:
@@ -52,8 +52,12 @@ def reconcile_recipe(run_dir: pathlib.Path, recipe: Recipe) -> None:
 
 def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, Tokenizer]:
     data_dir = pathlib.Path(recipe.data.dir) if recipe.data.dir else run_dir / "data"
-    kwargs = dict(tokenizer_path=recipe.data.tokenizer, vocab_size=recipe.model.vocab_size,
-                  text_field=recipe.data.text_field, eval_fraction=recipe.data.eval_fraction)
+    kwargs = dict(
+        tokenizer_path=recipe.data.tokenizer,
+        vocab_size=recipe.model.vocab_size,
+        text_field=recipe.data.text_field,
+        eval_fraction=recipe.data.eval_fraction,
+    )
     inputs = list(recipe.data.inputs) or None
     # Process 0 prepares; the others then find the finished files and reuse them.
     if jax.process_index() == 0:
@@ -65,7 +69,8 @@ def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, T
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise UserError(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
-            f"{recipe.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+            f"{recipe.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}"
+        )
     if jax.process_index() == 0 and not (run_dir / "tokenizer.model").exists():
         shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
     return data_dir, tokenizer
@@ -93,27 +98,32 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
 
     pid, nproc = jax.process_index(), jax.process_count()
     train_iter = iter(make_dataset(TokenFile(data_dir / "train"), t.seq_len, t.batch_size, t.seed, pid, nproc))
-    eval_ds = make_dataset(TokenFile(data_dir / "eval"), t.seq_len, t.batch_size, t.seed, pid, nproc,
-                           shuffle=False, num_epochs=1)
+    eval_ds = make_dataset(
+        TokenFile(data_dir / "eval"), t.seq_len, t.batch_size, t.seed, pid, nproc, shuffle=False, num_epochs=1
+    )
     eval_batches = [b for _, b in zip(range(t.eval_batches), eval_ds)]
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+
         def make():
             model = Transformer(m, rngs=nnx.Rngs(params=t.seed))
             return model, make_optimizer(model, recipe.optimizer, t.steps)
 
         model, optimizer = create_sharded(make, mesh, rules)
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        say(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)} over {jax.device_count()} "
-            f"{jax.devices()[0].platform} devices; {nproc} process(es)")
+        say(
+            f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)} over {jax.device_count()} "
+            f"{jax.devices()[0].platform} devices; {nproc} process(es)"
+        )
 
         ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
         start = ckpt.latest_step() or 0
         if start:
             ckpt.restore(start, model, optimizer, train_iter)
             say(f"resumed from {run_dir / 'checkpoints'} at step {start}")
-        log = MetricsLog(run_dir, recipe.to_dict(), wandb_mode=recipe.logging.wandb, project=recipe.logging.project,
-                         enabled=pid == 0)
+        log = MetricsLog(
+            run_dir, recipe.to_dict(), wandb_mode=recipe.logging.wandb, project=recipe.logging.project, enabled=pid == 0
+        )
 
         lr = learning_rate(recipe.optimizer, t.steps)
         tokens_per_step = t.batch_size * t.seq_len
@@ -135,13 +145,24 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
                 metrics = jax.device_get(metrics)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
-                    raise UserError(f"loss is {loss} at step {step}; lower optimizer.lr or check the data "
-                                    f"(the last good checkpoint is step {ckpt.latest_step()})")
+                    raise UserError(
+                        f"loss is {loss} at step {step}; lower optimizer.lr or check the data "
+                        f"(the last good checkpoint is step {ckpt.latest_step()})"
+                    )
                 elapsed = time.perf_counter() - timer
                 tps = timed_steps * tokens_per_step / elapsed if timed_steps else float("nan")
-                tflops = timed_steps * flops_per_step / elapsed / jax.device_count() / 1e12 if timed_steps else float("nan")
-                last = {"step": step, "loss": loss, "lr": float(lr(step - 1)), "grad_norm": float(metrics["grad_norm"]),
-                        "tokens_per_s": tps, "tflops_per_device": tflops, "mfu": tflops / peak}
+                tflops = (
+                    timed_steps * flops_per_step / elapsed / jax.device_count() / 1e12 if timed_steps else float("nan")
+                )
+                last = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": float(lr(step - 1)),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "tokens_per_s": tps,
+                    "tflops_per_device": tflops,
+                    "mfu": tflops / peak,
+                }
                 log.write(last)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
                 timer, timed_steps = time.perf_counter(), 0
@@ -162,8 +183,14 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
         if t.sample_tokens > 0 and t.sample_prompt:
             prompt = tokenizer.encode(t.sample_prompt)
             n = min(t.sample_tokens, m.max_seq_len - len(prompt))
-            out = generate(model, [prompt], max_new_tokens=n, sampling=Sampling(temperature=0.7, top_k=40),
-                           seed=t.seed, eos_id=tokenizer.eos_id)
+            out = generate(
+                model,
+                [prompt],
+                max_new_tokens=n,
+                sampling=Sampling(temperature=0.7, top_k=40),
+                seed=t.seed,
+                eos_id=tokenizer.eos_id,
+            )
             sample = t.sample_prompt + tokenizer.decode([i for i in out.tokens[0] if i != tokenizer.eos_id])
         log.close()
     return {**last, "sample": sample, "start_step": start, "params": int(n_params)}

@@ -57,9 +57,15 @@ class MetricsLog:
         if enabled and wandb_mode != "disabled":
             import wandb
 
-            self.wandb = wandb.init(project=project, dir=str(run_dir), config=config, mode=wandb_mode,
-                                    name=pathlib.Path(run_dir).name, resume="allow",
-                                    settings=wandb.Settings(silent=True, console="off"))
+            self.wandb = wandb.init(
+                project=project,
+                dir=str(run_dir),
+                config=config,
+                mode=wandb_mode,
+                name=pathlib.Path(run_dir).name,
+                resume="allow",
+                settings=wandb.Settings(silent=True, console="off"),
+            )
 
     def write(self, row: dict) -> None:
         if not self.enabled:

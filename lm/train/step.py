@@ -22,6 +22,7 @@ def _microbatches(batch, k: int):
     Strided rows keep every microbatch spread over all data-parallel devices (each device's
     contiguous block of rows holds a slice of every microbatch), so no rows move between devices.
     """
+
     def split(x):
         x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
         return logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
@@ -48,12 +49,16 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
     if grad_accum == 1:
         loss_sum, weight, grads = sums_and_grads(batch)
     else:
+
         def body(acc, mb):
             loss_sum, weight, grads = sums_and_grads(mb)
             return jax.tree.map(jnp.add, acc, (loss_sum, weight, grads)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                 jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        zeros = (
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        )
         (loss_sum, weight, grads), _ = jax.lax.scan(body, zeros, _microbatches(batch, grad_accum))
 
     weight = jnp.maximum(weight, 1.0)

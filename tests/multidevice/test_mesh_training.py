@@ -3,7 +3,6 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -28,9 +27,13 @@ def batches(n, batch=16, length=32, seed=0):
     rng = np.random.default_rng(seed)
     for _ in range(n):
         tokens = rng.integers(0, CFG.vocab_size, (batch, length + 1)).astype(np.int32)
-        yield {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-               "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
-               "segment_ids": np.ones((batch, length), np.int32), "weights": np.ones((batch, length), np.float32)}
+        yield {
+            "tokens": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+            "segment_ids": np.ones((batch, length), np.int32),
+            "weights": np.ones((batch, length), np.float32),
+        }
 
 
 def build(mesh, cfg=CFG, sgd=False):

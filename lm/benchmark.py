@@ -1,0 +1,183 @@
+"""Measurements behind launch.bench: training throughput, decode speed, compile time, memory.
+
+Every number comes from timing real jitted calls after a warm-up; nothing is estimated except MFU's
+FLOP count (ModelConfig.flops_per_token, the PaLM formula).
+"""
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm.decode import generate
+from lm.model import Transformer
+from lm.recipe import MeshConfig, Recipe
+from lm.train.metrics import peak_tflops_per_device
+from lm.train.optimizer import make_optimizer
+from lm.train.step import train_step
+from sharding.mesh import make_mesh
+from sharding.partition import check_divisible, create_sharded, put_batch
+from sharding.rules import logical_rules
+
+
+def synthetic_batch(recipe: Recipe, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random tokens with the pipeline's layout: this process's rows of one global batch."""
+    t, m = recipe.train, recipe.model
+    rows = t.batch_size // jax.process_count()
+    tokens = np.random.default_rng(seed).integers(0, m.vocab_size, (rows, t.seq_len + 1)).astype(np.int32)
+    return {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), (rows, t.seq_len)).copy(),
+        "segment_ids": np.ones((rows, t.seq_len), np.int32),
+        "weights": np.ones((rows, t.seq_len), np.float32),
+    }
+
+
+def _setup(recipe: Recipe, mesh_cfg: MeshConfig | None = None):
+    mesh, rules = make_mesh(mesh_cfg or recipe.mesh), logical_rules(recipe.mesh.rules)
+    dims = recipe.model.logical_dims()
+    dims["batch"] = (recipe.train.batch_size // recipe.train.grad_accum, "train.batch_size/train.grad_accum")
+    check_divisible({k: v[0] for k, v in dims.items()}, mesh, rules, {k: v[1] for k, v in dims.items()})
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+
+        def make():
+            model = Transformer(recipe.model, rngs=nnx.Rngs(0))
+            return model, make_optimizer(model, recipe.optimizer, recipe.train.steps)
+
+        model, opt = create_sharded(make, mesh, rules)
+    return mesh, rules, model, opt
+
+
+def _device_bytes(tree) -> int:
+    """Bytes that the first device holds of a tree of arrays."""
+    d0 = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == d0)
+
+
+def peak_memory(fallback_compiled=None) -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    if fallback_compiled is not None:  # CPU: the compiler's own account of the step
+        a = fallback_compiled.memory_analysis()
+        return int(a.argument_size_in_bytes + a.output_size_in_bytes + a.temp_size_in_bytes - a.alias_size_in_bytes)
+    return None
+
+
+def bench_train(recipe: Recipe, steps: int = 10, warmup: int = 2, mesh_cfg: MeshConfig | None = None) -> dict:
+    mesh, rules, model, opt = _setup(recipe, mesh_cfg)
+    t = recipe.train
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        batch = put_batch(synthetic_batch(recipe), mesh, rules)
+        compiled = (
+            train_step.lower(model, opt, batch, grad_accum=t.grad_accum).compile()
+            if jax.devices()[0].platform == "cpu"
+            else None
+        )
+        for _ in range(warmup):
+            jax.block_until_ready(train_step(model, opt, batch, grad_accum=t.grad_accum))
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            jax.block_until_ready(train_step(model, opt, batch, grad_accum=t.grad_accum))
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    tokens = t.batch_size * t.seq_len
+    tflops = recipe.model.flops_per_token(t.seq_len) * tokens / step_s / jax.device_count() / 1e12
+    peak, source = peak_tflops_per_device(t.peak_tflops)
+    state_bytes = _device_bytes(nnx.state(model)) + _device_bytes(nnx.state(opt))
+    return {
+        "mesh": dict(mesh.shape),
+        "tokens_per_s": tokens / step_s,
+        "step_s_median": step_s,
+        "tflops_per_device": tflops,
+        "mfu": tflops / peak,
+        "peak_tflops": peak,
+        "peak_source": source,
+        "state_bytes_per_device": state_bytes,
+        "peak_bytes_per_device": peak_memory(compiled),
+    }
+
+
+def measure_bandwidth(n_bytes: int = 1 << 28) -> float:
+    """Device memory bandwidth in bytes/s, from a large elementwise op (reads and writes each byte once)."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - start)
+    return 2 * n_bytes / min(times)
+
+
+def bench_decode(
+    recipe: Recipe, prompt_len: int = 64, new_tokens: int = 256, batches=(1, 8), contexts=(64, 256, 512)
+) -> dict:
+    cfg = recipe.model
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    bandwidth = measure_bandwidth()
+    rng = np.random.default_rng(0)
+    out = {"param_bytes": param_bytes, "bandwidth_bytes_per_s": bandwidth}
+
+    def timed(prompts, n, use_cache):
+        generate(model, prompts, max_new_tokens=n, use_cache=use_cache)  # compile
+        return generate(model, prompts, max_new_tokens=n, use_cache=use_cache)
+
+    for b in batches:
+        prompts = [rng.integers(4, cfg.vocab_size, prompt_len).tolist() for _ in range(b)]
+        row = {}
+        for use_cache in (True, False):
+            g = timed(prompts, new_tokens, use_cache)
+            tag = "cache_on" if use_cache else "cache_off"
+            row[tag] = {
+                "prefill_tokens_per_s": g.prefill_tokens_per_s,
+                "decode_tokens_per_s": g.decode_tokens_per_s,
+                "ms_per_step": 1e3 * g.decode_seconds / max(g.decode_steps, 1),
+            }
+        row["prefill_tokens_per_s"] = row["cache_on"]["prefill_tokens_per_s"]
+        row["decode_tokens_per_s"] = row["cache_on"]["decode_tokens_per_s"]
+        row["cache_speedup"] = row["cache_on"]["decode_tokens_per_s"] / row["cache_off"]["decode_tokens_per_s"]
+        out[f"batch{b}"] = row
+    # Batch 1 reads every parameter once per step: that sets the floor on step time.
+    step_s = out[f"batch{batches[0]}"]["cache_on"]["ms_per_step"] / 1e3
+    out["batch1_bandwidth_fraction"] = param_bytes / step_s / bandwidth
+    out["ms_per_step_by_context"] = {}
+    for ctx in contexts:
+        if ctx + 32 > cfg.max_seq_len:
+            continue
+        g = timed([rng.integers(4, cfg.vocab_size, ctx).tolist()], 32, True)
+        out["ms_per_step_by_context"][str(ctx)] = 1e3 * g.decode_seconds / max(g.decode_steps, 1)
+    return out
+
+
+def bench_compile(recipe: Recipe, depths=(2, 4, 8, 16)) -> dict:
+    """Seconds from nothing to the first finished train step, scanned and unrolled, per depth."""
+    out = {}
+    for depth in depths:
+        for scan in (True, False):
+            r = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, n_layers=depth, scan_layers=scan))
+            start = time.perf_counter()
+            mesh, rules, model, opt = _setup(r)
+            with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+                jax.block_until_ready(
+                    train_step(model, opt, put_batch(synthetic_batch(r), mesh, rules), grad_accum=r.train.grad_accum)
+                )
+            out[f"{'scan' if scan else 'unrolled'}_{depth}"] = time.perf_counter() - start
+    return {"seconds_to_first_step": out}
+
+
+def bench_memory(recipe: Recipe) -> dict:
+    r = bench_train(recipe, steps=1, warmup=1)
+    return {
+        "peak_bytes_per_device": r["peak_bytes_per_device"],
+        "state_bytes_per_device": r["state_bytes_per_device"],
+        "mesh": r["mesh"],
+    }
