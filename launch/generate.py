@@ -55,16 +55,17 @@ def read_prompts(path: str) -> list[str]:
 def main(argv=None):
     args = parse(argv)
     import jax
+    from flax import nnx
 
     from lm.decode import complete
     from lm.inference import load_run
     from lm.sampling import Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-    recipe, model, tokenizer, mesh, _ = load_run(args.run_dir, args.checkpoint, args.tensor)
+    recipe, model, tokenizer, mesh, rules = load_run(args.run_dir, args.checkpoint, args.tensor)
 
     def run(prompts: list[str], stream: bool):
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
             return complete(
                 model,
                 tokenizer,

@@ -51,6 +51,7 @@ def main(argv=None):
             f"\ntrained {summary['params'] / 1e6:.2f}M parameters to step {summary['step']} in "
             f"{time.perf_counter() - start:.0f} s; final loss {summary['loss']:.3f}"
             + (f", eval loss {summary['eval_loss']:.3f}" if "eval_loss" in summary else "")
+            + (f" (untrained: {summary['initial_eval_loss']:.3f})" if summary.get("initial_eval_loss") else "")
         )
         print(f"run directory: {run_dir}")
     if summary.get("sample"):

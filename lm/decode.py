@@ -18,6 +18,7 @@ from flax import nnx
 
 from lm.errors import UserError
 from lm.sampling import Sampling, apply_repetition_penalty, sample
+from sharding.partition import place
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -178,6 +179,7 @@ def generate(
         clone = nnx.merge(graphdef, params)
         clone.init_cache(batch, cache_len, cache_dtype or jnp.dtype(cfg.dtype))
         dgraph, _, cache = nnx.split(clone, nnx.Param, nnx.Cache)
+        cache = place(cache)  # under a mesh: kv heads split like the parameters
         cache, first = _prefill(dgraph, params, cache, jnp.asarray(tokens), lengths_arr, key, seen, sampling=sampling)
         c["cache"] = cache
     else:

@@ -52,6 +52,7 @@ class OptimizerConfig:
 class TrainConfig:
     steps: int = 300
     batch_size: int = 16  # global, in sequences, per optimizer step
+    per_device_batch_size: int = 0  # > 0: batch_size = this x (data x fsdp devices), resolved at start
     seq_len: int = 256
     grad_accum: int = 1  # microbatches per step (inside the jitted step)
     seed: int = 0

@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from lm.errors import UserError
-from sharding.rules import logical_to_spec
+from sharding.rules import current_rules, logical_to_spec
 
 
 def _mesh_size(mesh: Mesh, axes) -> int:
@@ -72,3 +72,18 @@ def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, j
     """Assemble global arrays from each process's rows (the rows are that process's slice of the
     global batch; see lm.data.pipeline)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v) for k, v in local.items()}
+
+
+def place(state):
+    """Put a state of annotated Variables (e.g. a fresh KV cache) where its logical names say, under
+    the enclosing mesh and rules; a dimension the mesh axes do not divide (a batch of 1) stays whole.
+    A no-op with no mesh or no rules (single device)."""
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty or not current_rules():
+        return state
+
+    def sharding(var):
+        names = var.get_metadata().get("out_sharding") or (None,) * var.ndim
+        return var.replace(NamedSharding(mesh, logical_to_spec(names, shape=var.shape, mesh=mesh)))
+
+    return jax.device_put(state, jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))

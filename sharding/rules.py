@@ -39,21 +39,30 @@ def current_rules() -> tuple[tuple[str, MeshAxes], ...]:
     return tuple(flax_spmd.get_logical_axis_rules())
 
 
-def logical_to_spec(names: Sequence[str | None], rules=None) -> P:
+def logical_to_spec(names: Sequence[str | None], rules=None, shape: Sequence[int] | None = None, mesh=None) -> P:
     """PartitionSpec for a tuple of logical names under `rules` (default: the enclosing context's).
 
     A mesh axis shards at most one dimension; the first dimension that claims it keeps it. So an
     activation [batch, length, embed] is split over (data, fsdp) by batch and not again by embed,
-    while a parameter [embed, mlp] still puts embed on fsdp.
+    while a parameter [embed, mlp] still puts embed on fsdp. Given `shape` and `mesh`, axes that
+    do not divide a dimension are left out (for activations such as a batch-1 decode; parameters
+    are checked for divisibility up front instead).
     """
     table = dict(current_rules() if rules is None else rules)
     used, spec = set(), []
-    for name in names:
+    for dim, name in enumerate(names):
         axes = table.get(name) if name is not None else None
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        free = tuple(a for a in axes if a not in used)
+        free, size = [], 1
+        for a in axes:
+            if a in used:
+                continue
+            if shape is not None and shape[dim] % (size * mesh.shape[a]):
+                break
+            free.append(a)
+            size *= mesh.shape[a] if mesh is not None else 1
         used.update(free)
-        spec.append(None if not free else free[0] if len(free) == 1 else free)
+        spec.append(None if not free else free[0] if len(free) == 1 else tuple(free))
     return P(*spec)
 
 
@@ -63,7 +72,7 @@ def logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not current_rules():
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, shape=x.shape, mesh=mesh))
 
 
 __all__ = ["DEFAULT_RULES", "logical_rules", "logical_to_spec", "logical_constraint", "current_rules"]

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, run_cli, tiny_train_args
+from helpers import ROOT, run_cli, tiny_train_args
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +29,11 @@ def test_tiny_run_writes_metrics_checkpoint_and_sample(tiny_corpus, tmp_path):
         assert (run_dir / name).exists(), name
     assert (run_dir / "checkpoints" / "6").is_dir() and (run_dir / "checkpoints" / "3").is_dir()
     rows = metrics(run_dir)
-    assert set(rows) == {2, 3, 4, 6}
+    assert set(rows) == {0, 2, 3, 4, 6}
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu"):
         assert key in rows[6], key
     assert {"eval_loss", "eval_ppl"} <= set(rows[6])
-    assert rows[6]["loss"] < rows[2]["loss"]
+    assert rows[6]["loss"] < rows[2]["loss"] and rows[6]["eval_loss"] < rows[0]["eval_loss"]
     assert "--- sample ---\ndef " in out.stdout
 
 

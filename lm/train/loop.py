@@ -1,5 +1,6 @@
 """The training loop: prepare data, build the sharded model, train, evaluate, checkpoint, sample."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -76,6 +77,15 @@ def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, T
     return data_dir, tokenizer
 
 
+def resolve_batch_size(recipe: Recipe, mesh) -> Recipe:
+    """train.per_device_batch_size > 0 sets the global batch from the batch-parallel devices."""
+    t = recipe.train
+    if t.per_device_batch_size <= 0:
+        return recipe
+    batch = t.per_device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    return dataclasses.replace(recipe, train=dataclasses.replace(t, batch_size=batch))
+
+
 def eval_loss(model, batches, mesh, rules) -> float:
     total, weight = 0.0, 0.0
     for local in batches:
@@ -87,11 +97,12 @@ def eval_loss(model, batches, mesh, rules) -> float:
 def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     """Train (or resume) the run in run_dir. Returns a summary of the last metrics and the sample."""
     run_dir = pathlib.Path(run_dir)
+    mesh, rules = make_mesh(recipe.mesh), logical_rules(recipe.mesh.rules)
+    recipe = resolve_batch_size(recipe, mesh)
     t, m = recipe.train, recipe.model
     reconcile_recipe(run_dir, recipe)
     data_dir, tokenizer = prepare_data(recipe, run_dir)
 
-    mesh, rules = make_mesh(recipe.mesh), logical_rules(recipe.mesh.rules)
     dims = m.logical_dims()
     dims["batch"] = (t.batch_size // t.grad_accum, "train.batch_size/train.grad_accum")
     check_divisible({k: v[0] for k, v in dims.items()}, mesh, rules, {k: v[1] for k, v in dims.items()})
@@ -131,6 +142,15 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
         peak, peak_source = peak_tflops_per_device(t.peak_tflops)
         say(f"MFU: 6N + 12*L*T*H*D FLOPs per token (PaLM), peak {peak:.2f} TFLOP/s per device from {peak_source}")
 
+        def evaluate(step: int) -> dict:
+            el = eval_loss(model, eval_batches, mesh, rules)
+            row = {"step": step, "eval_loss": el, "eval_ppl": math.exp(min(el, 50.0))}
+            log.write(row)
+            say(f"step {step}: eval loss {el:.3f}, perplexity {row['eval_ppl']:.1f}")
+            return row
+
+        # The untrained model's eval loss: the starting point that later evals are measured against.
+        initial_eval = evaluate(0)["eval_loss"] if start == 0 else None
         last = {}
         bar = tqdm(total=t.steps, initial=start, disable=pid != 0, dynamic_ncols=True, desc="train")
         timer, timed_steps = time.perf_counter(), 0
@@ -167,11 +187,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
                 timer, timed_steps = time.perf_counter(), 0
             if step % t.eval_every == 0 or step == t.steps:
-                el = eval_loss(model, eval_batches, mesh, rules)
-                row = {"step": step, "eval_loss": el, "eval_ppl": math.exp(min(el, 50.0))}
-                log.write(row)
-                last.update(row)
-                say(f"step {step}: eval loss {el:.3f}, perplexity {row['eval_ppl']:.1f}")
+                last.update(evaluate(step))
                 timer, timed_steps = time.perf_counter(), 0
             if step % recipe.checkpoint.every == 0 or step == t.steps:
                 ckpt.save(step, model, optimizer, train_iter, {"recipe": recipe.to_dict()}, force=step == t.steps)
@@ -193,4 +209,4 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
             )
             sample = t.sample_prompt + tokenizer.decode([i for i in out.tokens[0] if i != tokenizer.eos_id])
         log.close()
-    return {**last, "sample": sample, "start_step": start, "params": int(n_params)}
+    return {**last, "initial_eval_loss": initial_eval, "sample": sample, "start_step": start, "params": int(n_params)}
