@@ -62,6 +62,7 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 96
     peak_tflops: float | None = None  # per device, for MFU; None: looked up from the device kind
+    max_bad_steps: int = 0  # consecutive non-finite steps to skip (update dropped) before stopping
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,14 @@
-"""Orbax checkpoints of the whole training state: model, optimizer, data iterator, step and recipe.
+"""Orbax checkpoints of the whole training state: model, optimizer, data iterator, step, recipe
+and tokenizer (in `meta`, so a checkpoint folder is enough to generate from).
 
 Restores go onto the *current* model's shardings (built for the current mesh), so a checkpoint
 saved on one mesh restores onto another without a full copy on any device (flax #5110).
+Orbax writes each step into a temporary folder and renames it when complete, so an interrupted
+save never looks like a checkpoint.
 """
 
+import errno
+import logging
 import pathlib
 
 import grain
@@ -11,7 +16,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from lm.errors import UserError
 from lm.recipe import CheckpointConfig
+
+log = logging.getLogger(__name__)
 
 
 def _abstract(state):
@@ -37,7 +45,42 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave({**meta, "step": step}),
         )
-        return self.manager.save(step, args=args, force=force)
+        with _disk_errors(self.directory, step):
+            return self.manager.save(step, args=args, force=force)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_latest(self, model, optimizer, data_iter, check_meta=None) -> int:
+        """Restore the newest readable checkpoint and return its step (0: none).
+
+        An unreadable one (a truncated file, a half-copied folder) is reported and skipped in favour
+        of the one before. `check_meta(step, meta)` may raise UserError to refuse a checkpoint that
+        belongs to another run; that is not skipped.
+        """
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                meta = self.meta(step)
+            except Exception as e:  # noqa: BLE001 - any read failure means 'unreadable'
+                log.warning("checkpoint %s is unreadable (%s); trying the previous one", step, _first_line(e))
+                continue
+            if check_meta is not None:
+                check_meta(step, meta)
+            try:
+                self.restore(step, model, optimizer, data_iter)
+                return step
+            except Exception as e:  # noqa: BLE001
+                log.warning("checkpoint %s is unreadable (%s); trying the previous one", step, _first_line(e))
+        if steps:
+            raise UserError(
+                f"no readable checkpoint in {self.directory} (steps {steps} all failed to load); "
+                "move the folder away to start over"
+            )
+        return 0
 
     def restore(self, step: int, model, optimizer, data_iter) -> dict:
         """Load `step` into model, optimizer and data_iter in place; return the saved meta."""
@@ -63,17 +106,38 @@ class Checkpointer:
         nnx.update(model, restored["model"])
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with _disk_errors(self.directory, self.manager.latest_step()):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
 
 
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+class _disk_errors:
+    """Turn a full disk or a permission problem during a save into a one-line UserError."""
+
+    def __init__(self, directory, step):
+        self.directory, self.step = directory, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise UserError(
+                f"cannot write checkpoint {self.step} to {self.directory}: {e.strerror}; free space or fix "
+                "permissions and rerun (earlier checkpoints are intact)"
+            ) from None
+        return False
+
+
 def find_checkpoint(run_dir=None, checkpoint=None) -> tuple[pathlib.Path, int, pathlib.Path]:
     """(checkpoints folder, step, run folder) for --run-dir (latest step) or --checkpoint (a step
     folder such as runs/x/checkpoints/300, or a checkpoints folder: its latest step)."""
-    from lm.errors import UserError
-
     if checkpoint is not None:
         path = pathlib.Path(checkpoint).absolute()
         if not path.is_dir():

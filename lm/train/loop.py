@@ -1,5 +1,6 @@
 """The training loop: prepare data, build the sharded model, train, evaluate, checkpoint, sample."""
 
+import base64
 import dataclasses
 import json
 import math
@@ -13,12 +14,14 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lm.data import TokenFile, Tokenizer, make_dataset, prepare_corpus
+from lm.data.prepare import file_sha256
 from lm.decode import generate
 from lm.errors import UserError
 from lm.model import Transformer
-from lm.recipe import Recipe, diff_recipes
+from lm.recipe import SAFE_TO_CHANGE, Recipe, diff_recipes
 from lm.sampling import Sampling
 from lm.train.checkpoint import Checkpointer
+from lm.train.faults import NonFiniteGuard, Preemption
 from lm.train.metrics import MetricsLog, peak_tflops_per_device
 from lm.train.optimizer import learning_rate, make_optimizer
 from lm.train.step import eval_step, train_step
@@ -33,22 +36,28 @@ def say(*args) -> None:
         tqdm.write(" ".join(str(a) for a in args))
 
 
-def reconcile_recipe(run_dir: pathlib.Path, recipe: Recipe) -> None:
-    """On resume, refuse changes that would not continue the same run; report the safe ones."""
+def check_resumable(run_dir: pathlib.Path, recipe: Recipe) -> None:
+    """A run directory with checkpoints continues only a compatible recipe; safe changes are reported."""
     path = run_dir / "recipe.json"
-    if path.exists():
-        saved = Recipe.from_dict(json.loads(path.read_text()))
-        safe, conflicts = diff_recipes(saved, recipe)
-        if conflicts:
-            raise UserError(
-                f"{run_dir} holds a run with a different recipe ({'; '.join(conflicts)}); "
-                "use a new --run-dir or the saved values"
-            )
-        if safe:
-            say(f"resuming with changed settings: {'; '.join(safe)}")
+    if not path.exists() or not any((run_dir / "checkpoints").glob("[0-9]*")):
+        return  # nothing saved yet: this is a fresh start, whatever an earlier failed attempt wrote
+    saved = Recipe.from_dict(json.loads(path.read_text()))
+    safe, conflicts = diff_recipes(saved, recipe)
+    if conflicts:
+        raise UserError(
+            f"{run_dir} holds a run with a different recipe ({'; '.join(conflicts)}); "
+            "use a new --run-dir or the saved values"
+        )
+    if safe:
+        say(f"resuming with changed settings: {'; '.join(safe)}")
+
+
+def write_run_files(run_dir: pathlib.Path, recipe: Recipe, tokenizer: Tokenizer) -> None:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(recipe.to_dict(), indent=2))
+        (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+        if tokenizer.path.resolve() != (run_dir / "tokenizer.model").resolve():
+            shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
 
 
 def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, Tokenizer]:
@@ -60,20 +69,24 @@ def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, T
         eval_fraction=recipe.data.eval_fraction,
     )
     inputs = list(recipe.data.inputs) or None
-    # Process 0 prepares; the others then find the finished files and reuse them.
-    if jax.process_index() == 0:
-        prepare_corpus(inputs, data_dir, **kwargs)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("prepare_data")
-        prepare_corpus(inputs, data_dir, **kwargs)
+    # A prepared folder named by data.dir (e.g. from launch.prepare) is used as it is; the run's own
+    # data/ folder is (re)prepared whenever its inputs or settings change.
+    if not (recipe.data.dir and (data_dir / "meta.json").exists()):
+        # Process 0 prepares; the others then find the finished files and reuse them.
+        if jax.process_index() == 0:
+            prepare_corpus(inputs, data_dir, **kwargs)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("prepare_data")
+            prepare_corpus(inputs, data_dir, **kwargs)
     tokenizer = Tokenizer(data_dir / "tokenizer.model")
-    if tokenizer.vocab_size > recipe.model.vocab_size:
-        raise UserError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size="
-            f"{recipe.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}"
-        )
-    if jax.process_index() == 0 and not (run_dir / "tokenizer.model").exists():
-        shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
+    for what, vocab in [(f"tokenizer {tokenizer.path}", tokenizer.vocab_size)] + [
+        (f"token file {data_dir / split}", TokenFile(data_dir / split).vocab_size) for split in ("train", "eval")
+    ]:
+        if vocab > recipe.model.vocab_size:
+            raise UserError(
+                f"{what} has a vocabulary of {vocab} but model.vocab_size={recipe.model.vocab_size}; "
+                f"set model.vocab_size >= {vocab} or prepare the data with a smaller tokenizer"
+            )
     return data_dir, tokenizer
 
 
@@ -100,12 +113,11 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     mesh, rules = make_mesh(recipe.mesh), logical_rules(recipe.mesh.rules)
     recipe = resolve_batch_size(recipe, mesh)
     t, m = recipe.train, recipe.model
-    reconcile_recipe(run_dir, recipe)
-    data_dir, tokenizer = prepare_data(recipe, run_dir)
-
+    check_resumable(run_dir, recipe)
     dims = m.logical_dims()
     dims["batch"] = (t.batch_size // t.grad_accum, "train.batch_size/train.grad_accum")
     check_divisible({k: v[0] for k, v in dims.items()}, mesh, rules, {k: v[1] for k, v in dims.items()})
+    data_dir, tokenizer = prepare_data(recipe, run_dir)
 
     pid, nproc = jax.process_index(), jax.process_count()
     train_iter = iter(make_dataset(TokenFile(data_dir / "train"), t.seq_len, t.batch_size, t.seed, pid, nproc))
@@ -113,12 +125,13 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
         TokenFile(data_dir / "eval"), t.seq_len, t.batch_size, t.seed, pid, nproc, shuffle=False, num_epochs=1
     )
     eval_batches = [b for _, b in zip(range(t.eval_batches), eval_ds)]
+    tokenizer_sha = file_sha256(tokenizer.path)
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
 
         def make():
             model = Transformer(m, rngs=nnx.Rngs(params=t.seed))
-            return model, make_optimizer(model, recipe.optimizer, t.steps)
+            return model, make_optimizer(model, recipe.optimizer, t.steps, t.max_bad_steps)
 
         model, optimizer = create_sharded(make, mesh, rules)
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -127,76 +140,64 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
             f"{jax.devices()[0].platform} devices; {nproc} process(es)"
         )
 
+        def same_run(step: int, meta: dict) -> None:
+            saved = meta.get("recipe", {}).get("model", {})
+            changed = [
+                f"model.{k}: {saved[k]!r} -> {v!r}"
+                for k, v in dataclasses.asdict(m).items()
+                if k in saved and saved[k] != v and not f"model.{k}".startswith(SAFE_TO_CHANGE)
+            ]
+            if changed:
+                raise UserError(
+                    f"checkpoint {step} in {run_dir / 'checkpoints'} belongs to another model ({'; '.join(changed)}); "
+                    "use a new --run-dir"
+                )
+            if meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
+                raise UserError(
+                    f"checkpoint {step} was trained with a different tokenizer than {tokenizer.path}; "
+                    "use the run's own data (data.dir) or a new --run-dir"
+                )
+
         ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
-        start = ckpt.latest_step() or 0
+        start = ckpt.restore_latest(model, optimizer, train_iter, check_meta=same_run)
         if start:
-            ckpt.restore(start, model, optimizer, train_iter)
             say(f"resumed from {run_dir / 'checkpoints'} at step {start}")
+        write_run_files(run_dir, recipe, tokenizer)
+        meta = {
+            "recipe": recipe.to_dict(),
+            "seed": t.seed,
+            "tokenizer_sha256": tokenizer_sha,
+            "tokenizer_model": base64.b64encode(tokenizer.path.read_bytes()).decode(),
+        }
         log = MetricsLog(
             run_dir, recipe.to_dict(), wandb_mode=recipe.logging.wandb, project=recipe.logging.project, enabled=pid == 0
         )
-
-        lr = learning_rate(recipe.optimizer, t.steps)
-        tokens_per_step = t.batch_size * t.seq_len
-        flops_per_step = m.flops_per_token(t.seq_len) * tokens_per_step
-        peak, peak_source = peak_tflops_per_device(t.peak_tflops)
-        say(f"MFU: 6N + 12*L*T*H*D FLOPs per token (PaLM), peak {peak:.2f} TFLOP/s per device from {peak_source}")
-
-        def evaluate(step: int) -> dict:
-            el = eval_loss(model, eval_batches, mesh, rules)
-            row = {"step": step, "eval_loss": el, "eval_ppl": math.exp(min(el, 50.0))}
-            log.write(row)
-            say(f"step {step}: eval loss {el:.3f}, perplexity {row['eval_ppl']:.1f}")
-            return row
-
-        # The untrained model's eval loss: the starting point that later evals are measured against.
-        initial_eval = evaluate(0)["eval_loss"] if start == 0 else None
-        last = {}
-        bar = tqdm(total=t.steps, initial=start, disable=pid != 0, dynamic_ncols=True, desc="train")
-        timer, timed_steps = time.perf_counter(), 0
-        for step in range(start + 1, t.steps + 1):
-            metrics = train_step(model, optimizer, put_batch(next(train_iter), mesh, rules), grad_accum=t.grad_accum)
-            timed_steps += 1
-            if step == start + 1:  # the first step compiles; time from the end of it
-                jax.block_until_ready(metrics)
-                timer, timed_steps = time.perf_counter(), 0
-            bar.update(1)
-            if step % t.log_every == 0 or step == t.steps:
-                metrics = jax.device_get(metrics)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise UserError(
-                        f"loss is {loss} at step {step}; lower optimizer.lr or check the data "
-                        f"(the last good checkpoint is step {ckpt.latest_step()})"
-                    )
-                elapsed = time.perf_counter() - timer
-                tps = timed_steps * tokens_per_step / elapsed if timed_steps else float("nan")
-                tflops = (
-                    timed_steps * flops_per_step / elapsed / jax.device_count() / 1e12 if timed_steps else float("nan")
-                )
-                last = {
-                    "step": step,
-                    "loss": loss,
-                    "lr": float(lr(step - 1)),
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "tokens_per_s": tps,
-                    "tflops_per_device": tflops,
-                    "mfu": tflops / peak,
-                }
-                log.write(last)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
-                timer, timed_steps = time.perf_counter(), 0
-            if step % t.eval_every == 0 or step == t.steps:
-                last.update(evaluate(step))
-                timer, timed_steps = time.perf_counter(), 0
-            if step % recipe.checkpoint.every == 0 or step == t.steps:
-                ckpt.save(step, model, optimizer, train_iter, {"recipe": recipe.to_dict()}, force=step == t.steps)
-        bar.close()
-        ckpt.wait()
-        ckpt.close()
+        preemption, guard = Preemption(), NonFiniteGuard(t.max_bad_steps)
+        try:
+            last, initial_eval, preempted = _loop(
+                recipe,
+                model,
+                optimizer,
+                train_iter,
+                eval_batches,
+                mesh,
+                rules,
+                ckpt,
+                log,
+                meta,
+                start,
+                preemption,
+                guard,
+            )
+        finally:
+            preemption.close()
+            ckpt.wait()
+            ckpt.close()
+        if guard.skipped:
+            say(f"skipped {len(guard.skipped)} non-finite step(s): {guard.skipped}")
 
         sample = ""
-        if t.sample_tokens > 0 and t.sample_prompt:
+        if t.sample_tokens > 0 and t.sample_prompt and preempted is None:
             prompt = tokenizer.encode(t.sample_prompt)
             n = min(t.sample_tokens, m.max_seq_len - len(prompt))
             out = generate(
@@ -209,4 +210,80 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
             )
             sample = t.sample_prompt + tokenizer.decode([i for i in out.tokens[0] if i != tokenizer.eos_id])
         log.close()
-    return {**last, "initial_eval_loss": initial_eval, "sample": sample, "start_step": start, "params": int(n_params)}
+    return {
+        **last,
+        "initial_eval_loss": initial_eval,
+        "sample": sample,
+        "start_step": start,
+        "params": int(n_params),
+        "preempted": preempted,
+    }
+
+
+def _loop(recipe, model, optimizer, train_iter, eval_batches, mesh, rules, ckpt, log, meta, start, preemption, guard):
+    """The step loop. Returns (last logged metrics, untrained eval loss or None, preempted step or None)."""
+    t, m = recipe.train, recipe.model
+    lr = learning_rate(recipe.optimizer, t.steps)
+    tokens_per_step = t.batch_size * t.seq_len
+    flops_per_step = m.flops_per_token(t.seq_len) * tokens_per_step
+    peak, peak_source = peak_tflops_per_device(t.peak_tflops)
+    say(f"MFU: 6N + 12*L*T*H*D FLOPs per token (PaLM), peak {peak:.2f} TFLOP/s per device from {peak_source}")
+
+    def evaluate(step: int) -> dict:
+        el = eval_loss(model, eval_batches, mesh, rules)
+        row = {"step": step, "eval_loss": el, "eval_ppl": math.exp(min(el, 50.0))}
+        log.write(row)
+        say(f"step {step}: eval loss {el:.3f}, perplexity {row['eval_ppl']:.1f}")
+        return row
+
+    def save(step: int, force: bool = False) -> None:
+        guard.check(ckpt.latest_step(), str(ckpt.directory))  # never checkpoint a non-finite state
+        ckpt.save(step, model, optimizer, train_iter, meta, force=force)
+
+    # The untrained model's eval loss: the starting point that later evals are measured against.
+    initial_eval = evaluate(0)["eval_loss"] if start == 0 else None
+    last = {}
+    bar = tqdm(total=t.steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True, desc="train")
+    try:
+        timer, timed_steps = time.perf_counter(), 0
+        for step in range(start + 1, t.steps + 1):
+            metrics = train_step(model, optimizer, put_batch(next(train_iter), mesh, rules), grad_accum=t.grad_accum)
+            guard.add(step, metrics)
+            timed_steps += 1
+            if step == start + 1:  # the first step compiles; time from the end of it
+                jax.block_until_ready(metrics)
+                timer, timed_steps = time.perf_counter(), 0
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                guard.check(ckpt.latest_step(), str(ckpt.directory))
+                metrics = jax.device_get(metrics)
+                # Throughput is unknown (None) on a log step that only covers the compiling first step.
+                elapsed = time.perf_counter() - timer
+                tps = timed_steps * tokens_per_step / elapsed if timed_steps else None
+                tflops = timed_steps * flops_per_step / elapsed / jax.device_count() / 1e12 if timed_steps else None
+                last = {
+                    "step": step,
+                    "loss": float(metrics["loss"]),
+                    "lr": float(lr(step - 1)),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "tokens_per_s": tps,
+                    "tflops_per_device": tflops,
+                    "mfu": tflops / peak if tflops is not None else None,
+                }
+                log.write(last)
+                if tps is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
+                timer, timed_steps = time.perf_counter(), 0
+            if step % t.eval_every == 0 or step == t.steps:
+                last.update(evaluate(step))
+                timer, timed_steps = time.perf_counter(), 0
+            if preemption.reached(step):
+                save(step, force=True)
+                ckpt.wait()
+                say(f"preempted: saved checkpoint {step} in {ckpt.directory}; rerun the same command to continue")
+                return last, initial_eval, step
+            if step % recipe.checkpoint.every == 0 or step == t.steps:
+                save(step, force=step == t.steps)
+    finally:
+        bar.close()  # before any error message, so that stays the last line
+    return last, initial_eval, None

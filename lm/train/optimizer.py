@@ -28,19 +28,18 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_tx(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(
-            learning_rate(cfg, total_steps),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=_decay_mask,
-        ),
+def make_tx(cfg: OptimizerConfig, total_steps: int, max_bad_steps: int = 0) -> optax.GradientTransformation:
+    """Clip, then AdamW; an update with non-finite gradients is dropped, up to max_bad_steps in a row."""
+    adamw = optax.adamw(
+        learning_rate(cfg, total_steps),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=_decay_mask,
     )
+    return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw), max_bad_steps)
 
 
-def make_optimizer(model: nnx.Module, cfg: OptimizerConfig, total_steps: int) -> nnx.Optimizer:
-    return nnx.Optimizer(model, make_tx(cfg, total_steps), wrt=nnx.Param)
+def make_optimizer(model: nnx.Module, cfg: OptimizerConfig, total_steps: int, max_bad_steps: int = 0) -> nnx.Optimizer:
+    return nnx.Optimizer(model, make_tx(cfg, total_steps, max_bad_steps), wrt=nnx.Param)

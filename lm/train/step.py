@@ -65,7 +65,11 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
     grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
-    return {"loss": loss_sum / weight, "grad_norm": grad_norm}
+    return {
+        "loss": loss_sum / weight,
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(nnx.state(model, nnx.Param)),
+    }
 
 
 @nnx.jit

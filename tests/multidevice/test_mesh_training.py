@@ -124,3 +124,30 @@ def test_indivisible_mesh_is_a_clear_error_before_compile():
         make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
     with pytest.raises(UserError, match="at most one"):
         make_mesh(MeshConfig(data=-1, fsdp=-1, tensor=1))
+
+
+def test_restore_onto_a_different_mesh_continues_with_the_same_loss(tmp_path):
+    import grain
+
+    from lm.recipe import CheckpointConfig
+    from lm.train.checkpoint import Checkpointer
+
+    first, second, third = batches(3)
+    mesh_a = mesh_of((8, 1, 1))
+    model, opt = build(mesh_a)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    with jax.set_mesh(mesh_a), nnx.logical_axis_rules(RULES):
+        for b in (first, second):
+            train_step(model, opt, put_batch(b, mesh_a, RULES))
+        ckpt.save(2, model, opt, iter(grain.MapDataset.range(8).to_iter_dataset()), {})
+        expected = float(train_step(model, opt, put_batch(third, mesh_a, RULES))["loss"])
+
+    for shape, devices in (((2, 2, 2), None), ((1, 1, 1), jax.devices()[:1])):
+        mesh_b = mesh_of(shape, devices)
+        model_b, opt_b = build(mesh_b)
+        with jax.set_mesh(mesh_b), nnx.logical_axis_rules(RULES):
+            ckpt.restore(2, model_b, opt_b, iter(grain.MapDataset.range(8).to_iter_dataset()))
+            kernel = model_b.blocks.mlp.up.kernel[...]
+            assert kernel.sharding.mesh.shape == mesh_b.shape  # restored straight onto the new mesh
+            got = float(train_step(model_b, opt_b, put_batch(third, mesh_b, RULES))["loss"])
+        assert got == pytest.approx(expected, rel=1e-5), shape
