@@ -47,12 +47,12 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same_doc)[:, None]
 
 
-def dot_product_attention(q, k, v, mask, impl: str, causal: bool):
+def dot_product_attention(q, k, v, mask, impl: str, causal: bool, segment_ids=None):
     """q: [batch, q_len, heads, head_dim], k/v: [batch, kv_len, kv_heads, head_dim] (GQA when fewer)."""
-    if impl == "splash":
-        from lm.splash import splash_attention  # TPU only; imported lazily so CPU/GPU never load Pallas-TPU
+    if impl == "splash" and causal:
+        from lm.splash import splash_attention  # imported lazily: only TPU recipes need Pallas
 
-        return splash_attention(q, k, v, mask)
+        return splash_attention(q, k, v, segment_ids)
     if impl == "cudnn" and causal:
         # cuDNN skips the masked half itself when told the mask is causal.
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
@@ -159,6 +159,8 @@ class Attention(nnx.MultiHeadAttention):
                 length = x.shape[1]
                 self.cached_key[...] = self.cached_key[...].at[:, :length].set(k.astype(self.cached_key.dtype))
                 self.cached_value[...] = self.cached_value[...].at[:, :length].set(v.astype(self.cached_value.dtype))
-            out = dot_product_attention(q, k, v, attention_mask(segment_ids), cfg.attention_impl, causal=True)
+            out = dot_product_attention(
+                q, k, v, attention_mask(segment_ids), cfg.attention_impl, causal=True, segment_ids=segment_ids
+            )
         out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return self.out(out)

@@ -47,11 +47,11 @@ def build(mesh, cfg=CFG, sgd=False):
         return create_sharded(make, mesh, RULES)
 
 
-def run_steps(mesh, n=3, grad_accum=1, cfg=CFG, sgd=False):
+def run_steps(mesh, n=3, grad_accum=1, cfg=CFG, sgd=False, length=32):
     model, opt = build(mesh, cfg, sgd)
     out = []
     with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-        for b in batches(n):
+        for b in batches(n, length=length):
             m = train_step(model, opt, put_batch(b, mesh, RULES), grad_accum=grad_accum)
             out.append((float(m["loss"]), float(m["grad_norm"])))
     return out, model
@@ -151,3 +151,11 @@ def test_restore_onto_a_different_mesh_continues_with_the_same_loss(tmp_path):
             assert kernel.sharding.mesh.shape == mesh_b.shape  # restored straight onto the new mesh
             got = float(train_step(model_b, opt_b, put_batch(third, mesh_b, RULES))["loss"])
         assert got == pytest.approx(expected, rel=1e-5), shape
+
+
+def test_splash_attention_under_a_mesh_matches_single_device():
+    cfg = dataclasses.replace(CFG, attention_impl="splash", max_seq_len=128)
+    xla = dataclasses.replace(cfg, attention_impl="xla")
+    single, _ = run_steps(mesh_of((1, 1, 1), jax.devices()[:1]), n=1, cfg=xla, length=128)
+    sharded, _ = run_steps(mesh_of((2, 2, 2)), n=1, cfg=cfg, length=128)
+    np.testing.assert_allclose(sharded, single, rtol=1e-5)
