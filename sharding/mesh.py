@@ -35,22 +35,32 @@ def resolve_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[in
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """A Mesh over all devices (or `devices`). With dcn_data/dcn_fsdp > 1, devices are grouped by
-    slice: the ICI part of each axis stays inside a slice and the DCN part spans slices."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A Mesh over all devices (or `devices`), with Auto axes (GSPMD propagation; NNX_NOTES)."""
+    grid = device_grid(mesh_cfg, list(jax.devices() if devices is None else devices))
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def device_grid(mesh_cfg, devices: list) -> np.ndarray:
+    """Devices arranged [data, fsdp, tensor]. With dcn_data/dcn_fsdp > 1 they are grouped by slice
+    (`device.slice_index`): the ICI part of each axis stays inside a slice, and only the DCN part
+    (the outer factor of data or fsdp) spans slices over the data-centre network."""
     dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1)
     n_slices = math.prod(dcn)
     if len(devices) % n_slices:
         raise UserError(f"{len(devices)} devices cannot form mesh.dcn_data*dcn_fsdp={n_slices} slices")
     ici = resolve_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, len(devices) // n_slices)
     if n_slices > 1:
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-    else:
-        try:
-            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
-        except (ValueError, NotImplementedError, AssertionError):
-            grid = np.array(devices).reshape(ici)  # CPU and unusual topologies: plain order
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+        found = len({getattr(d, "slice_index", 0) for d in devices})
+        if found != n_slices:
+            raise UserError(
+                f"mesh.dcn_data*dcn_fsdp={n_slices} slices requested but the devices come from {found}; "
+                "set them to the number of slices in the job"
+            )
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    try:
+        return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        return np.array(devices).reshape(ici)  # CPU and unusual topologies: plain order
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
