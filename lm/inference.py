@@ -1,14 +1,18 @@
 """Load a trained run for inference: recipe, tokenizer and parameters, sharded over a mesh."""
 
+import base64
 import json
+import pathlib
+import tempfile
 
 import jax
 from flax import nnx
 
 from lm.data import Tokenizer
+from lm.data.prepare import file_sha256
 from lm.errors import UserError
 from lm.model import Transformer
-from lm.recipe import MeshConfig, Recipe
+from lm.recipe import CheckpointConfig, MeshConfig, Recipe
 from lm.train.checkpoint import Checkpointer, find_checkpoint
 from sharding.mesh import make_mesh
 from sharding.partition import check_divisible, create_sharded
@@ -22,10 +26,25 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1):
     for a model too large for one device; the batch is not split.
     """
     folder, step, run = find_checkpoint(run_dir, checkpoint)
-    recipe = Recipe.from_dict(json.loads((run / "recipe.json").read_text()))
+    ckpt = Checkpointer(folder, CheckpointConfig(async_save=False))
+    meta = ckpt.meta(step)
+    # The checkpoint carries its recipe and tokenizer; the run folder's copies are the fallback.
+    recipe = (
+        Recipe.from_dict(meta["recipe"])
+        if "recipe" in meta
+        else Recipe.from_dict(json.loads((run / "recipe.json").read_text()))
+    )
     tokenizer_path = run / "tokenizer.model"
+    if "tokenizer_model" in meta and not tokenizer_path.is_file():
+        tokenizer_path = pathlib.Path(tempfile.mkdtemp()) / "tokenizer.model"
+        tokenizer_path.write_bytes(base64.b64decode(meta["tokenizer_model"]))
     if not tokenizer_path.is_file():
         raise UserError(f"{run} has no tokenizer.model; copy the tokenizer the run was trained with there")
+    if meta.get("tokenizer_sha256") not in (None, file_sha256(tokenizer_path)):
+        raise UserError(
+            f"{tokenizer_path} is not the tokenizer checkpoint {step} was trained with (sha256 differs); "
+            "restore the run's own tokenizer.model"
+        )
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise UserError(
@@ -42,7 +61,6 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1):
     )
     with jax.set_mesh(mesh_), nnx.logical_axis_rules(rules):
         model = create_sharded(lambda: Transformer(recipe.model, rngs=nnx.Rngs(0)), mesh_, rules)
-        ckpt = Checkpointer(folder, recipe.checkpoint)
         try:
             ckpt.restore_params(step, model)
         except (ValueError, KeyError) as e:
@@ -53,6 +71,3 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1):
         finally:
             ckpt.close()
     return recipe, model, tokenizer, mesh_, rules
-
-
-__all__ = ["load_run"]
