@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from helpers import ROOT, run_cli, tiny_train_args
+
 from lm.errors import UserError
 from lm.train.checkpoint import _disk_errors
 
