@@ -36,7 +36,8 @@ def summary(mode: str, result: dict) -> str:
     if mode == "train":
         runs = result.get("runs", [result])
         return "; ".join(
-            f"mesh {tuple(r['mesh'].values())}: {r['tokens_per_s']:,.0f} tok/s, {1e3 * r['step_s_median']:.0f} ms/step, "
+            f"mesh {tuple(r['mesh'].values())}: {r['tokens_per_s']:,.0f} tok/s, "
+            f"{1e3 * r['step_s_median']:.0f} ms/step, "
             f"{r['tflops_per_device']:.3f} TFLOP/s/dev, MFU {100 * r['mfu']:.1f}%, "
             f"state {r['state_bytes_per_device'] / 2**20:.2f} MiB/dev"
             for r in runs

@@ -25,7 +25,10 @@ def main_guard(fn):
         try:
             return fn(argv)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            jax = sys.modules.get("jax")
+            multi = jax is not None and jax.distributed.is_initialized()
+            who = f"[process {jax.process_index()}/{jax.process_count()}] " if multi else ""
+            print(f"error: {who}{e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -5,6 +5,7 @@ import json
 import sys
 
 from launch.cli import ArgumentParser, main_guard
+from launch.distributed import add_arguments, initialize_from_env_or_flags
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -33,6 +34,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="prompts per batch")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices for a model too large for one")
     p.add_argument("--output", help="write one JSON object per prompt to this .jsonl file")
+    add_arguments(p)
     args = p.parse_args(argv)
     if not (args.prompt or args.prompts_file or args.interactive):
         p.error("give --prompt, --prompts-file or --interactive")
@@ -54,6 +56,7 @@ def read_prompts(path: str) -> list[str]:
 @main_guard
 def main(argv=None):
     args = parse(argv)
+    initialize_from_env_or_flags(args)
     import jax
     from flax import nnx
 

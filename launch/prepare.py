@@ -41,7 +41,8 @@ def summary(meta: dict, out: str) -> str:
         "reused the prepared data"
         if meta["cached"]
         else (
-            f"took {seconds['total']:.1f} s (tokenizer {seconds['tokenizer']:.1f} s, encoding {seconds['encode']:.1f} s)"
+            f"took {seconds['total']:.1f} s "
+            f"(tokenizer {seconds['tokenizer']:.1f} s, encoding {seconds['encode']:.1f} s)"
         )
     )
     return (

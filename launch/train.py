@@ -5,6 +5,7 @@ import pathlib
 import time
 
 from launch.cli import ArgumentParser, main_guard
+from launch.distributed import add_arguments, initialize_from_env_or_flags
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -24,12 +25,14 @@ def parse(argv=None) -> argparse.Namespace:
         help="override a recipe value, e.g. train.steps=200 or mesh.fsdp=4 (repeatable)",
     )
     p.add_argument("--list-keys", action="store_true", help="print every settable key with its value and exit")
+    add_arguments(p)
     return p.parse_args(argv)
 
 
 @main_guard
 def main(argv=None):
     args = parse(argv)
+    initialize_from_env_or_flags(args)  # before any JAX computation: joins a multi-process run if there is one
     from lm.recipe import all_keys, load_recipe  # after argparse, so --help is instant
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -46,7 +49,9 @@ def main(argv=None):
     run_dir = pathlib.Path(args.run_dir or f"runs/{recipe.name}")
     start = time.perf_counter()
     summary = train(recipe, run_dir)
-    if summary.get("sample") is not None and summary.get("step"):
+    if summary["preempted"] is not None or summary["process"] != 0:  # the loop has said where the checkpoint is
+        return
+    if summary.get("step"):
         print(
             f"\ntrained {summary['params'] / 1e6:.2f}M parameters to step {summary['step']} in "
             f"{time.perf_counter() - start:.0f} s; final loss {summary['loss']:.3f}"

@@ -55,10 +55,7 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1):
         raise UserError(f"--tensor={tensor} but there are {jax.device_count()} devices")
     mesh_ = make_mesh(MeshConfig(data=1, fsdp=1, tensor=tensor), jax.devices()[:tensor])
     rules = logical_rules(recipe.mesh.rules)
-    dims = recipe.model.logical_dims()
-    check_divisible(
-        {k: v[0] for k, v in dims.items() if k != "embed"}, mesh_, rules, {k: v[1] for k, v in dims.items()}
-    )
+    check_divisible(recipe.model.logical_dims(), mesh_, rules)
     with jax.set_mesh(mesh_), nnx.logical_axis_rules(rules):
         model = create_sharded(lambda: Transformer(recipe.model, rngs=nnx.Rngs(0)), mesh_, rules)
         try:

@@ -100,7 +100,7 @@ class Transformer(nnx.Module):
         """Allocate every layer's KV cache: [layers, batch, max_length, kv_heads, head_dim] when scanned."""
         if self.cfg.scan_layers:
 
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS)
             def init(block: Block):
                 block.attn.init_cache((batch, max_length), dtype)
 

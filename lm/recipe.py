@@ -67,6 +67,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
+    dir: str | None = None  # None: <run_dir>/checkpoints; a gs:// path on TPU pods
     every: int = 100
     keep: int = 3
     keep_period: int | None = None  # also keep every N-th step for good
@@ -102,6 +103,11 @@ class Recipe:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every"):
             if getattr(t, name) <= 0:
                 raise UserError(f"train.{name}={getattr(t, name)} must be positive")
+
+    def logical_dims(self) -> dict[str, tuple[int, str]]:
+        """The model's shardable sizes plus the (micro)batch, for sharding.partition.check_divisible."""
+        t = self.train
+        return {**self.model.logical_dims(), "batch": (t.batch_size // t.grad_accum, "train.batch_size/grad_accum")}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,15 +19,14 @@ def _mesh_size(mesh: Mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def check_divisible(dims: Mapping[str, int], mesh: Mesh, rules, what: Mapping[str, str] = None) -> None:
+def check_divisible(dims: Mapping[str, tuple[int, str]], mesh: Mesh, rules) -> None:
     """Every logical dimension must split evenly over the mesh axes its rule names.
 
-    dims: logical name -> size; what: logical name -> the user-facing key (e.g. 'model.n_kv_heads').
-    XLA would silently replicate or pad an indivisible dimension; we refuse instead.
+    dims: logical name -> (size, the user-facing key that sets it, e.g. 'model.n_kv_heads').
+    XLA would silently replicate or pad an indivisible dimension; we refuse instead, before compiling.
     """
     table = dict(rules)
-    what = what or {}
-    for name, size in dims.items():
+    for name, (size, key) in dims.items():
         axes = table.get(name)
         n = _mesh_size(mesh, axes)
         if size % n:
@@ -35,15 +34,8 @@ def check_divisible(dims: Mapping[str, int], mesh: Mesh, rules, what: Mapping[st
             label = "*".join(f"mesh.{a}" for a in axes_t)
             ok = sorted({d for d in range(1, size + 1) if size % d == 0 and d <= n * 8})
             raise UserError(
-                f"{what.get(name, name)}={size} is not divisible by {label}={n}; "
-                f"choose {label} in {ok} or change the '{name}' rule"
+                f"{key}={size} is not divisible by {label}={n}; choose {label} in {ok} or change the '{name}' rule"
             )
-
-
-def abstract_state_shardings(abstract_tree, mesh: Mesh, rules):
-    """NamedShardings for a tree of (abstract) nnx Variables, from their logical `out_sharding` names."""
-    with nnx.logical_axis_rules(rules):
-        return nnx.get_named_sharding(abstract_tree, mesh)
 
 
 def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules) -> nnx.Module:

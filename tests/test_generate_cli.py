@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-
 from helpers import run_cli, tiny_train_args
 
 pytestmark = pytest.mark.slow

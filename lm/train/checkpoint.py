@@ -8,12 +8,14 @@ save never looks like a checkpoint.
 """
 
 import errno
+import json
 import logging
 import pathlib
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from lm.errors import UserError
@@ -29,7 +31,8 @@ def _abstract(state):
 
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
-        self.directory = pathlib.Path(directory).absolute()
+        # gs:// (TPU pods) goes through etils' epath, which orbax uses; local paths stay pathlib.
+        self.directory = epath.Path(directory) if "://" in str(directory) else pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, keep_period=cfg.keep_period, enable_async_checkpointing=cfg.async_save, create=True
         )
@@ -83,17 +86,28 @@ class Checkpointer:
         return 0
 
     def restore(self, step: int, model, optimizer, data_iter) -> dict:
-        """Load `step` into model, optimizer and data_iter in place; return the saved meta."""
+        """Load `step` into model, optimizer and data_iter in place; return the saved meta.
+
+        grain saves one data-iterator state per process. Each is the number of global batches
+        consumed (lm.data.pipeline), so when another number of processes saved this step, any of
+        their states continues the same global batch sequence on this process count.
+        """
         model_state, opt_state = nnx.state(model, nnx.Param), nnx.state(optimizer)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(_abstract(model_state)),
-                optimizer=ocp.args.StandardRestore(_abstract(opt_state)),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
-                meta=ocp.args.JsonRestore(),
-            ),
+        data_dir = self.directory / str(step) / "data"
+        own = (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists()
+        items = dict(
+            model=ocp.args.StandardRestore(_abstract(model_state)),
+            optimizer=ocp.args.StandardRestore(_abstract(opt_state)),
+            meta=ocp.args.JsonRestore(),
         )
+        if own:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if not own:
+            saved = sorted(data_dir.glob("process_*-of-*.json"))
+            if not saved:
+                raise FileNotFoundError(f"{data_dir} holds no data-iterator state")
+            data_iter.set_state(json.loads(saved[0].read_text()))
         nnx.update(model, restored["model"])
         nnx.update(optimizer, restored["optimizer"])
         return restored["meta"]
@@ -111,6 +125,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def has_checkpoints(directory) -> bool:
+    """Whether a finished step folder exists (without creating anything, unlike a manager)."""
+    path = epath.Path(str(directory))
+    return path.exists() and any(p.name.isdigit() for p in path.iterdir())
 
 
 def _first_line(e: Exception) -> str:

@@ -20,7 +20,7 @@ from lm.errors import UserError
 from lm.model import Transformer
 from lm.recipe import SAFE_TO_CHANGE, Recipe, diff_recipes
 from lm.sampling import Sampling
-from lm.train.checkpoint import Checkpointer
+from lm.train.checkpoint import Checkpointer, has_checkpoints
 from lm.train.faults import NonFiniteGuard, Preemption
 from lm.train.metrics import MetricsLog, peak_tflops_per_device
 from lm.train.optimizer import learning_rate, make_optimizer
@@ -39,7 +39,7 @@ def say(*args) -> None:
 def check_resumable(run_dir: pathlib.Path, recipe: Recipe) -> None:
     """A run directory with checkpoints continues only a compatible recipe; safe changes are reported."""
     path = run_dir / "recipe.json"
-    if not path.exists() or not any((run_dir / "checkpoints").glob("[0-9]*")):
+    if not path.exists() or not has_checkpoints(checkpoint_dir(recipe, run_dir)):
         return  # nothing saved yet: this is a fresh start, whatever an earlier failed attempt wrote
     saved = Recipe.from_dict(json.loads(path.read_text()))
     safe, conflicts = diff_recipes(saved, recipe)
@@ -50,6 +50,10 @@ def check_resumable(run_dir: pathlib.Path, recipe: Recipe) -> None:
         )
     if safe:
         say(f"resuming with changed settings: {'; '.join(safe)}")
+
+
+def checkpoint_dir(recipe: Recipe, run_dir: pathlib.Path):
+    return recipe.checkpoint.dir or run_dir / "checkpoints"
 
 
 def write_run_files(run_dir: pathlib.Path, recipe: Recipe, tokenizer: Tokenizer) -> None:
@@ -114,9 +118,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     recipe = resolve_batch_size(recipe, mesh)
     t, m = recipe.train, recipe.model
     check_resumable(run_dir, recipe)
-    dims = m.logical_dims()
-    dims["batch"] = (t.batch_size // t.grad_accum, "train.batch_size/train.grad_accum")
-    check_divisible({k: v[0] for k, v in dims.items()}, mesh, rules, {k: v[1] for k, v in dims.items()})
+    check_divisible(recipe.logical_dims(), mesh, rules)
     data_dir, tokenizer = prepare_data(recipe, run_dir)
 
     pid, nproc = jax.process_index(), jax.process_count()
@@ -149,7 +151,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
             ]
             if changed:
                 raise UserError(
-                    f"checkpoint {step} in {run_dir / 'checkpoints'} belongs to another model ({'; '.join(changed)}); "
+                    f"checkpoint {step} in {ckpt.directory} belongs to another model ({'; '.join(changed)}); "
                     "use a new --run-dir"
                 )
             if meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
@@ -158,10 +160,10 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
                     "use the run's own data (data.dir) or a new --run-dir"
                 )
 
-        ckpt = Checkpointer(run_dir / "checkpoints", recipe.checkpoint)
+        ckpt = Checkpointer(checkpoint_dir(recipe, run_dir), recipe.checkpoint)
         start = ckpt.restore_latest(model, optimizer, train_iter, check_meta=same_run)
         if start:
-            say(f"resumed from {run_dir / 'checkpoints'} at step {start}")
+            say(f"resumed from {ckpt.directory} at step {start}")
         write_run_files(run_dir, recipe, tokenizer)
         meta = {
             "recipe": recipe.to_dict(),
@@ -217,6 +219,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
         "start_step": start,
         "params": int(n_params),
         "preempted": preempted,
+        "process": jax.process_index(),
     }
 
 

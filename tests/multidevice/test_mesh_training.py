@@ -117,9 +117,8 @@ def test_grad_accumulation_equals_one_big_batch(k):
 def test_indivisible_mesh_is_a_clear_error_before_compile():
     cfg = dataclasses.replace(CFG, n_kv_heads=2)
     mesh = mesh_of((1, 2, 4))
-    dims = cfg.logical_dims()
     with pytest.raises(UserError, match=r"model.n_kv_heads=2 is not divisible by mesh.tensor=4"):
-        check_divisible({k: v[0] for k, v in dims.items()}, mesh, RULES, {k: v[1] for k, v in dims.items()})
+        check_divisible(cfg.logical_dims(), mesh, RULES)
     with pytest.raises(UserError, match="devices"):
         make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
     with pytest.raises(UserError, match="at most one"):
