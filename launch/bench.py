@@ -7,6 +7,7 @@ import datetime
 import json
 import pathlib
 import platform
+import subprocess
 import sys
 
 from launch.cli import ArgumentParser, main_guard
@@ -87,6 +88,7 @@ def main(argv=None):
             "memory": benchmark.bench_memory,
         }[args.mode](recipe)
     device = jax.devices()[0]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
         "mode": args.mode,
         "recipe": recipe.name,
@@ -97,6 +99,7 @@ def main(argv=None):
         "jax": jax.__version__,
         "flax": flax.__version__,
         "python": platform.python_version(),
+        "commit": commit or "unknown",
         **result,
     }
     pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,8 @@ def main(argv=None):
         with TABLE.open("a") as f:
             f.write(
                 f"| {result['date']} | {args.mode} | {result['device']} | jax {jax.__version__}, flax "
-                f"{flax.__version__} | `{command.replace('|', '/')}` | {line.replace('|', '/')} |\n"
+                f"{flax.__version__}, commit {result['commit']} | `{command.replace('|', '/')}` | "
+                f"{line.replace('|', '/')} |\n"
             )
 
 

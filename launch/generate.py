@@ -38,6 +38,11 @@ def parse(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not (args.prompt or args.prompts_file or args.interactive):
         p.error("give --prompt, --prompts-file or --interactive")
+    if args.batch_size < 1:
+        p.error(f"--batch-size={args.batch_size} must be at least 1")
+    if any(not s for s in args.stop):
+        p.error("--stop takes a non-empty string")
+    args.stop = [unescape(s) for s in args.stop]
     return args
 
 
@@ -48,9 +53,25 @@ def read_prompts(path: str) -> list[str]:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as e:
         raise UserError(f"cannot read --prompts-file {path}: {e.strerror}") from None
-    if path.endswith(".jsonl"):
-        return [json.loads(line)["prompt"] for line in lines if line.strip()]
-    return [line.replace("\\n", "\n") for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not path.endswith(".jsonl"):
+            prompts.append(unescape(line))
+            continue
+        try:
+            prompts.append(json.loads(line)["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path}:{number} is not a JSON object with a 'prompt' field") from None
+    if not prompts:
+        raise UserError(f"--prompts-file {path} holds no prompts")
+    return prompts
+
+
+def unescape(text: str) -> str:
+    """'\\n' and '\\t' typed on a command line or in a prompts file mean a newline and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 @main_guard

@@ -174,8 +174,9 @@ class Cluster:
     def on_signal(self, signum, frame) -> None:
         self.signalled += 1
         if self.signalled == 1:
-            self.say(f"{signal.Signals(signum).name}: passing it on to every process")
-            self.stop(signum)
+            # Ctrl-C becomes SIGTERM: the children treat it as preemption (checkpoint, then exit 0).
+            self.say(f"{signal.Signals(signum).name}: sending SIGTERM to every process")
+            self.stop(signal.SIGTERM)
             self.stop_deadline = time.monotonic() + self.args.grace  # time to save a checkpoint
         else:
             self.stop(signal.SIGKILL)

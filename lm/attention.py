@@ -67,7 +67,7 @@ def kernel_init(cfg: ModelConfig, residual: bool = False):
 
 class Attention(nnx.MultiHeadAttention):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        hd, dtype, param_dtype = cfg.dim_per_head, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        hd, dtype, param_dtype = cfg.dim_per_head, cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
         super().__init__(
             num_heads=cfg.n_heads,
             num_kv_heads=cfg.n_kv_heads,
@@ -147,7 +147,7 @@ class Attention(nnx.MultiHeadAttention):
             if x.shape[1] != 1:
                 raise ValueError(f"decode mode takes one token per row, got length {x.shape[1]}")
             rows, at = jnp.arange(x.shape[0]), positions[:, 0]
-            # Out-of-range positions would be clamped by XLA; the decode loop checks bounds beforehand.
+            # A position past the cache would be silently dropped; the decode loop checks lengths first.
             self.cached_key[...] = self.cached_key[...].at[rows, at].set(k[:, 0].astype(self.cached_key.dtype))
             self.cached_value[...] = self.cached_value[...].at[rows, at].set(v[:, 0].astype(self.cached_value.dtype))
             k, v = self.cached_key[...].astype(q.dtype), self.cached_value[...].astype(q.dtype)

@@ -31,7 +31,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     # Execution options: they change speed and memory, never the numbers.
-    dtype: str = "float32"  # compute dtype of activations and matmuls
+    dtype: str = "auto"  # compute dtype of activations and matmuls; auto: bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
@@ -51,6 +51,11 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 "change one of them or set model.head_dim"
             )
+        if self.attention_impl == "cudnn" and self.dtype == "float32":
+            raise UserError(
+                "model.attention_impl=cudnn needs model.dtype=bfloat16 (or auto on a GPU); cuDNN flash "
+                "attention has no float32 kernel"
+            )
         if self.positions == "rope" and self.dim_per_head % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
         for name, allowed in (
@@ -59,11 +64,21 @@ class ModelConfig:
             ("positions", ("rope", "learned")),
             ("remat", ("none", "full", "dots", "dots_no_batch")),
             ("attention_impl", ("xla", "cudnn", "splash")),
-            ("dtype", ("float32", "bfloat16", "float16")),
+            ("dtype", ("auto", "float32", "bfloat16", "float16")),
             ("param_dtype", ("float32", "bfloat16")),
         ):
             if getattr(self, name) not in allowed:
                 raise UserError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+
+    @property
+    def compute_dtype(self):
+        """The dtype matmuls run in; parameters stay in param_dtype and logits in float32."""
+        import jax
+        import jax.numpy as jnp
+
+        if self.dtype == "auto":
+            return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else jnp.float32
+        return jnp.dtype(self.dtype)
 
     @property
     def dim_per_head(self) -> int:

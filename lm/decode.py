@@ -123,12 +123,12 @@ def check_lengths(prompt_lengths: Sequence[int], max_new_tokens: int, max_seq_le
     if not prompt_lengths or min(prompt_lengths) == 0:
         raise UserError("empty prompt: give at least one token of text (an empty string encodes to nothing)")
     if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens={max_new_tokens} must be positive")
+        raise UserError(f"max new tokens ({max_new_tokens}) must be positive")
     longest = max(prompt_lengths)
     if longest + max_new_tokens > max_seq_len:
         raise UserError(
-            f"prompt ({longest} tokens) + --max-new-tokens ({max_new_tokens}) = {longest + max_new_tokens} exceeds "
-            f"the model's context of {max_seq_len} tokens; shorten the prompt or lower --max-new-tokens"
+            f"prompt ({longest} tokens) + new tokens ({max_new_tokens}) = {longest + max_new_tokens} exceeds "
+            f"the model's context of {max_seq_len} tokens; shorten the prompt or generate fewer tokens"
         )
 
 
@@ -177,7 +177,7 @@ def generate(
     }
     if use_cache:
         clone = nnx.merge(graphdef, params)
-        clone.init_cache(batch, cache_len, cache_dtype or jnp.dtype(cfg.dtype))
+        clone.init_cache(batch, cache_len, cache_dtype or cfg.compute_dtype)
         dgraph, _, cache = nnx.split(clone, nnx.Param, nnx.Cache)
         cache = place(cache)  # under a mesh: kv heads split like the parameters
         cache, first = _prefill(dgraph, params, cache, jnp.asarray(tokens), lengths_arr, key, seen, sampling=sampling)
@@ -265,6 +265,8 @@ def complete(
             text, _ = cut(text_of(produced[0]))
             # Hold back a tail that could still grow into a stop string.
             safe = len(text) if stopped[0] else max(shown[0], len(text) - max((len(s) for s in stop), default=0))
+            while safe > shown[0] and text[safe - 1] == "\ufffd":  # a UTF-8 character still arriving byte by byte
+                safe -= 1
             stream(text[shown[0] : safe])
             shown[0] = safe
         return np.array(stopped) if stop else None

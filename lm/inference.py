@@ -27,7 +27,12 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1):
     """
     folder, step, run = find_checkpoint(run_dir, checkpoint)
     ckpt = Checkpointer(folder, CheckpointConfig(async_save=False))
-    meta = ckpt.meta(step)
+    try:
+        meta = ckpt.meta(step)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign folder
+        raise UserError(
+            f"checkpoint {step} in {folder} is unreadable ({type(e).__name__}); pass an earlier one with --checkpoint"
+        ) from None
     # The checkpoint carries its recipe and tokenizer; the run folder's copies are the fallback.
     recipe = (
         Recipe.from_dict(meta["recipe"])
@@ -60,7 +65,7 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1):
         model = create_sharded(lambda: Transformer(recipe.model, rngs=nnx.Rngs(0)), mesh_, rules)
         try:
             ckpt.restore_params(step, model)
-        except (ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - shape mismatch, missing or truncated arrays
             raise UserError(
                 f"checkpoint {folder / str(step)} does not match the model in {run / 'recipe.json'}: "
                 f"{str(e).splitlines()[0][:200]}"

@@ -12,7 +12,7 @@ from sharding.rules import logical_constraint
 def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     common = dict(
         epsilon=cfg.norm_eps,
-        dtype=jnp.dtype(cfg.dtype),
+        dtype=cfg.compute_dtype,
         param_dtype=jnp.dtype(cfg.param_dtype),
         rngs=rngs,
         scale_metadata={"out_sharding": ("norm",)},
@@ -31,7 +31,7 @@ class MLP(nnx.Module):
                 d_in,
                 d_out,
                 use_bias=cfg.mlp_bias,
-                dtype=jnp.dtype(cfg.dtype),
+                dtype=cfg.compute_dtype,
                 param_dtype=jnp.dtype(cfg.param_dtype),
                 kernel_init=kernel_init(cfg, residual),
                 rngs=rngs,

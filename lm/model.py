@@ -26,7 +26,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         embed_init = nnx.initializers.normal(cfg.init_std)
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dtype, param_dtype = cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
         self.embed = nnx.Embed(
             cfg.vocab_size,
             cfg.d_model,
@@ -73,7 +73,10 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, positions, segment_ids=None, *, mode: Mode = "train") -> jax.Array:
         """tokens, positions, segment_ids: int [batch, length]. Returns float32 logits [batch, length, vocab]."""
-        x = self.embed(tokens)
+        # FSDP gathers the table's width before the lookup (as it does for every weight), so the
+        # result comes out split by batch rather than by width; vocab stays split over tensor.
+        table = logical_constraint(self.embed.embedding[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(self.embed.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = logical_constraint(x, ("batch", "length", "embed"))

@@ -100,9 +100,41 @@ class Recipe:
                 f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower train.seq_len or raise model.max_seq_len"
             )
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every"):
-            if getattr(t, name) <= 0:
-                raise UserError(f"train.{name}={getattr(t, name)} must be positive")
+        positive = [
+            ("train", n)
+            for n in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches")
+        ]
+        positive += [("checkpoint", "every"), ("checkpoint", "keep"), ("mesh", "dcn_data"), ("mesh", "dcn_fsdp")]
+        for section, name in positive:
+            value = getattr(getattr(self, section), name)
+            if value <= 0:
+                raise UserError(f"{section}.{name}={value} must be positive")
+        if self.checkpoint.keep_period is not None and self.checkpoint.keep_period <= 0:
+            raise UserError(f"checkpoint.keep_period={self.checkpoint.keep_period} must be positive or none")
+        if t.per_device_batch_size < 0 or t.max_bad_steps < 0:
+            raise UserError("train.per_device_batch_size and train.max_bad_steps must be >= 0")
+        self._check_rules()
+        m = self.model
+        if m.attention_impl == "splash" and t.seq_len > 512 and t.seq_len % 512:
+            raise UserError(f"model.attention_impl=splash needs train.seq_len={t.seq_len} to be a multiple of 512")
+
+    def _check_rules(self):
+        from sharding.mesh import AXES
+        from sharding.rules import DEFAULT_RULES
+
+        names = {n for n, _ in DEFAULT_RULES}
+        for rule in self.mesh.rules:
+            if not isinstance(rule, tuple) or len(rule) != 2:
+                raise UserError(
+                    f'mesh.rules entries are [logical_name, mesh_axes] pairs, got {rule!r}; e.g. [["vocab", null]]'
+                )
+            name, axes = rule
+            axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            if name not in names:
+                raise UserError(f"mesh.rules names unknown logical axis {name!r}; known: {sorted(names)}")
+            bad = [a for a in axes_t if a not in AXES]
+            if bad:
+                raise UserError(f"mesh.rules maps {name!r} to unknown mesh axes {bad}; mesh axes are {list(AXES)}")
 
     def logical_dims(self) -> dict[str, tuple[int, str]]:
         """The model's shardable sizes plus the (micro)batch, for sharding.partition.check_divisible."""

@@ -42,7 +42,7 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     logits = logits / s.temperature
     neg = jnp.finfo(logits.dtype).min
     if s.top_k > 0:
-        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+        kth = jax.lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, neg, logits)
     if s.min_p > 0:
         probs = jax.nn.softmax(logits, axis=-1)

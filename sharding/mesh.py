@@ -61,7 +61,3 @@ def device_grid(mesh_cfg, devices: list) -> np.ndarray:
         return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
         return np.array(devices).reshape(ici)  # CPU and unusual topologies: plain order
-
-
-def mesh_shape(mesh: Mesh) -> dict[str, int]:
-    return dict(mesh.shape)

@@ -63,7 +63,14 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
 def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
     """Assemble global arrays from each process's rows (the rows are that process's slice of the
     global batch; see lm.data.pipeline)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v) for k, v in local.items()}
+    # The global shape is stated, not inferred: if the batch axes did not span every process, jax
+    # then refuses instead of silently building a smaller 'replicated' batch.
+    return {
+        k: jax.make_array_from_process_local_data(
+            batch_sharding(mesh, rules, v.ndim), v, (v.shape[0] * jax.process_count(), *v.shape[1:])
+        )
+        for k, v in local.items()
+    }
 
 
 def place(state):

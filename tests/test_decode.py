@@ -87,11 +87,19 @@ def test_sampling_filters_keep_only_allowed_tokens():
     assert abs(frac - 0.5) < 0.05
 
 
-def test_eos_stops_a_row(model, prompts):
+def test_eos_stops_each_row_at_its_own_step(model, prompts):
     free = generate(model, prompts, max_new_tokens=16).tokens
     eos = free[1][5]  # pretend the 6th token of row 1 is EOS
     out = generate(model, prompts, max_new_tokens=16, eos_id=eos).tokens
-    assert out[1] == free[1][: free[1].index(eos) + 1]
+    for row_free, row_out in zip(free, out):  # every row ends at its own first EOS, or runs to the end
+        assert row_out == (row_free[: row_free.index(eos) + 1] if eos in row_free else row_free)
+
+
+def test_eos_as_the_first_token_and_a_single_new_token(model, prompts):
+    free = generate(model, prompts, max_new_tokens=16).tokens
+    first = generate(model, prompts, max_new_tokens=16, eos_id=free[0][0]).tokens
+    assert first[0] == [free[0][0]]  # row 0 is done after prefill; the others go on
+    assert generate(model, prompts, max_new_tokens=1).tokens == [row[:1] for row in free]
 
 
 def test_stop_strings_cut_the_output(model):
@@ -107,7 +115,7 @@ def test_stop_strings_cut_the_output(model):
 
 
 def test_context_overflow_and_empty_prompt_are_user_errors(model):
-    with pytest.raises(UserError, match=r"prompt \(100 tokens\) \+ --max-new-tokens \(40\) = 140 exceeds .* 128"):
+    with pytest.raises(UserError, match=r"prompt \(100 tokens\) \+ new tokens \(40\) = 140 exceeds .* 128"):
         generate(model, [[5] * 100], max_new_tokens=40)
     with pytest.raises(UserError, match="empty prompt"):
         generate(model, [[]], max_new_tokens=4)

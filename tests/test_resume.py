@@ -72,10 +72,15 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(tiny_corpus, tmp_pat
         (p for p in (run_dir / "checkpoints" / "8").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
     )
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
-    out = run_cli(*tiny_train_args(tiny_corpus, run_dir, *LONG, "train.steps=10"))
+    out = run_cli(*tiny_train_args(tiny_corpus, run_dir, *LONG, "train.steps=8"))  # retrain up to the bad step
     assert out.returncode == 0, out.stderr[-3000:]
     assert "checkpoint 8 is unreadable" in out.stderr
     assert "at step 4" in out.stdout + out.stderr
+    assert (run_dir / "checkpoints" / "8").is_dir(), "step 8 is saved again"
+    assert any(p.name.startswith("8.unreadable") for p in (run_dir / "checkpoints").iterdir())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, 9)), "metrics.jsonl has one training row per step after the resume"
 
 
 def test_non_finite_step_stops_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path):

@@ -11,12 +11,14 @@ import errno
 import json
 import logging
 import pathlib
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from lm.errors import UserError
 from lm.recipe import CheckpointConfig
@@ -68,16 +70,15 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 meta = self.meta(step)
-            except Exception as e:  # noqa: BLE001 - any read failure means 'unreadable'
-                log.warning("checkpoint %s is unreadable (%s); trying the previous one", step, _first_line(e))
-                continue
-            if check_meta is not None:
-                check_meta(step, meta)
-            try:
+                if check_meta is not None:
+                    check_meta(step, meta)
                 self.restore(step, model, optimizer, data_iter)
                 return step
-            except Exception as e:  # noqa: BLE001
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means 'unreadable'
                 log.warning("checkpoint %s is unreadable (%s); trying the previous one", step, _first_line(e))
+                self._set_aside(step)
         if steps:
             raise UserError(
                 f"no readable checkpoint in {self.directory} (steps {steps} all failed to load); "
@@ -111,6 +112,16 @@ class Checkpointer:
         nnx.update(model, restored["model"])
         nnx.update(optimizer, restored["optimizer"])
         return restored["meta"]
+
+    def _set_aside(self, step: int) -> None:
+        """Rename an unreadable step folder so that orbax stops counting it (a later save of that
+        step would otherwise be refused as already existing). Nothing is deleted."""
+        if jax.process_index() == 0:
+            folder = self.directory / str(step)
+            folder.rename(self.directory / f"{step}.unreadable-{int(time.time())}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
+        self.manager.reload()
 
     def restore_params(self, step: int, model) -> None:
         """Load only the parameters (generation and export need nothing else)."""
@@ -166,12 +177,21 @@ def find_checkpoint(run_dir=None, checkpoint=None) -> tuple[pathlib.Path, int, p
             return path.parent, int(path.name), path.parent.parent
         run_dir = path.parent if path.name == "checkpoints" else path
     path = pathlib.Path(run_dir).absolute()
-    folder = path / "checkpoints"
-    if not (path / "recipe.json").is_file() or not folder.is_dir():
+    if not (path / "recipe.json").is_file():
         raise UserError(
-            f"{run_dir} is not a run directory (no recipe.json and checkpoints/); "
-            "pass the --run-dir that launch.train wrote"
+            f"{run_dir} is not a run directory (no recipe.json); pass the --run-dir that launch.train wrote"
         )
+    try:
+        configured = json.loads((path / "recipe.json").read_text()).get("checkpoint", {}).get("dir")
+    except json.JSONDecodeError:
+        raise UserError(f"{path / 'recipe.json'} is not valid JSON; restore it from a checkpoint's meta") from None
+    folder = (
+        epath.Path(configured)
+        if configured and "://" in configured
+        else pathlib.Path(configured or path / "checkpoints")
+    )
+    if not folder.is_dir():
+        raise UserError(f"{run_dir} has no checkpoints folder ({folder}); train it for at least checkpoint.every steps")
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
     if not steps:
         raise UserError(f"{folder} holds no finished checkpoint; train longer than checkpoint.every steps")

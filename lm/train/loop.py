@@ -4,6 +4,7 @@ import base64
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -59,7 +60,9 @@ def checkpoint_dir(recipe: Recipe, run_dir: pathlib.Path):
 def write_run_files(run_dir: pathlib.Path, recipe: Recipe, tokenizer: Tokenizer) -> None:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+        tmp = run_dir / "recipe.json.tmp"
+        tmp.write_text(json.dumps(recipe.to_dict(), indent=2))
+        os.replace(tmp, run_dir / "recipe.json")  # a kill mid-write never leaves a truncated recipe
         if tokenizer.path.resolve() != (run_dir / "tokenizer.model").resolve():
             shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
 
@@ -75,6 +78,11 @@ def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, T
     inputs = list(recipe.data.inputs) or None
     # A prepared folder named by data.dir (e.g. from launch.prepare) is used as it is; the run's own
     # data/ folder is (re)prepared whenever its inputs or settings change.
+    if recipe.data.dir and not recipe.data.inputs and not (data_dir / "meta.json").exists():
+        raise UserError(
+            f"data.dir={recipe.data.dir} holds no prepared data (no meta.json); run launch.prepare --out "
+            f"{recipe.data.dir} first, or set data.inputs to prepare it here"
+        )
     if not (recipe.data.dir and (data_dir / "meta.json").exists()):
         # Process 0 prepares; the others then find the finished files and reuse them.
         if jax.process_index() == 0:
@@ -174,6 +182,12 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
         log = MetricsLog(
             run_dir, recipe.to_dict(), wandb_mode=recipe.logging.wandb, project=recipe.logging.project, enabled=pid == 0
         )
+        log.truncate_after(start)  # one row per step, even after a crash between checkpoints
+        if start >= t.steps:
+            say(
+                f"the checkpoint is at step {start} and train.steps={t.steps}: nothing to train; raise train.steps "
+                "to continue (the cosine schedule then stretches to the new total)"
+            )
         preemption, guard = Preemption(), NonFiniteGuard(t.max_bad_steps)
         try:
             last, initial_eval, preempted = _loop(
@@ -199,9 +213,9 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
             say(f"skipped {len(guard.skipped)} non-finite step(s): {guard.skipped}")
 
         sample = ""
-        if t.sample_tokens > 0 and t.sample_prompt and preempted is None:
-            prompt = tokenizer.encode(t.sample_prompt)
-            n = min(t.sample_tokens, m.max_seq_len - len(prompt))
+        prompt = tokenizer.encode(t.sample_prompt)
+        n = min(t.sample_tokens, m.max_seq_len - len(prompt))  # a prompt near the context length gets fewer
+        if preempted is None and prompt and n > 0:
             out = generate(
                 model,
                 [prompt],

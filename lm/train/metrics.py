@@ -67,6 +67,15 @@ class MetricsLog:
                 settings=wandb.Settings(silent=True, console="off"),
             )
 
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint: those steps are about to be redone."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+
     def write(self, row: dict) -> None:
         if not self.enabled:
             return

@@ -119,6 +119,18 @@ def test_indivisible_mesh_is_a_clear_error_before_compile():
     mesh = mesh_of((1, 2, 4))
     with pytest.raises(UserError, match=r"model.n_kv_heads=2 is not divisible by mesh.tensor=4"):
         check_divisible(cfg.logical_dims(), mesh, RULES)
+    for field, value, message in [
+        ("vocab_size", 250, r"model.vocab_size=250 is not divisible by mesh.tensor=4"),
+        ("d_ff", 126, r"model.d_ff=126 is not divisible by mesh.tensor=4"),
+        ("d_model", 63, r"model.d_model=63 is not divisible by mesh.fsdp=2"),
+    ]:
+        bad = dataclasses.replace(CFG, n_heads=4, n_kv_heads=4, **{field: value}) if field != "d_model" else \
+            dataclasses.replace(CFG, n_heads=1, n_kv_heads=1, d_model=63, head_dim=64)
+        with pytest.raises(UserError, match=message):
+            check_divisible(bad.logical_dims(), mesh, RULES)
+    batch = {"batch": (6, "train.batch_size/grad_accum")}
+    with pytest.raises(UserError, match=r"train.batch_size/grad_accum=6 is not divisible by mesh.data\*mesh.fsdp=4"):
+        check_divisible(batch, mesh_of((2, 2, 2)), RULES)
     with pytest.raises(UserError, match="devices"):
         make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
     with pytest.raises(UserError, match="at most one"):
