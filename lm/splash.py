@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from sharding.rules import current_rules, logical_to_spec
+from sharding.rules import map_over_shards
 
 
 def _kernel_call(q, k, v, segment_ids, *, block: int, interpret: bool):
@@ -38,9 +38,6 @@ def splash_attention(q, k, v, segment_ids):
     if length % block:
         raise ValueError(f"splash attention needs the sequence length ({length}) to be a multiple of {block}")
     call = functools.partial(_kernel_call, block=block, interpret=jax.devices()[0].platform != "tpu")
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and current_rules():
-        qkv = logical_to_spec(("batch", "heads", "length", "head_dim"), shape=q.shape, mesh=mesh)
-        seg = logical_to_spec(("batch", "length"), shape=segment_ids.shape, mesh=mesh)
-        call = jax.shard_map(call, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv, check_vma=False)
-    return call(q, k, v, segment_ids.astype(jnp.int32)).transpose(0, 2, 1, 3)
+    qkv = ("batch", "heads", "length", "head_dim")
+    out = map_over_shards(call, (q, k, v, segment_ids.astype(jnp.int32)), (qkv, qkv, qkv, ("batch", "length")), qkv)
+    return out.transpose(0, 2, 1, 3)

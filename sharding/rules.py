@@ -76,3 +76,15 @@ def logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 __all__ = ["DEFAULT_RULES", "logical_rules", "logical_to_spec", "logical_constraint", "current_rules"]
+
+
+def map_over_shards(fn, args, in_names, out_names):
+    """Call fn on each device's shard of args (laid out by logical names) when a mesh and rules are
+    active, as Pallas kernels require; call it on the whole arrays otherwise. The output has the
+    first argument's shape."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not current_rules():
+        return fn(*args)
+    in_specs = tuple(logical_to_spec(n, shape=a.shape, mesh=mesh) for n, a in zip(in_names, args, strict=True))
+    out_spec = logical_to_spec(out_names, shape=args[0].shape, mesh=mesh)
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
