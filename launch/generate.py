@@ -143,7 +143,7 @@ def main(argv=None):
         print()
     print(
         f"[prefill {rows[-1]['prefill_tokens_per_s']:,.0f} tokens/s, decode {rows[-1]['decode_tokens_per_s']:,.0f} "
-        f"tokens/s, kv-cache {args.kv_cache}]",
+        f"tokens/s, kv-cache {args.kv_cache}; the first batch includes compilation, see launch.bench decode]",
         file=sys.stderr,
     )
     if args.output:
