@@ -8,6 +8,15 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def final_params(run_dir: pathlib.Path, step: int) -> list:
+    """The parameter arrays of a run's checkpoint, read straight from disk (no model needed)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        return jax.tree.leaves(checkpointer.restore(run_dir / "checkpoints" / str(step) / "model"))
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, stdin: str | None = None):
     """Run `python -m <args>` from the repo root, as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -7,8 +7,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
-from helpers import ROOT, run_cli, tiny_train_args
+from helpers import ROOT, final_params, run_cli, tiny_train_args
 
 from lm.errors import UserError
 from lm.train.checkpoint import _disk_errors
@@ -63,6 +64,8 @@ def test_sigterm_saves_exits_zero_and_resumes_bitwise(tiny_corpus, tmp_path, str
     assert f"resumed from {run_dir / 'checkpoints'} at step {stopped}" in out.stdout + out.stderr
     a, b = losses(straight), losses(run_dir)
     assert all(b[s] == a[s] for s in range(1, 25)), "resumed losses differ from the uninterrupted run"
+    for x, y in zip(final_params(straight, 24), final_params(run_dir, 24), strict=True):
+        np.testing.assert_array_equal(x, y)  # bit for bit
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_previous(tiny_corpus, tmp_path, straight):

@@ -6,8 +6,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
-from helpers import ROOT, run_cli, tiny_train_args
+from helpers import ROOT, final_params, run_cli, tiny_train_args
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +64,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_corpus, tmp_path):
     a, b = metrics(straight), metrics(killed)
     for step in range(6, 31):  # every step after the first checkpoint, as recomputed after the restart
         assert b[step]["loss"] == a[step]["loss"], step
+    for x, y in zip(final_params(straight, 30), final_params(killed, 30), strict=True):
+        np.testing.assert_array_equal(x, y)  # bit for bit
 
 
 def _write_empty_corpus(tmp_path):

@@ -124,8 +124,11 @@ def test_indivisible_mesh_is_a_clear_error_before_compile():
         ("d_ff", 126, r"model.d_ff=126 is not divisible by mesh.tensor=4"),
         ("d_model", 63, r"model.d_model=63 is not divisible by mesh.fsdp=2"),
     ]:
-        bad = dataclasses.replace(CFG, n_heads=4, n_kv_heads=4, **{field: value}) if field != "d_model" else \
-            dataclasses.replace(CFG, n_heads=1, n_kv_heads=1, d_model=63, head_dim=64)
+        bad = (
+            dataclasses.replace(CFG, n_heads=4, n_kv_heads=4, **{field: value})
+            if field != "d_model"
+            else dataclasses.replace(CFG, n_heads=1, n_kv_heads=1, d_model=63, head_dim=64)
+        )
         with pytest.raises(UserError, match=message):
             check_divisible(bad.logical_dims(), mesh, RULES)
     batch = {"batch": (6, "train.batch_size/grad_accum")}
