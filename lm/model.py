@@ -86,7 +86,9 @@ class Transformer(nnx.Module):
 
         if self.cfg.remat != "none":
             layer = nnx.remat(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        if self.cfg.scan_layers:
+        if self.cfg.scan_layers and mode == "decode":
+            x = self._decode_scan(x, layer)
+        elif self.cfg.scan_layers:
             x = nnx.scan(layer, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=LAYERS)(self.blocks, x)
         else:
             for block in self.blocks:
@@ -98,6 +100,28 @@ class Transformer(nnx.Module):
         head = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         return logical_constraint(logits, ("batch", "length", "vocab"))
+
+    def _decode_scan(self, x, layer):
+        """One decode step through the stacked layers with the KV cache in the scan's carry.
+
+        Scanned as input and output (nnx.scan's default), the whole cache would be copied once per
+        generated token; as a carry, each layer's slice is updated in place.
+        """
+        graphdef, params, cache, rest = nnx.split(self.blocks, nnx.Param, nnx.Cache, ...)
+
+        def body(carry, layer_state):
+            x, cache, i = carry
+            mine = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, i, keepdims=False), cache)
+            block = nnx.merge(graphdef, layer_state[0], mine, layer_state[1])
+            x = layer(block, x)
+            cache = jax.tree.map(
+                lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, i, 0), cache, nnx.state(block, nnx.Cache)
+            )
+            return (x, cache, i + 1), None
+
+        (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), (params, rest))
+        nnx.update(self.blocks, cache)
+        return x
 
     def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
         """Allocate every layer's KV cache: [layers, batch, max_length, kv_heads, head_dim] when scanned."""
