@@ -1,11 +1,18 @@
 """Helpers shared by test modules (importable from tests/ and tests/multidevice/)."""
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def losses(run_dir: pathlib.Path) -> dict[int, float]:
+    """The training loss of each logged step in a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
 def final_params(run_dir: pathlib.Path, step: int) -> list:

@@ -13,19 +13,13 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_cli, tiny_train_args
+from helpers import ROOT, losses, run_cli, tiny_train_args
 
 from launch.distributed import Launch, detect
 from lm.errors import UserError
 
 # The same mesh, (data, fsdp, tensor) = (1, 4, 2), over 1 process x 8 devices and 2 processes x 4.
 SETS = ("mesh.fsdp=4", "mesh.tensor=2", "train.log_every=1", "train.eval_every=100", "train.sample_tokens=0")
-
-
-def losses(run_dir) -> dict[int, float]:
-    """Per step, the last logged training loss (a resumed run logs some steps twice)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
 def cluster(processes: int, devices: int, *command: str, timeout: int = 60, grace: float = 30) -> list[str]:

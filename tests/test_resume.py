@@ -9,19 +9,13 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, final_params, run_cli, tiny_train_args
+from helpers import ROOT, final_params, losses, run_cli, tiny_train_args
 
 from lm.errors import UserError
 from lm.train.checkpoint import _disk_errors
 
 pytestmark = pytest.mark.slow
 LONG = ("train.steps=24", "checkpoint.every=4", "train.log_every=1", "train.eval_every=100")
-
-
-def losses(run_dir):
-    """Last logged loss per step (a resumed run may log a step twice)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def snapshot(folder):
