@@ -5,6 +5,7 @@ import difflib
 import importlib
 import importlib.util
 import json
+import math
 import pathlib
 import types
 import typing
@@ -12,6 +13,16 @@ from typing import Any, Literal
 
 from lm.config import ModelConfig
 from lm.errors import UserError
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(key: str, value, ok: bool, how: str) -> None:
+    """The one-line range error every recipe value gets: the key, the value, what it must be."""
+    if not ok:
+        raise UserError(f"{key}={value!r} {how}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +37,22 @@ class MeshConfig:
     dcn_fsdp: int = 1
     rules: tuple[tuple[str, Any], ...] = ()  # overrides of sharding.rules.DEFAULT_RULES
 
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            _check(
+                f"mesh.{name}",
+                getattr(self, name),
+                getattr(self, name) == -1 or getattr(self, name) >= 1,
+                "must be at least 1, or -1 for the devices left over",
+            )
+        fills = [n for n in ("data", "fsdp", "tensor") if getattr(self, n) == -1]
+        if len(fills) > 1:
+            raise UserError(
+                f"mesh.{' and mesh.'.join(fills)} are all -1; at most one axis may take the devices left over"
+            )
+        for name in ("dcn_data", "dcn_fsdp"):
+            _check(f"mesh.{name}", getattr(self, name), getattr(self, name) >= 1, "must be at least 1")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -34,6 +61,15 @@ class DataConfig:
     tokenizer: str | None = None  # an existing sentencepiece .model; None: train one
     eval_fraction: float = 0.02
     dir: str | None = None  # prepared data; None: <run_dir>/data
+
+    def __post_init__(self):
+        _check(
+            "data.eval_fraction",
+            self.eval_fraction,
+            0 < self.eval_fraction < 1,
+            "must be between 0 and 1 (exclusive), e.g. 0.02",
+        )
+        _check("data.text_field", self.text_field, bool(self.text_field), "must name a JSON field, e.g. text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +81,37 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # global-norm clipping; none turns it off
+
+    def __post_init__(self):
+        _check("optimizer.lr", self.lr, _finite(self.lr) and self.lr > 0, "must be a positive number, e.g. 3e-4")
+        _check(
+            "optimizer.min_lr_ratio",
+            self.min_lr_ratio,
+            0 <= self.min_lr_ratio <= 1,
+            "must be in [0, 1] (the final learning rate as a fraction of optimizer.lr)",
+        )
+        _check("optimizer.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "must be >= 0")
+        _check(
+            "optimizer.weight_decay",
+            self.weight_decay,
+            0 <= self.weight_decay <= 1,
+            "must be in [0, 1] (decoupled AdamW decay, e.g. 0.1)",
+        )
+        for name in ("b1", "b2"):
+            _check(
+                f"optimizer.{name}",
+                getattr(self, name),
+                0 <= getattr(self, name) < 1,
+                "must be in [0, 1), e.g. b1=0.9, b2=0.95",
+            )
+        _check("optimizer.eps", self.eps, _finite(self.eps) and self.eps > 0, "must be positive, e.g. 1e-8")
+        _check(
+            "optimizer.grad_clip",
+            self.grad_clip,
+            self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
+            "must be positive, or none to turn clipping off",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +130,16 @@ class TrainConfig:
     peak_tflops: float | None = None  # per device, for MFU; None: looked up from the device kind
     max_bad_steps: int = 0  # consecutive non-finite steps to skip (update dropped) before stopping
 
+    def __post_init__(self):
+        _check("train.seed", self.seed, self.seed >= 0, "must be >= 0")
+        _check("train.sample_tokens", self.sample_tokens, self.sample_tokens >= 0, "must be >= 0 (0: no sample)")
+        _check(
+            "train.peak_tflops",
+            self.peak_tflops,
+            self.peak_tflops is None or (_finite(self.peak_tflops) and self.peak_tflops > 0),
+            "must be positive, or none to look it up from the device",
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -73,11 +149,27 @@ class CheckpointConfig:
     keep_period: int | None = None  # also keep every N-th step for good
     async_save: bool = True
 
+    def __post_init__(self):
+        _check(
+            "checkpoint.dir",
+            self.dir,
+            self.dir is None or bool(str(self.dir).strip()),
+            "must name a folder, or none for <run_dir>/checkpoints",
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "nnx-lm"
+
+    def __post_init__(self):
+        _check(
+            "logging.wandb",
+            self.wandb,
+            self.wandb in ("offline", "online", "disabled"),
+            "must be offline, online or disabled",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +375,6 @@ SAFE_TO_CHANGE = (
     "mesh.",
     "checkpoint.",
     "logging.",
-    "data.dir",
     "name",
 )
 

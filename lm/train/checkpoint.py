@@ -3,14 +3,22 @@ and tokenizer (in `meta`, so a checkpoint folder is enough to generate from).
 
 Restores go onto the *current* model's shardings (built for the current mesh), so a checkpoint
 saved on one mesh restores onto another without a full copy on any device (flax #5110).
-Orbax writes each step into a temporary folder and renames it when complete, so an interrupted
-save never looks like a checkpoint.
+
+A step counts only once orbax has finished it: on a local disk it writes into a temporary folder
+and renames it, on gs:// it writes a commit file last. `finished_steps` asks orbax which steps are
+finished, and every reader (training, generate, convert, score) goes through it, so an interrupted
+save never looks like a checkpoint anywhere.
+
+Nothing is lost to a fault: a checkpoint is set aside (renamed, never deleted) only on positive
+evidence that it is damaged (`damage`); any other failure to restore stops the run with every step
+folder in place.
 """
 
 import errno
 import json
 import logging
 import pathlib
+import sys
 import time
 
 import grain
@@ -22,26 +30,137 @@ from jax.experimental import multihost_utils
 
 from lm.errors import UserError
 from lm.recipe import CheckpointConfig
+from lm.train.faults import agreed, first_error
 
 log = logging.getLogger(__name__)
 
+ITEMS = ("model", "optimizer", "data", "meta")  # what every step folder holds
+ARRAY_ITEMS = ("model", "optimizer")  # OCDBT array stores
+# tensorstore status codes that mean "the stored bytes are not what was written": positive evidence
+# of damage. Anything else (RESOURCE_EXHAUSTED, UNAVAILABLE, PERMISSION_DENIED, ...) is the
+# machine's or the storage's problem, not the checkpoint's.
+DAMAGE_CODES = ("OUT_OF_RANGE", "NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION")
 
-def _abstract(state):
-    """ShapeDtypeStructs carrying the live arrays' shardings: the restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+def as_path(directory):
+    """gs:// (TPU pods) goes through etils' epath, which orbax uses; local paths stay pathlib."""
+    return epath.Path(str(directory)) if "://" in str(directory) else pathlib.Path(directory).absolute()
+
+
+def finished_steps(directory) -> list[int]:
+    """The steps orbax has finished in `directory` (ascending), by orbax's own test: a renamed
+    folder locally, a commit file on gs://. Temporary, unfinished and set-aside folders do not count."""
+    path = epath.Path(str(directory))
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in ocp.utils.checkpoint_steps_paths(path) if p.name.isdigit())
+
+
+def has_checkpoints(directory) -> bool:
+    """Whether a finished step exists (without creating anything, unlike a manager)."""
+    return bool(finished_steps(directory))
+
+
+def kept_steps(directory) -> list[int]:
+    """Every step that still exists in some form: finished, or set aside as damaged (`N.damaged-*`).
+    Orbax's temporary folders of interrupted saves do not count: those steps never finished."""
+    path = epath.Path(str(directory))
+    if not path.is_dir():
+        return []
+    steps = set(finished_steps(path))
+    for p in path.iterdir():
+        head, _, rest = p.name.partition(".")
+        if head.isdigit() and rest and "orbax-checkpoint-tmp" not in rest:
+            steps.add(int(head))
+    return sorted(steps)
+
+
+def damage(step_dir) -> str | None:
+    """What is damaged in a finished step folder, or None when every file is there and readable.
+
+    Positive evidence only: a missing item or file, metadata that does not parse, or array bytes
+    that cannot be read back (a truncated or missing data file). Reading every stored chunk costs a
+    pass over the checkpoint, which is why this runs only after a restore has failed."""
+    step_dir = epath.Path(str(step_dir))
+    if not step_dir.is_dir():
+        return f"{step_dir} is missing"
+    for name in ("_CHECKPOINT_METADATA", *(f"{item}/_METADATA" for item in ARRAY_ITEMS), "meta/metadata"):
+        file = step_dir / name
+        if not file.exists():
+            return f"{name} is missing"
+        try:
+            json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return f"{name} does not parse as JSON"
+    data = step_dir / "data"
+    states = list(data.glob("process_*-of-*.json")) if data.is_dir() else []
+    if not states:
+        return "data/ holds no data-iterator state"
+    for file in states:
+        try:
+            json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return f"data/{file.name} does not parse as JSON"
+    for item in ARRAY_ITEMS:
+        found = _unreadable_arrays(step_dir / item)
+        if found:
+            return f"{item}: {found}"
+    return None
+
+
+def _unreadable_arrays(item_dir: epath.Path) -> str | None:
+    """Read every key of an item's OCDBT store; name the first that is damaged (see DAMAGE_CODES).
+    Other errors (no memory, storage unavailable) are raised: they say nothing about the files."""
+    import tensorstore as ts
+
+    if not (item_dir / "manifest.ocdbt").exists():
+        return "manifest.ocdbt is missing"
+    base = str(item_dir) if "://" in str(item_dir) else f"file://{item_dir}"
+    try:
+        store = ts.KvStore.open({"driver": "ocdbt", "base": base.rstrip("/") + "/"}).result()
+        for key in store.list().result():
+            store.read(key).result()
+    except ValueError as e:
+        code = str(e).split(":")[0].strip()
+        if code in DAMAGE_CODES:
+            return _first_line(str(e))
+        raise
+    return None
+
+
+def check_writable(directory) -> None:
+    """Create the checkpoint folder and write a probe file, so an unwritable folder (a file in the
+    way, a read-only mount, no permission) stops the run before the first step, not in orbax's
+    background thread at the first save."""
+    path = as_path(directory)
+    probe = path / f".write-probe-{jax.process_index()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("nnx-lm")
+        probe.unlink()
+    except OSError as e:
+        cause = e.strerror or type(e).__name__
+        raise UserError(
+            f"checkpoint.dir {directory} is not writable ({cause}); set checkpoint.dir to a writable folder"
+        ) from None
 
 
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
-        # gs:// (TPU pods) goes through etils' epath, which orbax uses; local paths stay pathlib.
-        self.directory = epath.Path(directory) if "://" in str(directory) else pathlib.Path(directory).absolute()
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, keep_period=cfg.keep_period, enable_async_checkpointing=cfg.async_save, create=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.saving: int | None = None  # the step whose save may still be running
+        self.failed = False  # a save failed and was reported
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def all_steps(self) -> list[int]:
+        return finished_steps(self.directory)
 
     def save(self, step: int, model, optimizer, data_iter, meta: dict, *, force: bool = False) -> bool:
         args = ocp.args.Composite(
@@ -50,41 +169,62 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave({**meta, "step": step}),
         )
-        with _disk_errors(self.directory, step):
-            return self.manager.save(step, args=args, force=force)
+        with _save_errors(self, self.saving or step):
+            saved = self.manager.save(step, args=args, force=force)
+        if saved:
+            self.saving = step
+        return saved
 
-    def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+    def check(self) -> None:
+        """Raise (as one line) an error from a save still running in the background, if it has failed."""
+        if self.saving is not None:
+            with _save_errors(self, self.saving):
+                self.manager.check_for_errors()
+
+    def wait(self) -> None:
+        with _save_errors(self, self.saving):
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
 
     def meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_latest(self, model, optimizer, data_iter, check_meta=None) -> int:
-        """Restore the newest readable checkpoint and return its step (0: none).
+        """Restore the newest finished checkpoint and return its step (0: none).
 
-        An unreadable one (a truncated file, a half-copied folder) is reported and skipped in favour
-        of the one before. `check_meta(step, meta)` may raise UserError to refuse a checkpoint that
-        belongs to another run; that is not skipped.
+        A damaged one (see `damage`) is set aside and the one before is tried. Any other failure
+        (out of memory, storage errors, a mesh that does not fit, an interruption) is a UserError
+        with every checkpoint left where it was. `check_meta(step, meta)` may raise UserError to
+        refuse a checkpoint that belongs to another run. Every process takes each decision together.
         """
-        steps = self.all_steps()
-        for step in reversed(steps):
-            try:
-                meta = self.meta(step)
+        for step in reversed(self.all_steps()):
+            meta, error = _attempt(self.meta, step)
+            if error is None:
                 if check_meta is not None:
-                    check_meta(step, meta)
-                self.restore(step, model, optimizer, data_iter)
+                    agreed(check_meta, step, meta)
+                _, error = _attempt(self.restore, step, model, optimizer, data_iter)
+            if error is None:
                 return step
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any read failure means 'unreadable'
-                log.warning("checkpoint %s is unreadable (%s); trying the previous one", step, _first_line(e))
-                self._set_aside(step)
-        if steps:
-            raise UserError(
-                f"no readable checkpoint in {self.directory} (steps {steps} all failed to load); "
-                "move the folder away to start over"
-            )
+            found = first_error(agreed(self._inspect, step, only_first=True))  # process 0 looks, all hear
+            if found is None:
+                raise UserError(
+                    f"could not restore checkpoint {step} from {self.directory} ({error}); its files are all "
+                    "present and readable, so every checkpoint was left in place: fix the cause (memory, "
+                    "storage, mesh) and rerun the same command to resume"
+                )
+            aside = self._set_aside(step)
+            log.warning("checkpoint %s is damaged (%s); set aside as %s; trying the previous one", step, found, aside)
         return 0
+
+    def _inspect(self, step: int) -> str | None:
+        try:
+            return damage(self.directory / str(step))
+        except Exception as e:  # noqa: BLE001 - could not even look: not evidence of damage
+            raise UserError(
+                f"could not restore checkpoint {step} from {self.directory}, nor read it back to check it "
+                f"({_first_line(f'{type(e).__name__}: {e}')}); every checkpoint was left in place: rerun when "
+                "the storage is reachable"
+            ) from None
 
     def restore(self, step: int, model, optimizer, data_iter) -> dict:
         """Load `step` into model, optimizer and data_iter in place; return the saved meta.
@@ -113,15 +253,16 @@ class Checkpointer:
         nnx.update(optimizer, restored["optimizer"])
         return restored["meta"]
 
-    def _set_aside(self, step: int) -> None:
-        """Rename an unreadable step folder so that orbax stops counting it (a later save of that
-        step would otherwise be refused as already existing). Nothing is deleted."""
+    def _set_aside(self, step: int) -> str:
+        """Rename a damaged step folder so that orbax stops counting it (a later save of that step
+        would otherwise be refused as already existing). Nothing is deleted."""
+        name = f"{step}.damaged-{int(time.time())}"
         if jax.process_index() == 0:
-            folder = self.directory / str(step)
-            folder.rename(self.directory / f"{step}.unreadable-{int(time.time())}")
+            (self.directory / str(step)).rename(self.directory / name)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"set_aside_{step}")
         self.manager.reload()
+        return name
 
     def restore_params(self, step: int, model) -> None:
         """Load only the parameters (generation and export need nothing else)."""
@@ -130,69 +271,136 @@ class Checkpointer:
         )
         nnx.update(model, restored["model"])
 
-    def wait(self) -> None:
-        with _disk_errors(self.directory, self.manager.latest_step()):
-            self.manager.wait_until_finished()
-
     def close(self) -> None:
-        self.manager.close()
+        """Wait for a save in flight and release orbax's threads. A save failure already reported
+        is not raised twice."""
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001
+            if not self.failed:
+                with _save_errors(self, self.saving):
+                    raise
 
 
-def has_checkpoints(directory) -> bool:
-    """Whether a finished step folder exists (without creating anything, unlike a manager)."""
-    path = epath.Path(str(directory))
-    return path.exists() and any(p.name.isdigit() for p in path.iterdir())
+def _abstract(state):
+    """ShapeDtypeStructs carrying the live arrays' shardings: the restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+def _attempt(fn, *args):
+    """(fn's result, None), or (None, a one-line reason) when it fails, agreed by every process: a
+    failure on any one is a failure everywhere. Interruption counts as a failure, not as damage."""
+    result, error = None, None
+    try:
+        result = fn(*args)
+    except KeyboardInterrupt:
+        error = "interrupted"
+    except Exception as e:  # noqa: BLE001 - what failed is decided by inspecting the files, not the exception
+        error = _root_cause(e)
+        sys.unraisablehook = _quiet_orbax_coroutines(sys.unraisablehook)
+    return result, first_error(error)
 
 
-class _disk_errors:
-    """Turn a full disk or a permission problem during a save into a one-line UserError."""
+def _root_cause(e: BaseException) -> str:
+    """'Type: first line' of the innermost exception: orbax wraps tensorstore's precise status
+    (RESOURCE_EXHAUSTED: ..., NOT_FOUND: ...) in a generic one."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return _first_line(f"{type(e).__name__}: {e}")
 
-    def __init__(self, directory, step):
-        self.directory, self.step = directory, step
+
+def _quiet_orbax_coroutines(previous):
+    """After a failed restore, orbax's abandoned read coroutines print their tracebacks when they are
+    garbage collected; the one-line error already says what happened."""
+
+    def hook(unraisable):
+        if not getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "").count("orbax"):
+            previous(unraisable)
+
+    return hook
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:300]
+
+
+def _cause(e: BaseException) -> str:
+    """The root cause of a save failure in a few words: the OS error if there is one."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e)
+    for errno_name, strerror in (
+        (errno.ENOSPC, "No space left on device"),
+        (errno.EDQUOT, "Disk quota exceeded"),
+        (errno.EROFS, "Read-only file system"),
+        (errno.EACCES, "Permission denied"),
+    ):
+        if strerror in text or f"os_error_code='{errno_name}'" in text:
+            return strerror
+    return _first_line(f"{type(e).__name__}: {text}")
+
+
+class _save_errors:
+    """Turn any failure of a save (a full disk, a permission problem, a storage error), raised now
+    or by orbax's background thread, into one line naming the folder and the cause."""
+
+    def __init__(self, ckpt: "Checkpointer", step: int | None):
+        self.ckpt, self.step = ckpt, step
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, e, tb):
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            raise UserError(
-                f"cannot write checkpoint {self.step} to {self.directory}: {e.strerror}; free space or fix "
-                "permissions and rerun (earlier checkpoints are intact)"
-            ) from None
-        return False
+        if e is None or isinstance(e, UserError) or not isinstance(e, Exception):
+            return False
+        self.ckpt.failed = True
+        which = f"checkpoint {self.step}" if self.step is not None else "a checkpoint"
+        raise UserError(
+            f"cannot save {which} to {self.ckpt.directory}: {_cause(e)}; free space or fix the folder and rerun "
+            "(earlier checkpoints are intact)"
+        ) from None
 
 
 def find_checkpoint(run_dir=None, checkpoint=None) -> tuple[pathlib.Path, int, pathlib.Path]:
-    """(checkpoints folder, step, run folder) for --run-dir (latest step) or --checkpoint (a step
-    folder such as runs/x/checkpoints/300, or a checkpoints folder: its latest step)."""
+    """(checkpoints folder, step, run folder) for --run-dir (latest finished step) or --checkpoint (a
+    step folder such as runs/x/checkpoints/300, or a checkpoints folder: its latest finished step).
+    Every reader of checkpoints (generate, convert, score) finds them here, through finished_steps."""
     if checkpoint is not None:
-        path = pathlib.Path(checkpoint).absolute()
+        path = as_path(checkpoint)
         if not path.is_dir():
             raise UserError(f"checkpoint {checkpoint} does not exist; pass a run's checkpoints/<step> folder")
+        head = path.name.split(".")[0]
+        if head.isdigit() and head != path.name:
+            raise UserError(
+                f"checkpoint {checkpoint} is not a finished step (an interrupted save or a set-aside copy); "
+                f"pass one of {finished_steps(path.parent) or 'the finished steps'} in {path.parent}"
+            )
         if path.name.isdigit():
+            if int(path.name) not in finished_steps(path.parent):
+                raise UserError(
+                    f"checkpoint {checkpoint} is not finished (orbax never committed it); pass one of "
+                    f"{finished_steps(path.parent) or 'the finished steps'} in {path.parent}"
+                )
             return path.parent, int(path.name), path.parent.parent
         run_dir = path.parent if path.name == "checkpoints" else path
-    path = pathlib.Path(run_dir).absolute()
+    path = as_path(run_dir)
     if not (path / "recipe.json").is_file():
         raise UserError(
             f"{run_dir} is not a run directory (no recipe.json); pass the --run-dir that launch.train wrote"
         )
     try:
         configured = json.loads((path / "recipe.json").read_text()).get("checkpoint", {}).get("dir")
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, AttributeError):
         raise UserError(f"{path / 'recipe.json'} is not valid JSON; restore it from a checkpoint's meta") from None
-    folder = (
-        epath.Path(configured)
-        if configured and "://" in configured
-        else pathlib.Path(configured or path / "checkpoints")
-    )
+    folder = as_path(configured) if configured else path / "checkpoints"
     if not folder.is_dir():
         raise UserError(f"{run_dir} has no checkpoints folder ({folder}); train it for at least checkpoint.every steps")
-    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    steps = finished_steps(folder)
     if not steps:
         raise UserError(f"{folder} holds no finished checkpoint; train longer than checkpoint.every steps")
     return folder, steps[-1], path

@@ -1,4 +1,9 @@
-"""The training loop: prepare data, build the sharded model, train, evaluate, checkpoint, sample."""
+"""The training loop: prepare data, build the sharded model, train, evaluate, checkpoint, sample.
+
+Every decision that can stop a run (a recipe conflict, missing data, an unwritable or damaged
+checkpoint folder, non-finite values, preemption) is taken once and shared (lm.train.faults.agreed),
+so every process of a multi-process run stops at the same point with the same message.
+"""
 
 import base64
 import dataclasses
@@ -8,10 +13,10 @@ import os
 import pathlib
 import shutil
 import time
+from typing import Any
 
 import jax
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lm.data import TokenFile, Tokenizer, make_dataset, prepare_corpus
@@ -21,8 +26,8 @@ from lm.errors import UserError
 from lm.model import Transformer
 from lm.recipe import SAFE_TO_CHANGE, Recipe, diff_recipes
 from lm.sampling import Sampling
-from lm.train.checkpoint import Checkpointer, has_checkpoints
-from lm.train.faults import NonFiniteGuard, Preemption
+from lm.train.checkpoint import Checkpointer, check_writable, has_checkpoints, kept_steps
+from lm.train.faults import NonFiniteGuard, Preemption, agreed
 from lm.train.metrics import MetricsLog, peak_tflops_per_device
 from lm.train.optimizer import learning_rate, make_optimizer
 from lm.train.step import eval_step, train_step
@@ -78,18 +83,26 @@ def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, T
     inputs = list(recipe.data.inputs) or None
     # A prepared folder named by data.dir (e.g. from launch.prepare) is used as it is; the run's own
     # data/ folder is (re)prepared whenever its inputs or settings change.
+    agreed(_check_prepared, recipe, data_dir)
+    if not (recipe.data.dir and (data_dir / "meta.json").exists()):
+        # Process 0 prepares (its errors, e.g. missing inputs, stop every process); the others then
+        # find the finished files and reuse them, or prepare their own copy on a local disk.
+        agreed(prepare_corpus, inputs, data_dir, only_first=True, **kwargs)
+        if jax.process_count() > 1:
+            agreed(prepare_corpus, inputs, data_dir, **kwargs)
+    tokenizer = agreed(_check_vocab, recipe, data_dir)
+    return data_dir, tokenizer
+
+
+def _check_prepared(recipe: Recipe, data_dir: pathlib.Path) -> None:
     if recipe.data.dir and not recipe.data.inputs and not (data_dir / "meta.json").exists():
         raise UserError(
             f"data.dir={recipe.data.dir} holds no prepared data (no meta.json); run launch.prepare --out "
             f"{recipe.data.dir} first, or set data.inputs to prepare it here"
         )
-    if not (recipe.data.dir and (data_dir / "meta.json").exists()):
-        # Process 0 prepares; the others then find the finished files and reuse them.
-        if jax.process_index() == 0:
-            prepare_corpus(inputs, data_dir, **kwargs)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("prepare_data")
-            prepare_corpus(inputs, data_dir, **kwargs)
+
+
+def _check_vocab(recipe: Recipe, data_dir: pathlib.Path) -> Tokenizer:
     tokenizer = Tokenizer(data_dir / "tokenizer.model")
     for what, vocab in [(f"tokenizer {tokenizer.path}", tokenizer.vocab_size)] + [
         (f"token file {data_dir / split}", TokenFile(data_dir / split).vocab_size) for split in ("train", "eval")
@@ -99,7 +112,7 @@ def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, T
                 f"{what} has a vocabulary of {vocab} but model.vocab_size={recipe.model.vocab_size}; "
                 f"set model.vocab_size >= {vocab} or prepare the data with a smaller tokenizer"
             )
-    return data_dir, tokenizer
+    return tokenizer
 
 
 def resolve_batch_size(recipe: Recipe, mesh) -> Recipe:
@@ -111,12 +124,44 @@ def resolve_batch_size(recipe: Recipe, mesh) -> Recipe:
     return dataclasses.replace(recipe, train=dataclasses.replace(t, batch_size=batch))
 
 
-def eval_loss(model, batches, mesh, rules) -> float:
+def split_rows(local: dict, k: int) -> list[dict]:
+    """A process's rows as k microbatches, microbatch i taking rows i, i+k, ... (as train_step does)."""
+    return [local] if k == 1 else [{name: v[i::k] for name, v in local.items()} for i in range(k)]
+
+
+def eval_loss(model, batches, mesh, rules, microbatches: int = 1) -> float:
+    """Mean token loss over the eval batches, run in the training step's microbatches: evaluating a
+    whole global batch at once would need the memory that train.grad_accum exists to avoid."""
     total, weight = 0.0, 0.0
     for local in batches:
-        s, w = eval_step(model, put_batch(local, mesh, rules))
-        total, weight = total + float(s), weight + float(w)
+        for part in split_rows(local, microbatches):
+            s, w = eval_step(model, put_batch(part, mesh, rules))
+            total, weight = total + float(s), weight + float(w)
     return total / max(weight, 1.0)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the step loop works on, gathered once by train()."""
+
+    recipe: Recipe
+    mesh: jax.sharding.Mesh
+    rules: Any
+    model: Transformer
+    optimizer: nnx.Optimizer
+    train_iter: Any  # grain iterator over process-local batches; its state is checkpointed
+    eval_batches: list[dict]
+    ckpt: Checkpointer
+    log: MetricsLog
+    meta: dict  # saved with every checkpoint: recipe, seed, tokenizer
+    start: int  # the restored step (0: a fresh run)
+
+
+@dataclasses.dataclass
+class Outcome:
+    last: dict  # the last logged metrics
+    initial_eval: float | None  # the untrained model's eval loss (fresh runs only)
+    preempted: int | None  # the step saved on preemption
 
 
 def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
@@ -125,9 +170,10 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     mesh, rules = make_mesh(recipe.mesh), logical_rules(recipe.mesh.rules)
     recipe = resolve_batch_size(recipe, mesh)
     t, m = recipe.train, recipe.model
-    check_resumable(run_dir, recipe)
+    agreed(check_resumable, run_dir, recipe)
     check_divisible(recipe.logical_dims(), mesh, rules)
     data_dir, tokenizer = prepare_data(recipe, run_dir)
+    agreed(check_writable, checkpoint_dir(recipe, run_dir))
 
     pid, nproc = jax.process_index(), jax.process_count()
     train_iter = iter(make_dataset(TokenFile(data_dir / "train"), t.seq_len, t.batch_size, t.seed, pid, nproc))
@@ -182,40 +228,29 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
         log = MetricsLog(
             run_dir, recipe.to_dict(), wandb_mode=recipe.logging.wandb, project=recipe.logging.project, enabled=pid == 0
         )
-        log.truncate_after(start)  # one row per step, even after a crash between checkpoints
+        # One row per step, even after a crash between checkpoints; rows of a step that still exists
+        # in any form (a damaged one set aside included) are never cut.
+        log.truncate_after(max([start, *kept_steps(ckpt.directory)]))
         if start >= t.steps:
             say(
                 f"the checkpoint is at step {start} and train.steps={t.steps}: nothing to train; raise train.steps "
                 "to continue (the cosine schedule then stretches to the new total)"
             )
+        run = Run(recipe, mesh, rules, model, optimizer, train_iter, eval_batches, ckpt, log, meta, start)
         preemption, guard = Preemption(), NonFiniteGuard(t.max_bad_steps)
         try:
-            last, initial_eval, preempted = _loop(
-                recipe,
-                model,
-                optimizer,
-                train_iter,
-                eval_batches,
-                mesh,
-                rules,
-                ckpt,
-                log,
-                meta,
-                start,
-                preemption,
-                guard,
-            )
+            outcome = _loop(run, preemption, guard)
+            ckpt.wait()  # the last save reaches the disk (or its error is raised) before we report
         finally:
             preemption.close()
-            ckpt.wait()
-            ckpt.close()
+            ckpt.close()  # waits for a save in flight: a failure elsewhere never costs a checkpoint
         if guard.skipped:
             say(f"skipped {len(guard.skipped)} non-finite step(s): {guard.skipped}")
 
         sample = ""
         prompt = tokenizer.encode(t.sample_prompt)
         n = min(t.sample_tokens, m.max_seq_len - len(prompt))  # a prompt near the context length gets fewer
-        if preempted is None and prompt and n > 0:
+        if outcome.preempted is None and prompt and n > 0:
             out = generate(
                 model,
                 [prompt],
@@ -227,47 +262,49 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
             sample = t.sample_prompt + tokenizer.decode([i for i in out.tokens[0] if i != tokenizer.eos_id])
         log.close()
     return {
-        **last,
-        "initial_eval_loss": initial_eval,
+        **outcome.last,
+        "initial_eval_loss": outcome.initial_eval,
         "sample": sample,
         "start_step": start,
         "params": int(n_params),
-        "preempted": preempted,
+        "preempted": outcome.preempted,
         "process": jax.process_index(),
     }
 
 
-def _loop(recipe, model, optimizer, train_iter, eval_batches, mesh, rules, ckpt, log, meta, start, preemption, guard):
-    """The step loop. Returns (last logged metrics, untrained eval loss or None, preempted step or None)."""
-    t, m = recipe.train, recipe.model
-    lr = learning_rate(recipe.optimizer, t.steps)
+def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> Outcome:
+    """The step loop: train, log, evaluate, checkpoint; stop cleanly on preemption."""
+    t, m, ckpt = run.recipe.train, run.recipe.model, run.ckpt
+    lr = learning_rate(run.recipe.optimizer, t.steps)
     tokens_per_step = t.batch_size * t.seq_len
     flops_per_step = m.flops_per_token(t.seq_len) * tokens_per_step
     peak, peak_source = peak_tflops_per_device(t.peak_tflops)
     say(f"MFU: 6N + 12*L*T*H*D FLOPs per token (PaLM), peak {peak:.2f} TFLOP/s per device from {peak_source}")
 
     def evaluate(step: int) -> dict:
-        el = eval_loss(model, eval_batches, mesh, rules)
+        el = eval_loss(run.model, run.eval_batches, run.mesh, run.rules, t.grad_accum)
         row = {"step": step, "eval_loss": el, "eval_ppl": math.exp(min(el, 50.0))}
-        log.write(row)
+        run.log.write(row)
         say(f"step {step}: eval loss {el:.3f}, perplexity {row['eval_ppl']:.1f}")
         return row
 
     def save(step: int, force: bool = False) -> None:
         guard.check(ckpt.latest_step(), str(ckpt.directory))  # never checkpoint a non-finite state
-        ckpt.save(step, model, optimizer, train_iter, meta, force=force)
+        ckpt.save(step, run.model, run.optimizer, run.train_iter, run.meta, force=force)
 
     # The untrained model's eval loss: the starting point that later evals are measured against.
-    initial_eval = evaluate(0)["eval_loss"] if start == 0 else None
+    initial_eval = evaluate(0)["eval_loss"] if run.start == 0 else None
     last = {}
-    bar = tqdm(total=t.steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=t.steps, initial=run.start, disable=jax.process_index() != 0, dynamic_ncols=True, desc="train")
     try:
         timer, timed_steps = time.perf_counter(), 0
-        for step in range(start + 1, t.steps + 1):
-            metrics = train_step(model, optimizer, put_batch(next(train_iter), mesh, rules), grad_accum=t.grad_accum)
+        for step in range(run.start + 1, t.steps + 1):
+            batch = put_batch(next(run.train_iter), run.mesh, run.rules)
+            metrics = train_step(run.model, run.optimizer, batch, grad_accum=t.grad_accum)
             guard.add(step, metrics)
+            ckpt.check()  # a background save that failed stops the run now, not at the next save
             timed_steps += 1
-            if step == start + 1:  # the first step compiles; time from the end of it
+            if step == run.start + 1:  # the first step compiles; time from the end of it
                 jax.block_until_ready(metrics)
                 timer, timed_steps = time.perf_counter(), 0
             bar.update(1)
@@ -287,7 +324,7 @@ def _loop(recipe, model, optimizer, train_iter, eval_batches, mesh, rules, ckpt,
                     "tflops_per_device": tflops,
                     "mfu": tflops / peak if tflops is not None else None,
                 }
-                log.write(last)
+                run.log.write(last)
                 if tps is not None:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
                 timer, timed_steps = time.perf_counter(), 0
@@ -298,9 +335,9 @@ def _loop(recipe, model, optimizer, train_iter, eval_batches, mesh, rules, ckpt,
                 save(step, force=True)
                 ckpt.wait()
                 say(f"preempted: saved checkpoint {step} in {ckpt.directory}; rerun the same command to continue")
-                return last, initial_eval, step
-            if step % recipe.checkpoint.every == 0 or step == t.steps:
+                return Outcome(last, initial_eval, step)
+            if step % run.recipe.checkpoint.every == 0 or step == t.steps:
                 save(step, force=step == t.steps)
     finally:
         bar.close()  # before any error message, so that stays the last line
-    return last, initial_eval, None
+    return Outcome(last, initial_eval, None)

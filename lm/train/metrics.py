@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import secrets
 import time
 
 import jax
@@ -47,7 +48,8 @@ def peak_tflops_per_device(configured: float | None = None) -> tuple[float, str]
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors it to wandb.
 
-    Only process 0 writes; other processes get a disabled log.
+    Only process 0 writes; other processes get a disabled log. The wandb run id is kept in the run
+    folder (`wandb_id`), so a restarted run continues the same wandb run instead of opening a new one.
     """
 
     def __init__(self, run_dir: pathlib.Path, config: dict, *, wandb_mode: str, project: str, enabled: bool):
@@ -57,7 +59,11 @@ class MetricsLog:
         if enabled and wandb_mode != "disabled":
             import wandb
 
+            id_file = pathlib.Path(run_dir) / "wandb_id"
+            if not id_file.exists():
+                id_file.write_text(secrets.token_hex(6))  # wandb ids are short lowercase alphanumerics
             self.wandb = wandb.init(
+                id=id_file.read_text().strip(),
                 project=project,
                 dir=str(run_dir),
                 config=config,
@@ -68,7 +74,10 @@ class MetricsLog:
             )
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint: those steps are about to be redone."""
+        """On resume, drop rows logged after `step`: those steps are about to be redone. The caller
+        passes the newest step that still exists in any form (a set-aside one included), so no row of
+        a step that could still be recovered is ever cut; after a fallback to an earlier checkpoint
+        the redone steps are logged again, and the later row of a step is the one that counts."""
         if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]

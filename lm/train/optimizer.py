@@ -38,7 +38,8 @@ def make_tx(cfg: OptimizerConfig, total_steps: int, max_bad_steps: int = 0) -> o
         weight_decay=cfg.weight_decay,
         mask=_decay_mask,
     )
-    return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw), max_bad_steps)
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip is not None else optax.identity()
+    return optax.apply_if_finite(optax.chain(clip, adamw), max_bad_steps)
 
 
 def make_optimizer(model: nnx.Module, cfg: OptimizerConfig, total_steps: int, max_bad_steps: int = 0) -> nnx.Optimizer:
