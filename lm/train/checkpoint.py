@@ -20,6 +20,7 @@ import logging
 import pathlib
 import sys
 import time
+import traceback
 
 import grain
 import jax
@@ -133,7 +134,13 @@ def check_writable(directory) -> None:
     way, a read-only mount, no permission) stops the run before the first step, not in orbax's
     background thread at the first save."""
     path = as_path(directory)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"checkpoint.dir {directory} is a file, not a folder; set checkpoint.dir to a folder")
     probe = path / f".write-probe-{jax.process_index()}"
+    # Folders made only for the probe are removed again, so bad input leaves no trace (one process
+    # only: with several, another may be probing in the same folder).
+    alone = isinstance(path, pathlib.Path) and jax.process_count() == 1
+    created = [p for p in [path, *path.parents] if not p.exists()] if alone else []
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_text("nnx-lm")
@@ -143,10 +150,25 @@ def check_writable(directory) -> None:
         raise UserError(
             f"checkpoint.dir {directory} is not writable ({cause}); set checkpoint.dir to a writable folder"
         ) from None
+    finally:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # another process's probe is still in it, or it was never made
+
+
+def _surfaced_by_us(record: logging.LogRecord) -> bool:
+    """Orbax logs a background save's failure with its whole traceback; `_save_errors` raises it as
+    one line instead, so that is what the user sees."""
+    return not (record.levelno >= logging.ERROR and "/orbax/" in record.pathname)
 
 
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
+        absl_log = logging.getLogger("absl")
+        if _surfaced_by_us not in absl_log.filters:
+            absl_log.addFilter(_surfaced_by_us)
         self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, keep_period=cfg.keep_period, enable_async_checkpointing=cfg.async_save, create=True
@@ -310,11 +332,13 @@ def _root_cause(e: BaseException) -> str:
 
 
 def _quiet_orbax_coroutines(previous):
-    """After a failed restore, orbax's abandoned read coroutines print their tracebacks when they are
-    garbage collected; the one-line error already says what happened."""
+    """After a failed restore, orbax's abandoned read coroutines and event loops print tracebacks
+    when they are garbage collected; the one-line error already says what happened."""
 
     def hook(unraisable):
-        if not getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "").count("orbax"):
+        where = f"{unraisable.object!r} {getattr(getattr(unraisable.object, 'cr_code', None), 'co_filename', '')}"
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        if not any(name in text for name in ("orbax", "asyncio") for text in [where, *(f.filename for f in frames)]):
             previous(unraisable)
 
     return hook

@@ -172,8 +172,8 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     t, m = recipe.train, recipe.model
     agreed(check_resumable, run_dir, recipe)
     check_divisible(recipe.logical_dims(), mesh, rules)
-    data_dir, tokenizer = prepare_data(recipe, run_dir)
     agreed(check_writable, checkpoint_dir(recipe, run_dir))
+    data_dir, tokenizer = prepare_data(recipe, run_dir)
 
     pid, nproc = jax.process_index(), jax.process_count()
     train_iter = iter(make_dataset(TokenFile(data_dir / "train"), t.seq_len, t.batch_size, t.seed, pid, nproc))

@@ -1,0 +1,123 @@
+"""Restore: a checkpoint is set aside only when its files show damage; any other failure stops the
+run with exit 2 and one line, every step folder in place, and the next launch resumes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import LONG, error_lines
+from helpers import ROOT, final_params, tiny_train_args
+
+pytestmark = pytest.mark.slow
+
+# Runs launch.train with the open-file limit at the number of files already open, for the duration of
+# the checkpoint restore only: a real storage error (EMFILE) in the middle of a restore, not damage.
+NO_FILES_DURING_RESTORE = """
+import os, resource, sys
+sys.path.insert(0, os.getcwd())
+from lm.train import checkpoint
+
+restore = checkpoint.Checkpointer.restore
+
+def restore_without_file_handles(self, *args, **kwargs):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+    try:
+        return restore(self, *args, **kwargs)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+checkpoint.Checkpointer.restore = restore_without_file_handles
+from launch.train import main
+main(sys.argv[1:])
+"""
+
+
+def copy_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    recipe = json.loads((run_dir / "recipe.json").read_text())
+    assert recipe["checkpoint"]["dir"] is None  # the copy's checkpoints are its own
+    return run_dir
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def train(corpus, run_dir, *sets):
+    args = tiny_train_args(corpus, run_dir, *LONG, *sets)
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_restore_failing_for_lack_of_file_handles_keeps_every_checkpoint_and_exits_2(tiny_corpus, tmp_path, reference):
+    run_dir = copy_run(reference, tmp_path)
+    before, metrics = listing(run_dir / "checkpoints"), (run_dir / "metrics.jsonl").read_text()
+    script = tmp_path / "limited.py"
+    script.write_text(NO_FILES_DURING_RESTORE)
+    args = tiny_train_args(tiny_corpus, run_dir, *LONG)[1:]  # launch.train's own arguments
+    out = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    (line,) = error_lines(out.stderr)
+    assert line.startswith("error: could not restore checkpoint 12 ") and "Too many open files" in line, line
+    assert "every checkpoint was left in place" in line
+    assert listing(run_dir / "checkpoints") == before == ["12", "6", "9"]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics, "metrics.jsonl is untouched"
+
+    out = train(tiny_corpus, run_dir)  # the next normal launch resumes at the newest step
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints'} at step 12" in out.stdout + out.stderr
+
+
+def truncate_largest_array_file(step_dir):
+    data = [p for p in (step_dir / "optimizer").rglob("*") if p.is_file() and p.parent.name == "d"]
+    biggest = max(data, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+
+
+def garble_metadata(step_dir):
+    (step_dir / "meta" / "metadata").write_text('{"recipe": {"name": "half a fi')
+
+
+def delete_data_state(step_dir):
+    for p in (step_dir / "data").glob("process_*.json"):
+        p.unlink()
+
+
+@pytest.mark.parametrize("damage", [truncate_largest_array_file, garble_metadata, delete_data_state])
+def test_damaged_newest_checkpoint_is_set_aside_and_the_run_continues_from_the_one_before(
+    tiny_corpus, tmp_path, reference, damage
+):
+    run_dir = copy_run(reference, tmp_path)
+    damage(run_dir / "checkpoints" / "12")
+    rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()
+    out = train(tiny_corpus, run_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "checkpoint 12 is damaged (" in text and "set aside as 12.damaged-" in text, text[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints'} at step 9" in text
+    aside = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("12.damaged-")]
+    assert len(aside) == 1 and (aside[0] / "model").is_dir(), "the damaged step is kept, renamed"
+    # Steps 10-12 still exist (set aside), so their rows stay; the redone steps are logged again.
+    rows_after = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert rows_after[: len(rows_before)] == rows_before
+    redone = [json.loads(r)["step"] for r in rows_after[len(rows_before) :] if "loss" in json.loads(r)]
+    assert redone == [10, 11, 12]
+    for x, y in zip(final_params(reference, 12), final_params(run_dir, 12), strict=True):
+        np.testing.assert_array_equal(x, y)  # bit for bit
+
+
+def test_metrics_are_not_cut_back_when_a_run_restarts_below_its_set_aside_steps(tiny_corpus, tmp_path, reference):
+    """Even with every finished step gone (set aside by hand), the rows of set-aside steps stay."""
+    run_dir = copy_run(reference, tmp_path)
+    for step in ("6", "9", "12"):
+        os.rename(run_dir / "checkpoints" / step, run_dir / "checkpoints" / f"{step}.damaged-1")
+    rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()
+    out = train(tiny_corpus, run_dir, "train.steps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run_dir / "metrics.jsonl").read_text().splitlines()[: len(rows_before)] == rows_before
