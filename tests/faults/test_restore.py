@@ -84,12 +84,7 @@ def garble_metadata(step_dir):
     (step_dir / "meta" / "metadata").write_text('{"recipe": {"name": "half a fi')
 
 
-def delete_data_state(step_dir):
-    for p in (step_dir / "data").glob("process_*.json"):
-        p.unlink()
-
-
-@pytest.mark.parametrize("damage", [truncate_largest_array_file, garble_metadata, delete_data_state])
+@pytest.mark.parametrize("damage", [truncate_largest_array_file, garble_metadata])
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_continues_from_the_one_before(
     tiny_corpus, tmp_path, reference, damage
 ):
