@@ -65,8 +65,10 @@ class Attempt:
         return self.progress() >= step
 
     def in_eval(self, step: int) -> bool:
+        # The loop's first line ('MFU: ...') comes after metrics.jsonl is cut back to the restored
+        # step, so from then on its last row is this attempt's: step's training row, not yet its eval.
         row = self.last_row()
-        return self.progress() >= step and row.get("step") == step and "loss" in row
+        return "MFU:" in self.log() and row.get("step") == step and "loss" in row
 
     def saving(self, step: int) -> bool:
         return any(name.startswith(f"{step}.") for name in self.tmp_folders() - self.old_tmp)
