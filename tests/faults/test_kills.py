@@ -16,7 +16,7 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import LONG, launch, wait_until
+from faultkit import LONG, launch, wait_until
 from helpers import final_params, losses, tiny_train_args
 
 from lm.train.checkpoint import finished_steps
@@ -79,9 +79,11 @@ class Attempt:
 
 def kill_points(rng: random.Random) -> list[tuple[str, callable]]:
     """Data preparation first (only a fresh run prepares), the final sample last, and in between a
-    seeded choice of an asynchronous save, an eval and two training steps, in step order."""
-    save, evaluation = rng.choice([3, 6, 9]), rng.choice([4, 8])
-    steps = rng.sample([s for s in range(1, STEPS) if s not in (save, evaluation)], 2)
+    seeded choice of an asynchronous save, an eval and two training steps (one on each side of the
+    first save chosen), in step order: each attempt resumes from what the one before left."""
+    save, evaluation = rng.choice([6, 9]), rng.choice([4, 8])
+    early, late = (s for s in (1, 2, 3, 5) if s != evaluation), (s for s in (7, 10, 11) if s != save)
+    steps = [rng.choice(list(early)), rng.choice(list(late))]  # one before checkpoint 6, one after
     middle = [(save, 2, f"async save of checkpoint {save}", lambda a, s=save: a.saving(s))]
     middle += [(evaluation, 1, f"eval at step {evaluation}", lambda a, s=evaluation: a.in_eval(s))]
     middle += [(s, 0, f"after training step {s}", lambda a, s=s: a.after_step(s)) for s in steps]

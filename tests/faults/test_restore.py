@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import LONG, error_lines
+from faultkit import LONG, error_lines
 from helpers import ROOT, final_params, tiny_train_args
 
 pytestmark = pytest.mark.slow

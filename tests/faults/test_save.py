@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import LONG, can_mount, error_lines, launch, mounted, wait_until
+from faultkit import LONG, can_mount, error_lines, launch, mounted, wait_until
 from helpers import ROOT, tiny_train_args
 
 from lm.train.checkpoint import finished_steps

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import LONG
+from faultkit import LONG
 from helpers import ROOT, tiny_train_args
 
 pytestmark = pytest.mark.slow
