@@ -302,13 +302,17 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> Outcome:
             batch = put_batch(next(run.train_iter), run.mesh, run.rules)
             metrics = train_step(run.model, run.optimizer, batch, grad_accum=t.grad_accum)
             guard.add(step, metrics)
-            ckpt.check()  # a background save that failed stops the run now, not at the next save
+            log_step = step % t.log_every == 0 or step == t.steps
+            if jax.process_count() == 1 or log_step:
+                # A background save that failed stops the run now, not at the next save. Several
+                # processes compare notes at log steps only, where they synchronise anyway.
+                agreed(ckpt.check)
             timed_steps += 1
             if step == run.start + 1:  # the first step compiles; time from the end of it
                 jax.block_until_ready(metrics)
                 timer, timed_steps = time.perf_counter(), 0
             bar.update(1)
-            if step % t.log_every == 0 or step == t.steps:
+            if log_step:
                 guard.check(ckpt.latest_step(), str(ckpt.directory))
                 metrics = jax.device_get(metrics)
                 # Throughput is unknown (None) on a log step that only covers the compiling first step.
