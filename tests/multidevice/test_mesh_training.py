@@ -168,7 +168,7 @@ def test_restore_onto_a_different_mesh_continues_with_the_same_loss(tmp_path):
 
 
 def test_splash_attention_under_a_mesh_matches_single_device():
-    cfg = dataclasses.replace(CFG, attention_impl="splash", max_seq_len=128)
+    cfg = dataclasses.replace(CFG, attention_impl="splash_interpret", max_seq_len=128)
     xla = dataclasses.replace(cfg, attention_impl="xla")
     single, _ = run_steps(mesh_of((1, 1, 1), jax.devices()[:1]), n=1, cfg=xla, length=128)
     sharded, _ = run_steps(mesh_of((2, 2, 2)), n=1, cfg=cfg, length=128)
