@@ -14,6 +14,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from lm.attention import resolve_attention_impl
 from lm.data import TokenFile, Tokenizer, make_dataset, prepare_corpus
 from lm.data.prepare import file_sha256
 from lm.decode import generate
@@ -127,6 +128,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     t, m = recipe.train, recipe.model
     check_resumable(run_dir, recipe)
     check_divisible(recipe.logical_dims(), mesh, rules)
+    say("attention: %s (%s)" % resolve_attention_impl(m, jax.default_backend(), t.seq_len))
     data_dir, tokenizer = prepare_data(recipe, run_dir)
 
     pid, nproc = jax.process_index(), jax.process_count()
