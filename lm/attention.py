@@ -58,25 +58,36 @@ def _platform(name: str) -> str:
     return "gpu" if name in ("gpu", "cuda", "rocm") else name
 
 
+def _local_gpu_capability() -> tuple[int, int]:
+    """Compute capability of this host's first GPU, e.g. (9, 0) for an H100; (0, 0) if unknown."""
+    try:
+        major, minor = jax.local_devices(backend="gpu")[0].compute_capability.split(".")[:2]
+        return int(major), int(minor)
+    except Exception:  # noqa: BLE001 - no GPU backend, or a device without the attribute (ROCm)
+        return (0, 0)
+
+
 def choose_attention_impl(
     requested: str,
-    platform: str | None,
+    platform: str,
     *,
     dtype,
     head_dim: int,
     packed: bool = True,
     softcap: float | None = None,
     sliding_window=None,
+    gpu_capability: tuple[int, int] | None = None,
 ) -> tuple[str, str]:
     """(implementation, reason) for one causal self-attention call: the one rule the dispatcher and
-    `resolve_attention_impl` share. `platform` None means "trust an explicit request" (lowering for
-    another platform); `auto` then means XLA.
+    `resolve_attention_impl` share. `platform` is where this process runs (jax.default_backend());
+    `auto` picks by it, an explicit kernel is trusted (so it can be lowered for another platform).
+    gpu_capability: the GPU's compute capability, default this host's.
 
     A kernel is used only for what it computes exactly; anything else falls back to XLA with the reason.
     """
+    platform = _platform(platform)
     traced_window = isinstance(sliding_window, jax.core.Tracer)
     if requested == "auto":
-        platform = _platform(platform or "cpu")
         requested = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
         if requested == "xla":
             return "xla", f"auto on {platform}: no flash kernel for this platform"
@@ -85,14 +96,18 @@ def choose_attention_impl(
             return "xla", "splash needs a static sliding window (this layer's window is traced under scan)"
         return requested, "splash: causal block-sparse Pallas kernel, native GQA, padded to its block size"
     if requested == "cudnn":
+        hopper = platform == "gpu" and (gpu_capability or _local_gpu_capability()) >= (9, 0)
+        max_head_dim = 256 if hopper else 128
         if jnp.dtype(dtype) not in CUDNN_DTYPES:
             return "xla", f"cuDNN flash attention has no {jnp.dtype(dtype).name} kernel (bfloat16/float16 only)"
-        if head_dim > 128 or head_dim % 8:
-            return "xla", f"cuDNN flash attention needs head_dim <= 128 and a multiple of 8, got {head_dim}"
+        if head_dim > max_head_dim or head_dim % 8:
+            return "xla", f"cuDNN flash attention needs head_dim <= {max_head_dim} and a multiple of 8, got {head_dim}"
         if softcap is not None:
             return "xla", "cuDNN flash attention has no logit soft-capping"
         if traced_window:
             return "xla", "cuDNN needs a static sliding window (this layer's window is traced under scan)"
+        if packed and platform == "gpu" and not hopper:
+            return "xla", "cuDNN keeps packed documents apart only on Hopper or newer GPUs (compute capability 9.0)"
         if packed:
             return "cudnn", "cudnn: causal, packed documents as cuDNN segments (no dense mask)"
         return "cudnn", "cudnn: causal with per-row lengths (no dense mask)"
@@ -100,7 +115,14 @@ def choose_attention_impl(
 
 
 def resolve_attention_impl(
-    cfg: ModelConfig, platform: str, seq_len: int, *, packed: bool = True, softcap=None, sliding_window=None
+    cfg: ModelConfig,
+    platform: str,
+    seq_len: int,
+    *,
+    packed: bool = True,
+    softcap=None,
+    sliding_window=None,
+    gpu_capability: tuple[int, int] | None = None,
 ) -> tuple[str, str]:
     """The attention implementation a run on `platform` will use for sequences of `seq_len`, and why.
 
@@ -119,7 +141,7 @@ def resolve_attention_impl(
     dtype = cfg.compute_dtype if cfg.dtype != "auto" else (jnp.bfloat16 if platform in ("gpu", "tpu") else jnp.float32)
     chosen, reason = choose_attention_impl(
         impl, platform, dtype=dtype, head_dim=cfg.dim_per_head, packed=packed, softcap=softcap,
-        sliding_window=sliding_window,
+        sliding_window=sliding_window, gpu_capability=gpu_capability,
     )  # fmt: skip
     if chosen.startswith("splash"):
         from lm.splash import block_size, padded_length
@@ -241,7 +263,7 @@ def dot_product_attention(
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     chosen, _ = choose_attention_impl(
-        impl, jax.default_backend() if impl == "auto" else None, dtype=q.dtype, head_dim=q.shape[-1],
+        impl, jax.default_backend(), dtype=q.dtype, head_dim=q.shape[-1],
         packed=packed, softcap=softcap, sliding_window=sliding_window,
     )  # fmt: skip
     if chosen in ("splash", "splash_interpret"):

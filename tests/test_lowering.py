@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lm import attention
 from lm.attention import dot_product_attention, resolve_attention_impl, segment_lengths_and_offsets
 from lm.config import ModelConfig, preset
 from lm.errors import UserError
@@ -41,6 +42,7 @@ def cudnn_probes(monkeypatch):
 
     monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(attention, "_local_gpu_capability", lambda: (9, 0))
 
 
 def square_types(text: str, length: int) -> set[str]:
@@ -103,19 +105,25 @@ def test_auto_picks_the_platforms_flash_kernel(backend, impl, monkeypatch, cudnn
 
 
 def test_auto_falls_back_to_xla_where_the_kernel_cannot_do_the_layer(monkeypatch):
-    """cuDNN has no float32 kernel and no soft-capping; auto then uses XLA and says why."""
+    """cuDNN has no float32 kernel, no soft-capping, and packs documents only on Hopper; auto then
+    uses XLA and says why."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     text = lowered_train_step(ModelConfig(**{**CFG.__dict__, "dtype": "float32"}), 256, "cuda")
     assert "cudnn" not in text and square_types(text, 256)
-    assert resolve_attention_impl(CFG, "gpu", 256, softcap=50.0) == ("xla", "cuDNN flash attention has no logit soft-capping")
+    hopper, ampere = (9, 0), (8, 0)
+    assert resolve_attention_impl(CFG, "gpu", 256, softcap=50.0, gpu_capability=hopper) == (
+        "xla", "cuDNN flash attention has no logit soft-capping"
+    )  # fmt: skip
+    assert resolve_attention_impl(CFG, "gpu", 256, gpu_capability=ampere)[0] == "xla"
+    assert resolve_attention_impl(CFG, "gpu", 256, gpu_capability=ampere, packed=False)[0] == "cudnn"
 
 
 def test_resolve_names_the_kernel_and_refuses_one_the_platform_lacks():
     assert resolve_attention_impl(CFG, "cpu", 256)[0] == "xla"
     assert resolve_attention_impl(CFG, "tpu", 40)[1].endswith("(length 40 -> 128, block 128)")
-    assert resolve_attention_impl(CFG, "gpu", 256)[0] == "cudnn"
+    assert resolve_attention_impl(CFG, "gpu", 256, gpu_capability=(9, 0))[0] == "cudnn"
     for name in ("llama3_8b", "llama3_1b", "mistral_7b", "qwen3_0_6b"):  # large presets: flash by default
-        assert resolve_attention_impl(preset(name), "gpu", 8192)[0] == "cudnn", name
+        assert resolve_attention_impl(preset(name), "gpu", 8192, gpu_capability=(9, 0))[0] == "cudnn", name
         assert resolve_attention_impl(preset(name), "tpu", 8192)[0] == "splash", name
     cpu = ModelConfig(**{**CFG.__dict__, "dtype": "auto"})
     for impl in ("cudnn", "splash"):
