@@ -210,20 +210,26 @@ def _cudnn_causal(q, k, v, segment_ids, *, packed: bool, scale, sliding_window, 
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     window = None if sliding_window is None else int(sliding_window)
+    real = (segment_ids != 0)[:, :, None, None]
     if not packed:
         lengths = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)
-        return cudnn_attention(
+        out = cudnn_attention(
             q, k, v, q_seqlen=lengths, kv_seqlen=lengths, scale=scale, mask_type=MaskType.PADDING_CAUSAL,
             sliding_window_length=window,
         )  # fmt: skip
+        return jnp.where(real, out, 0)  # cuDNN leaves padding rows unwritten; they feed the cache's unused slots
     max_segments = max(2, max_segments)  # one segment per row is the unpacked layout, not this one
+    if k.shape[2] != q.shape[2]:
+        # jax 0.10.2 scales K/V's packed offsets by the *query* heads' stride
+        # (_fix_seqlen_offsets), which is only right when K/V have as many heads.
+        k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
     lengths, offsets, count = segment_lengths_and_offsets(segment_ids, max_segments)
     out = cudnn_attention(
         q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets, scale=scale,
         mask_type=MaskType.PADDING_CAUSAL, sliding_window_length=window,
     )  # fmt: skip
-    # cuDNN leaves padding rows unwritten; too many documents poison the row instead of mixing them.
-    out = jnp.where((segment_ids != 0)[:, :, None, None], out, 0)
+    # Padding rows are left unwritten; too many documents poison the row instead of mixing them.
+    out = jnp.where(real, out, 0)
     return jnp.where((count <= max_segments)[:, None, None, None], out, jnp.nan)
 
 
