@@ -48,14 +48,12 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same_doc)[:, None]
 
 
-# Kernels and what they support. The XLA path supports everything and builds the [T, T] scores.
-IMPLS = ("auto", "xla", "cudnn", "splash", "splash_interpret")
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def _platform(name: str) -> str:
-    """jax's platform names ('gpu', 'cuda', 'rocm', 'tpu', 'cpu') folded to 'gpu', 'tpu' or 'cpu'."""
-    return "gpu" if name in ("gpu", "cuda", "rocm") else name
+    """jax's names for an NVIDIA GPU ('gpu', 'cuda') folded to 'gpu'; 'tpu', 'cpu', 'rocm' unchanged."""
+    return "gpu" if name in ("gpu", "cuda") else name
 
 
 def _local_gpu_capability() -> tuple[int, int]:

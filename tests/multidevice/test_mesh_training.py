@@ -185,3 +185,20 @@ def test_splash_lowers_for_tpu_per_shard_with_gqa():
         batch = put_batch(next(batches(1, length=512)), mesh, RULES)
         text = train_step.trace(model, opt, batch).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text and "512x512x" not in text
+
+
+def test_cudnn_lowers_for_cuda_under_a_mesh_without_a_square_operand(monkeypatch):
+    """Under a mesh jax wraps cuDNN attention in custom partitioning (the `__cudnn$fmha` call itself
+    appears only when XLA compiles for the GPU); its operands are q, k, v and per-document lengths
+    and offsets, never a [T, T] mask. jax's cuDNN probes are stood in for, as in test_lowering.py."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    cfg = dataclasses.replace(CFG, attention_impl="cudnn", max_seq_len=512, n_kv_heads=2, dtype="bfloat16")
+    mesh = mesh_of((2, 2, 2))
+    model, opt = build(mesh, cfg)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+        batch = put_batch(next(batches(1, length=512)), mesh, RULES)
+        text = train_step.trace(model, opt, batch).lower(lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @CustomSPMDPartitioning" in text and "512x512x" not in text
