@@ -81,12 +81,15 @@ def main(argv=None):
     import jax
     from flax import nnx
 
+    from lm.attention import resolve_attention_impl
     from lm.decode import complete
     from lm.inference import load_run
     from lm.sampling import Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     recipe, model, tokenizer, mesh, rules = load_run(args.run_dir, args.checkpoint, args.tensor)
+    impl, why = resolve_attention_impl(recipe.model, jax.default_backend(), recipe.model.max_seq_len, packed=False)
+    print(f"attention: {impl} ({why})", file=sys.stderr)
 
     def run(prompts: list[str], stream: bool):
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):

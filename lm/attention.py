@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import ModelConfig
+from lm.errors import UserError
 from sharding.rules import logical_constraint
 
 Mode = Literal["train", "prefill", "decode"]
@@ -47,16 +48,243 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same_doc)[:, None]
 
 
-def dot_product_attention(q, k, v, mask, impl: str, causal: bool, segment_ids=None):
-    """q: [batch, q_len, heads, head_dim], k/v: [batch, kv_len, kv_heads, head_dim] (GQA when fewer)."""
-    if impl == "splash" and causal:
-        from lm.splash import splash_attention  # imported lazily: only TPU recipes need Pallas
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
-        return splash_attention(q, k, v, segment_ids)
-    if impl == "cudnn" and causal:
-        # cuDNN skips the masked half itself when told the mask is causal.
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+def _platform(name: str) -> str:
+    """jax's names for an NVIDIA GPU ('gpu', 'cuda') folded to 'gpu'; 'tpu', 'cpu', 'rocm' unchanged."""
+    return "gpu" if name in ("gpu", "cuda") else name
+
+
+def _local_gpu_capability() -> tuple[int, int]:
+    """Compute capability of this host's first GPU, e.g. (9, 0) for an H100; (0, 0) if unknown."""
+    try:
+        major, minor = jax.local_devices(backend="gpu")[0].compute_capability.split(".")[:2]
+        return int(major), int(minor)
+    except Exception:  # noqa: BLE001 - no GPU backend, or a device without the attribute (ROCm)
+        return (0, 0)
+
+
+def choose_attention_impl(
+    requested: str,
+    platform: str,
+    *,
+    dtype,
+    head_dim: int,
+    packed: bool = True,
+    softcap: float | None = None,
+    sliding_window=None,
+    gpu_capability: tuple[int, int] | None = None,
+) -> tuple[str, str]:
+    """(implementation, reason) for one causal self-attention call: the one rule the dispatcher and
+    `resolve_attention_impl` share. `platform` is where this process runs (jax.default_backend());
+    `auto` picks by it, an explicit kernel is trusted (so it can be lowered for another platform).
+    gpu_capability: the GPU's compute capability, default this host's.
+
+    A kernel is used only for what it computes exactly; anything else falls back to XLA with the reason.
+    """
+    platform = _platform(platform)
+    traced_window = isinstance(sliding_window, jax.core.Tracer)
+    if requested == "auto":
+        requested = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
+        if requested == "xla":
+            return "xla", f"auto on {platform}: no flash kernel for this platform"
+    if requested in ("splash", "splash_interpret"):
+        if traced_window:
+            return "xla", "splash needs a static sliding window (this layer's window is traced under scan)"
+        return requested, "splash: causal block-sparse Pallas kernel, native GQA, padded to its block size"
+    if requested == "cudnn":
+        hopper = platform == "gpu" and (gpu_capability or _local_gpu_capability()) >= (9, 0)
+        max_head_dim = 256 if hopper else 128
+        if jnp.dtype(dtype) not in CUDNN_DTYPES:
+            return "xla", f"cuDNN flash attention has no {jnp.dtype(dtype).name} kernel (bfloat16/float16 only)"
+        if head_dim > max_head_dim or head_dim % 8:
+            return "xla", f"cuDNN flash attention needs head_dim <= {max_head_dim} and a multiple of 8, got {head_dim}"
+        if softcap is not None:
+            return "xla", "cuDNN flash attention has no logit soft-capping"
+        if traced_window:
+            return "xla", "cuDNN needs a static sliding window (this layer's window is traced under scan)"
+        if packed and platform == "gpu" and not hopper:
+            return "xla", "cuDNN keeps packed documents apart only on Hopper or newer GPUs (compute capability 9.0)"
+        if packed:
+            return "cudnn", "cudnn: causal, packed documents as cuDNN segments (no dense mask)"
+        return "cudnn", "cudnn: causal with per-row lengths (no dense mask)"
+    return "xla", "xla: requested"
+
+
+def resolve_attention_impl(
+    cfg: ModelConfig,
+    platform: str,
+    seq_len: int,
+    *,
+    packed: bool = True,
+    softcap=None,
+    sliding_window=None,
+    gpu_capability: tuple[int, int] | None = None,
+) -> tuple[str, str]:
+    """The attention implementation a run on `platform` will use for sequences of `seq_len`, and why.
+
+    For the one log line at start-up (the model itself never prints). An explicit kernel that cannot
+    run on this platform is a UserError here, before anything is compiled.
+    """
+    platform = _platform(platform)
+    impl = cfg.attention_impl
+    needs = {"cudnn": "gpu", "splash": "tpu"}
+    if impl in needs and platform != needs[impl]:
+        hint = " (or splash_interpret to run the Pallas kernel interpreted, slowly, for tests)" if impl == "splash" else ""
+        raise UserError(
+            f"model.attention_impl={impl} needs a {needs[impl].upper()}, but this run is on {platform}; "
+            f"use model.attention_impl=auto or xla{hint}"
+        )
+    dtype = cfg.compute_dtype if cfg.dtype != "auto" else (jnp.bfloat16 if platform in ("gpu", "tpu") else jnp.float32)
+    chosen, reason = choose_attention_impl(
+        impl, platform, dtype=dtype, head_dim=cfg.dim_per_head, packed=packed, softcap=softcap,
+        sliding_window=sliding_window, gpu_capability=gpu_capability,
+    )  # fmt: skip
+    if chosen.startswith("splash"):
+        from lm.splash import block_size, padded_length
+
+        padded = padded_length(seq_len)
+        reason += f" (length {seq_len} -> {padded}, block {block_size(padded)})"
+    return chosen, reason
+
+
+def xla_attention(q, k, v, *, mask, scale=None, softcap=None):
+    """Plain attention in XLA: the [T, S] scores exist in memory. q: [B, T, H, D], k/v: [B, S, KV, D],
+    mask: bool broadcastable to [B, H, T, S] (True = attend). GQA groups query heads over K/V heads.
+
+    Minimal version for the dispatcher's fallback; the family-options branch (hfmodel) replaces it.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if softcap is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = softcap * jnp.tanh(logits / softcap)
+    mask = jnp.broadcast_to(mask, (b, h, t, k.shape[1])).reshape(b, kv, h // kv, t, k.shape[1])
+    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def window_mask(length: int, sliding_window) -> jax.Array:
+    """[length, length] bool: key j is within the last `sliding_window` positions up to query i (i - j < W)."""
+    i, j = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
+    return i - j < sliding_window
+
+
+def segment_lengths_and_offsets(segment_ids: jax.Array, max_segments: int):
+    """cuDNN's packed layout from segment ids [batch, length] (contiguous runs, 0 = padding).
+
+    Returns (lengths, offsets, count): int32 [batch, max_segments] run lengths and
+    [batch, max_segments + 1] run starts, both filled with -1 past the row's last document, and
+    the number of documents in each row [batch].
+    """
+
+    def row(seg):
+        length = seg.shape[0]
+        change = jnp.concatenate([jnp.ones((1,), bool), seg[1:] != seg[:-1]])
+        starts = jnp.nonzero(change & (seg != 0), size=max_segments + 1, fill_value=length)[0]
+        boundaries = jnp.nonzero(change, size=length, fill_value=length)[0]
+        ends = jnp.append(boundaries, length)[jnp.searchsorted(boundaries, starts, side="right")]
+        real = starts < length
+        lengths = jnp.where(real, ends - starts, -1)[:max_segments]
+        return lengths.astype(jnp.int32), jnp.where(real, starts, -1).astype(jnp.int32), jnp.sum(change & (seg != 0))
+
+    return jax.vmap(row)(segment_ids)
+
+
+def _cudnn_causal(q, k, v, segment_ids, *, packed: bool, scale, sliding_window, max_segments: int):
+    """cuDNN flash attention with causality and documents passed as lengths, never as a [T, T] mask.
+
+    packed=False (prefill): each row is one right-padded document; its length is the count of
+    non-zero segment ids. packed=True (training): the row's documents become cuDNN's packed
+    ("THD") segments, at most `max_segments` per row (a Hopper GPU feature). A row with more
+    documents than that gets NaN outputs, so the loss says so instead of mixing documents.
+    """
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    window = None if sliding_window is None else int(sliding_window)
+    real = (segment_ids != 0)[:, :, None, None]
+    if not packed:
+        lengths = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)
+        out = cudnn_attention(
+            q, k, v, q_seqlen=lengths, kv_seqlen=lengths, scale=scale, mask_type=MaskType.PADDING_CAUSAL,
+            sliding_window_length=window,
+        )  # fmt: skip
+        return jnp.where(real, out, 0)  # cuDNN leaves padding rows unwritten; they feed the cache's unused slots
+    max_segments = max(2, max_segments)  # one segment per row is the unpacked layout, not this one
+    if k.shape[2] != q.shape[2]:
+        # jax 0.10.2 scales K/V's packed offsets by the *query* heads' stride
+        # (_fix_seqlen_offsets), which is only right when K/V have as many heads.
+        k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
+    lengths, offsets, count = segment_lengths_and_offsets(segment_ids, max_segments)
+    out = cudnn_attention(
+        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets, scale=scale,
+        mask_type=MaskType.PADDING_CAUSAL, sliding_window_length=window,
+    )  # fmt: skip
+    # Padding rows are left unwritten; too many documents poison the row instead of mixing them.
+    out = jnp.where(real, out, 0)
+    return jnp.where((count <= max_segments)[:, None, None, None], out, jnp.nan)
+
+
+def dot_product_attention(
+    q,
+    k,
+    v,
+    mask=None,
+    impl: str = "xla",
+    causal: bool = True,
+    segment_ids=None,
+    *,
+    packed: bool = True,
+    sliding_window=None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    max_segments: int = 32,
+):
+    """Attention dispatcher. q: [batch, q_len, heads, head_dim], k/v: [batch, kv_len, kv_heads, head_dim].
+
+    causal=True: self-attention over one sequence (q_len == kv_len); `segment_ids` [batch, length]
+      keep packed documents apart (0 = padding) and `mask` must be None: each kernel gets causality,
+      documents and the window in its own form, and only the XLA fallback builds a [T, T] mask.
+      packed=False promises one right-padded document per row (prefill), which cuDNN takes as lengths.
+    causal=False: `mask` (bool, broadcastable to [batch, heads, q_len, kv_len]) is the whole story,
+      e.g. a decode step over the cache; always XLA.
+    sliding_window: each query sees itself and the W-1 keys before it (Mistral/Gemma); an int, or a
+      traced per-layer value (then XLA). softcap: Gemma 2's tanh cap on the scaled logits.
+    scale: logit scale, default head_dim ** -0.5.
+    max_segments: documents per packed row that cuDNN can keep apart (model.max_segments).
+    impl: model.attention_impl; `auto` picks by jax.default_backend() at trace time.
+    """
+    if not causal:
+        return xla_attention(q, k, v, mask=mask, scale=scale, softcap=softcap)
+    if mask is not None:
+        raise ValueError("causal attention takes segment_ids, not a dense mask")
+    if segment_ids is None:
+        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    chosen, _ = choose_attention_impl(
+        impl, jax.default_backend(), dtype=q.dtype, head_dim=q.shape[-1],
+        packed=packed, softcap=softcap, sliding_window=sliding_window,
+    )  # fmt: skip
+    if chosen in ("splash", "splash_interpret"):
+        from lm.splash import splash_attention  # imported lazily: only TPU runs need Pallas
+
+        return splash_attention(
+            q, k, v, segment_ids, scale=scale, softcap=softcap, sliding_window=sliding_window,
+            interpret=chosen == "splash_interpret",
+        )  # fmt: skip
+    if chosen == "cudnn":
+        return _cudnn_causal(
+            q, k, v, segment_ids, packed=packed, scale=scale, sliding_window=sliding_window, max_segments=max_segments
+        )
+    mask = attention_mask(segment_ids)
+    if sliding_window is not None:
+        mask = mask & window_mask(q.shape[1], sliding_window)
+    return xla_attention(q, k, v, mask=mask, scale=scale, softcap=softcap)
 
 
 def kernel_init(cfg: ModelConfig, residual: bool = False):
@@ -160,7 +388,8 @@ class Attention(nnx.MultiHeadAttention):
                 self.cached_key[...] = self.cached_key[...].at[:, :length].set(k.astype(self.cached_key.dtype))
                 self.cached_value[...] = self.cached_value[...].at[:, :length].set(v.astype(self.cached_value.dtype))
             out = dot_product_attention(
-                q, k, v, attention_mask(segment_ids), cfg.attention_impl, causal=True, segment_ids=segment_ids
+                q, k, v, None, cfg.attention_impl, causal=True, segment_ids=segment_ids,
+                packed=mode == "train", max_segments=cfg.max_segments,
             )
         out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return self.out(out)

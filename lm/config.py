@@ -35,10 +35,13 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention_impl: Literal["xla", "cudnn", "splash"] = "xla"
+    # auto: cuDNN flash attention on GPU, splash on TPU, XLA elsewhere or where a kernel can't do the
+    # layer (lm.attention.choose_attention_impl); splash_interpret runs splash in the Pallas interpreter.
+    attention_impl: Literal["auto", "xla", "cudnn", "splash", "splash_interpret"] = "auto"
+    max_segments: int = 32  # packed documents per row that cuDNN keeps apart (more: NaN loss, not mixing)
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_segments"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name}={getattr(self, name)} must be positive")
         if self.n_heads % self.n_kv_heads:
@@ -63,7 +66,7 @@ class ModelConfig:
             ("mlp", ("swiglu", "gelu")),
             ("positions", ("rope", "learned")),
             ("remat", ("none", "full", "dots", "dots_no_batch")),
-            ("attention_impl", ("xla", "cudnn", "splash")),
+            ("attention_impl", ("auto", "xla", "cudnn", "splash", "splash_interpret")),
             ("dtype", ("auto", "float32", "bfloat16", "float16")),
             ("param_dtype", ("float32", "bfloat16")),
         ):

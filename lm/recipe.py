@@ -206,9 +206,6 @@ class Recipe:
         if t.per_device_batch_size < 0 or t.max_bad_steps < 0:
             raise UserError("train.per_device_batch_size and train.max_bad_steps must be >= 0")
         self._check_rules()
-        m = self.model
-        if m.attention_impl == "splash" and t.seq_len > 512 and t.seq_len % 512:
-            raise UserError(f"model.attention_impl=splash needs train.seq_len={t.seq_len} to be a multiple of 512")
 
     def _check_rules(self):
         from sharding.mesh import AXES

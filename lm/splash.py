@@ -1,8 +1,13 @@
 """TPU splash attention (Pallas): causal, segment-aware, never materialising the [T, T] scores.
 
-Selected with model.attention_impl=splash. Off TPU it runs in Pallas interpret mode, which is slow
-but exact, so the CPU tests check it against the XLA path. Under a mesh the kernel runs per shard
-(shard_map): batch over the batch axes, heads over the tensor axis.
+Chosen by model.attention_impl=auto on TPU (or =splash). `splash_interpret` runs the same kernel in
+the Pallas interpreter, slow but exact, which is how the CPU tests check it against XLA; nothing
+switches to the interpreter on its own. Under a mesh the kernel runs per shard (shard_map): batch
+over the batch axes, heads over the tensor axis.
+
+The real kernel needs its key/value compute block to be a multiple of 128, so sequences are padded
+to a multiple of 128 (segment id 0: padding attends only to padding) and sliced back afterwards.
+Grouped-query attention is native: K/V keep their own heads and each query head reads its group's.
 """
 
 import functools
@@ -12,32 +17,72 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from sharding.rules import map_over_shards
+from sharding.rules import logical_to_spec, map_over_shards
+
+LANES = 128  # TPU vector lane width: the kernel's kv compute block must be a multiple of it
+MAX_BLOCK = 512
 
 
-def _kernel_call(q, k, v, segment_ids, *, block: int, interpret: bool):
-    """q, k, v: [batch, heads, length, head_dim] (k/v already repeated to all heads)."""
+def padded_length(length: int) -> int:
+    return -(-length // LANES) * LANES
+
+
+def block_size(padded: int) -> int:
+    """512, or the largest multiple of 128 that divides the padded length."""
+    return max(b for b in range(LANES, MAX_BLOCK + 1, LANES) if padded % b == 0)
+
+
+def _kernel_call(q, k, v, segment_ids, *, block: int, window: int | None, softcap: float | None, interpret: bool):
+    """q: [batch, heads, length, head_dim], k/v: [batch, kv_heads, length, head_dim]; one shard's worth."""
     heads, length = q.shape[1], q.shape[2]
     sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
         block_q_dq=block, block_kv_dq=block,
     )  # fmt: skip
-    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length)) for _ in range(heads)])
-    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    if window is None:
+        one = splash_mask.CausalMask((length, length))
+    else:  # itself and the window - 1 keys before it
+        one = splash_mask.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+    mask = splash_mask.MultiHeadMask([one for _ in range(heads)])
+    kernel = splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, attn_logits_soft_cap=softcap, interpret=interpret
+    )
     return jax.vmap(kernel)(q, k, v, segment_ids=splash.SegmentIds(q=segment_ids, kv=segment_ids))
 
 
-def splash_attention(q, k, v, segment_ids):
+def _head_shards(names, shape) -> int:
+    """How many ways the heads axis (dimension 1) of an array with these logical names is split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = logical_to_spec(names, shape=shape, mesh=mesh)[1]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return functools.reduce(lambda n, a: n * mesh.shape[a], axes, 1)
+
+
+def splash_attention(
+    q, k, v, segment_ids, *, scale=None, softcap=None, sliding_window=None, interpret: bool = False
+):  # fmt: skip
     """q: [batch, length, heads, head_dim], k/v: [batch, length, kv_heads, head_dim]; segment_ids: [batch, length]."""
-    heads, kv_heads, head_dim, length = q.shape[2], k.shape[2], q.shape[3], q.shape[1]
-    q = (q * head_dim**-0.5).transpose(0, 2, 1, 3)  # the kernel does not scale
-    k = jnp.repeat(k, heads // kv_heads, axis=2).transpose(0, 2, 1, 3)
-    v = jnp.repeat(v, heads // kv_heads, axis=2).transpose(0, 2, 1, 3)
-    block = min(512, length)
-    if length % block:
-        raise ValueError(f"splash attention needs the sequence length ({length}) to be a multiple of {block}")
-    call = functools.partial(_kernel_call, block=block, interpret=jax.devices()[0].platform != "tpu")
-    qkv = ("batch", "heads", "length", "head_dim")
-    out = map_over_shards(call, (q, k, v, segment_ids.astype(jnp.int32)), (qkv, qkv, qkv, ("batch", "length")), qkv)
-    return out.transpose(0, 2, 1, 3)
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    padded = padded_length(length)
+    pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    q = jnp.pad(q * scale, pad).transpose(0, 2, 1, 3)  # the kernel does not scale
+    k = jnp.pad(k, pad).transpose(0, 2, 1, 3)
+    v = jnp.pad(v, pad).transpose(0, 2, 1, 3)
+    segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)))
+    q_names = ("batch", "heads", "length", "head_dim")
+    kv_names = ("batch", "kv_heads", "length", "head_dim")
+    if _head_shards(q_names, q.shape) != _head_shards(kv_names, k.shape):
+        # Query heads are split more ways than K/V heads (tensor axis > kv_heads): each shard's
+        # query heads then need their own K/V heads, so repeat them to one per query head.
+        k, v = (jnp.repeat(x, heads // kv_heads, axis=1) for x in (k, v))
+        kv_names = q_names
+    call = functools.partial(
+        _kernel_call, block=block_size(padded), window=sliding_window, softcap=softcap, interpret=interpret
+    )
+    out = map_over_shards(call, (q, k, v, segment_ids), (q_names, kv_names, kv_names, ("batch", "length")), q_names)
+    return out.transpose(0, 2, 1, 3)[:, :length]

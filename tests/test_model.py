@@ -164,7 +164,7 @@ def test_presets_are_valid():
 def test_splash_attention_matches_xla_with_segments(tiny_cfg):
     """The TPU Pallas kernel (interpret mode off TPU) against the XLA path: forward and gradients."""
     xla = build(tiny_cfg)
-    splash = build(dataclasses.replace(tiny_cfg, attention_impl="splash"))
+    splash = build(dataclasses.replace(tiny_cfg, attention_impl="splash_interpret"))
     tokens, positions = tokens_and_positions(2, 128, tiny_cfg.vocab_size)
     segments = jnp.concatenate([jnp.ones((2, 50), jnp.int32), jnp.full((2, 78), 2, jnp.int32)], axis=1)
     np.testing.assert_allclose(splash(tokens, positions, segments), xla(tokens, positions, segments), atol=1e-5)

@@ -83,6 +83,7 @@ def _write_empty_corpus(tmp_path):
         ("missing corpus", ['data.inputs=["/nonexistent/corpus/*.txt"]'], "/nonexistent/corpus"),
         ("empty corpus", None, "empty"),
         ("invalid model", ["model.n_heads=4", "model.n_kv_heads=3"], "not divisible"),
+        ("kernel this platform lacks", ["model.attention_impl=cudnn"], "model.attention_impl=cudnn needs a GPU"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, case, sets, message):

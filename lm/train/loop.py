@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 from tqdm import tqdm
 
+from lm.attention import resolve_attention_impl
 from lm.data import TokenFile, Tokenizer, make_dataset, prepare_corpus
 from lm.data.prepare import file_sha256
 from lm.decode import generate
@@ -173,6 +174,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     agreed(check_resumable, run_dir, recipe)
     check_divisible(recipe.logical_dims(), mesh, rules)
     agreed(check_writable, checkpoint_dir(recipe, run_dir))
+    say("attention: %s (%s)" % resolve_attention_impl(m, jax.default_backend(), t.seq_len))
     data_dir, tokenizer = prepare_data(recipe, run_dir)
 
     pid, nproc = jax.process_index(), jax.process_count()

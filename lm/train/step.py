@@ -11,6 +11,25 @@ from lm.loss import cross_entropy_sum
 from sharding.rules import logical_constraint
 
 
+def compute_params(params, dtype):
+    """Matmul weights (kernels, embedding tables) cast to the compute dtype while still sharded.
+
+    The layers would cast them anyway, but after FSDP's all-gather, which then moves float32. The
+    sharding constraint pins the cast to the parameter's own layout, so the gathers move half the
+    bytes. Norm scales and biases are small and stay as they are. Differentiating through the cast
+    keeps the gradients in the parameters' own dtype.
+    """
+
+    def cast(path, var):
+        if path[-1].key not in ("kernel", "embedding"):
+            return var
+        names = var.get_metadata().get("out_sharding")
+        value = var.get_value().astype(dtype)
+        return var.replace(logical_constraint(value, names) if names else value)
+
+    return jax.tree_util.tree_map_with_path(cast, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
 def _loss_sums(model, batch):
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
     return cross_entropy_sum(logits, batch["targets"], batch["weights"])
@@ -41,7 +60,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
 
     def sums_and_grads(mb):
         def loss(p):
-            return _loss_sums(nnx.merge(graphdef, p, rest), mb)
+            return _loss_sums(nnx.merge(graphdef, compute_params(p, model.cfg.compute_dtype), rest), mb)
 
         (loss_sum, weight), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return loss_sum, weight, grads
@@ -75,4 +94,5 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
 @nnx.jit
 def eval_step(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Summed loss and token weight of one batch (the caller averages over batches)."""
-    return _loss_sums(model, batch)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return _loss_sums(nnx.merge(graphdef, compute_params(params, model.cfg.compute_dtype), rest), batch)

@@ -167,9 +167,38 @@ def test_restore_onto_a_different_mesh_continues_with_the_same_loss(tmp_path):
         assert got == pytest.approx(expected, rel=1e-5), shape
 
 
-def test_splash_attention_under_a_mesh_matches_single_device():
-    cfg = dataclasses.replace(CFG, attention_impl="splash", max_seq_len=128)
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_splash_attention_under_a_mesh_matches_single_device(kv_heads):
+    cfg = dataclasses.replace(CFG, attention_impl="splash_interpret", max_seq_len=128, n_kv_heads=kv_heads)
     xla = dataclasses.replace(cfg, attention_impl="xla")
     single, _ = run_steps(mesh_of((1, 1, 1), jax.devices()[:1]), n=1, cfg=xla, length=128)
     sharded, _ = run_steps(mesh_of((2, 2, 2)), n=1, cfg=cfg, length=128)
     np.testing.assert_allclose(sharded, single, rtol=1e-5)
+
+
+def test_splash_lowers_for_tpu_per_shard_with_gqa():
+    """The real kernel (interpret off) inside shard_map on a (2, 2, 2) mesh, 8 query and 2 K/V heads."""
+    cfg = dataclasses.replace(CFG, attention_impl="splash", max_seq_len=512, n_kv_heads=2, dtype="bfloat16")
+    mesh = mesh_of((2, 2, 2))
+    model, opt = build(mesh, cfg)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+        batch = put_batch(next(batches(1, length=512)), mesh, RULES)
+        text = train_step.trace(model, opt, batch).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text and "512x512x" not in text
+
+
+def test_cudnn_lowers_for_cuda_under_a_mesh_without_a_square_operand(monkeypatch):
+    """Under a mesh jax wraps cuDNN attention in custom partitioning (the `__cudnn$fmha` call itself
+    appears only when XLA compiles for the GPU); its operands are q, k, v and per-document lengths
+    and offsets, never a [T, T] mask. jax's cuDNN probes are stood in for, as in test_lowering.py."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    cfg = dataclasses.replace(CFG, attention_impl="cudnn", max_seq_len=512, n_kv_heads=2, dtype="bfloat16")
+    mesh = mesh_of((2, 2, 2))
+    model, opt = build(mesh, cfg)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+        batch = put_batch(next(batches(1, length=512)), mesh, RULES)
+        text = train_step.trace(model, opt, batch).lower(lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @CustomSPMDPartitioning" in text and "512x512x" not in text
