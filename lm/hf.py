@@ -248,7 +248,7 @@ def _from_hf(hf: dict, where) -> ModelConfig:
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         d_ff=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
-        head_dim=hf.get("head_dim") or None,
+        head_dim=_head_dim(hf),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         norm="rms_plus_one" if gemma else "rms",
         mlp="geglu" if gemma else "swiglu",
@@ -265,6 +265,12 @@ def _from_hf(hf: dict, where) -> ModelConfig:
         sliding_window_first=first,
         sliding_window_every=every,
     )
+
+
+def _head_dim(hf: dict) -> int | None:
+    """None where head_dim is the default hidden_size // heads (our config leaves it unset then)."""
+    head_dim = hf.get("head_dim")
+    return None if head_dim in (None, hf["hidden_size"] // hf["num_attention_heads"]) else head_dim
 
 
 def _expect(hf, where, **allowed):
