@@ -6,6 +6,8 @@ import pathlib
 
 import transformers
 
+from lm.data.tokenizer import HF_TOKENIZER_FILES
+
 
 TEMPLATE = (
     "{{ bos_token }}"
@@ -107,6 +109,7 @@ def tiny_llama(out: pathlib.Path, tokenizer_folder: pathlib.Path | None, *, voca
                 p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(out)
     if tokenizer_folder is not None:
-        for f in tokenizer_folder.iterdir():
-            shutil.copyfile(f, out / f.name)
+        for name in (*HF_TOKENIZER_FILES, "generation_config.json"):
+            if (tokenizer_folder / name).is_file():
+                shutil.copyfile(tokenizer_folder / name, out / name)
     return out
