@@ -101,8 +101,10 @@ def main(argv=None):
     def run(prompts: list[str], stream: bool):
         texts = prompts
         if args.chat:  # each prompt is a user turn; the template writes its own BOS and special tokens
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-                     for p in prompts]
+            texts = [
+                tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                for p in prompts
+            ]
         with jax.set_mesh(loaded.mesh), nnx.logical_axis_rules(loaded.rules):
             completions, gen = complete(
                 model,

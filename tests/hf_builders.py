@@ -8,7 +8,6 @@ import transformers
 
 from lm.data.tokenizer import HF_TOKENIZER_FILES
 
-
 TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -69,9 +68,20 @@ def spm_folder(out: pathlib.Path) -> pathlib.Path:
     model = io.BytesIO()
     lines = [line for doc in corpus() for line in doc.splitlines(keepends=True)]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=400, byte_fallback=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        split_digits=True, allow_whitespace_only_pieces=True, pad_id=-1, unk_id=0, bos_id=1, eos_id=2,
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        pad_id=-1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
         minloglevel=2,
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -99,8 +109,15 @@ def tiny_llama(out: pathlib.Path, tokenizer_folder: pathlib.Path | None, *, voca
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():

@@ -54,8 +54,16 @@ def transformers_greedy(folder, ids: list[int], n: int) -> list[int]:
 
 def generate_cli(folder, tmp_path, *extra):
     out = run_cli(
-        "launch.generate", "--hf", str(folder), "--prompt", PROMPT, "--max-new-tokens", "16",
-        "--output", str(tmp_path / "out.jsonl"), *extra,
+        "launch.generate",
+        "--hf",
+        str(folder),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "16",
+        "--output",
+        str(tmp_path / "out.jsonl"),
+        *extra,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
@@ -91,9 +99,7 @@ def test_greedy_stops_at_a_generation_config_eos_like_transformers(models, tmp_p
 @pytest.mark.slow
 def test_chat_prompt_uses_the_template_like_transformers(models, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(models["bpe"])
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_dict=False
-    )
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_dict=False)
     expected = transformers_greedy(models["bpe"], list(ids), 16)
     assert generate_cli(models["bpe"], tmp_path, "--chat")["tokens"] == expected
 

@@ -106,8 +106,15 @@ def test_dump_logits_equal_transformers_without_tokenizer_files(models, tmp_path
     ids = np.random.default_rng(0).integers(0, 400, (3, 40))
     np.save(tmp_path / "ids.npy", ids)
     out = score(
-        "--hf", str(weights_only), "--token-ids", str(tmp_path / "ids.npy"), "--dump-logits",
-        str(tmp_path / "logits.npy"), "--batch-size", "2", "--json",
+        "--hf",
+        str(weights_only),
+        "--token-ids",
+        str(tmp_path / "ids.npy"),
+        "--dump-logits",
+        str(tmp_path / "logits.npy"),
+        "--batch-size",
+        "2",
+        "--json",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     ours = np.load(tmp_path / "logits.npy")

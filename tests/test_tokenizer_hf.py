@@ -104,7 +104,9 @@ def test_own_sentencepiece_exports_to_an_equal_autotokenizer(own_spm, tmp_path):
         assert theirs(text)["input_ids"] == ids, text
         assert theirs.decode(ids, skip_special_tokens=True) == own_spm.decode(ids) == text
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (
-        own_spm.bos_id, own_spm.eos_id, own_spm.pad_id,
+        own_spm.bos_id,
+        own_spm.eos_id,
+        own_spm.pad_id,
     )
     # ...and reloading the export gives our tokenizer back.
     again = load_tokenizer(tmp_path / "hf")

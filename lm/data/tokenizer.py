@@ -132,7 +132,9 @@ class Tokenizer:
         specials.update({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in config})
         if "added_tokens_decoder" not in config:  # transformers reads the legacy map only then
             legacy = _read_json(folder / "special_tokens_map.json")
-            specials.update({k: v for k, v in legacy.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")})
+            specials.update(
+                {k: v for k, v in legacy.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+            )
         specials = {k: _content(v) for k, v in specials.items() if _content(v) is not None}
         self.files = [folder / f for f in HF_TOKENIZER_FILES if (folder / f).is_file()]
 
@@ -225,7 +227,10 @@ class Tokenizer:
         size = self._sp.get_piece_size()
         for index, entry in (config.get("added_tokens_decoder") or {}).items():
             token = _Added(
-                entry["content"], int(index), bool(entry.get("special", True)), entry.get("lstrip", False),
+                entry["content"],
+                int(index),
+                bool(entry.get("special", True)),
+                entry.get("lstrip", False),
                 entry.get("rstrip", False),
             )
             if token.id >= size or self._sp.id_to_piece(token.id) != token.content:
@@ -250,7 +255,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Ids run from 0 to vocab_size - 1 (added tokens included)."""
         if self._hf_json is not None:
-            return max(self._hf_json.get_vocab_size(with_added_tokens=True), max(self._hf_json.get_vocab().values()) + 1)
+            return max(
+                self._hf_json.get_vocab_size(with_added_tokens=True), max(self._hf_json.get_vocab().values()) + 1
+            )
         return self._sp.get_piece_size()
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
@@ -321,7 +328,12 @@ class Tokenizer:
         return self._sp.id_to_piece(int(token_id))
 
     def apply_chat_template(
-        self, messages: Sequence[dict], *, add_generation_prompt: bool = False, chat_template: str | None = None, **kwargs
+        self,
+        messages: Sequence[dict],
+        *,
+        add_generation_prompt: bool = False,
+        chat_template: str | None = None,
+        **kwargs,
     ) -> str:
         """The conversation as text, rendered like transformers' `apply_chat_template(..., tokenize=False)`.
 
@@ -343,7 +355,10 @@ class Tokenizer:
 
         try:
             return _compile_chat_template(template).render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
                 **{**names, **kwargs},
             )
         except jinja2.exceptions.TemplateError as e:
