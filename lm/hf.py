@@ -185,7 +185,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def config_from_hf(folder, **overrides) -> ModelConfig:
     """The ModelConfig that config.json describes (transformers 5.x `rope_parameters` or 4.x
     `rope_theta`/`rope_scaling`); overrides set execution options such as scan_layers or dtype."""
-    path = pathlib.Path(folder) / "config.json"
+    path = pathlib.Path(folder).expanduser() / "config.json"
     if not path.is_file():
         raise UserError(
             f"{folder} is not a Hugging Face model folder (no config.json); pass the folder that holds "
@@ -516,7 +516,7 @@ def load_hf(
     from sharding.mesh import make_mesh
     from sharding.rules import logical_rules
 
-    folder = pathlib.Path(folder)
+    folder = pathlib.Path(folder).expanduser()
     overrides = dict(scan_layers=scan_layers)
     if dtype is not None:
         overrides["dtype"] = dtype
