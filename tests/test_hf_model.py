@@ -212,3 +212,29 @@ def test_folder_that_is_not_a_model_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(build_hf("gpt2").config.to_dict()))
     with pytest.raises(UserError, match="holds no model.safetensors"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name", ["llama3_2_1b", "llama3_1_8b", "mistral_7b", "qwen2_5_0_5b", "qwen3_0_6b", "gemma_2b", "gemma2_2b", "gpt2_124m"]
+)
+def test_family_presets_write_a_config_that_reads_back_the_same(name):
+    """config_to_hf checks the read-back itself; transformers must also accept the file."""
+    import transformers
+
+    from lm.config import preset
+    from lm.hf import config_to_hf
+
+    written = config_to_hf(preset(name))
+    config = transformers.AutoConfig.for_model(**written)
+    assert type(config).__name__.lower().startswith(written["model_type"].replace("_", ""))
+
+
+def test_option_without_a_hugging_face_equivalent_is_refused_on_export(tiny_cfg, tmp_path):
+    import dataclasses
+
+    from lm.model import Transformer
+
+    cfg = dataclasses.replace(tiny_cfg, n_layers=3, sliding_window=4, sliding_window_every=2)  # Mistral: all layers
+    with pytest.raises(UserError, match="mistral checkpoint: .*sliding_window_every=2"):
+        save_hf(Transformer(cfg, rngs=nnx.Rngs(0)), tmp_path)
+    assert not list(tmp_path.iterdir())
