@@ -214,9 +214,10 @@ def test_folder_that_is_not_a_model_is_refused(tmp_path):
         load_hf(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "name", ["llama3_2_1b", "llama3_1_8b", "mistral_7b", "qwen2_5_0_5b", "qwen3_0_6b", "gemma_2b", "gemma2_2b", "gpt2_124m"]
-)
+HF_PRESETS = ["llama3_2_1b", "llama3_1_8b", "mistral_7b", "qwen2_5_0_5b", "qwen3_0_6b", "gemma_2b", "gemma2_2b", "gpt2_124m"]
+
+
+@pytest.mark.parametrize("name", HF_PRESETS)
 def test_family_presets_write_a_config_that_reads_back_the_same(name):
     """config_to_hf checks the read-back itself; transformers must also accept the file."""
     import transformers
