@@ -214,7 +214,16 @@ def test_folder_that_is_not_a_model_is_refused(tmp_path):
         load_hf(tmp_path)
 
 
-HF_PRESETS = ["llama3_2_1b", "llama3_1_8b", "mistral_7b", "qwen2_5_0_5b", "qwen3_0_6b", "gemma_2b", "gemma2_2b", "gpt2_124m"]
+HF_PRESETS = (
+    "llama3_2_1b",
+    "llama3_1_8b",
+    "mistral_7b",
+    "qwen2_5_0_5b",
+    "qwen3_0_6b",
+    "gemma_2b",
+    "gemma2_2b",
+    "gpt2_124m",
+)
 
 
 @pytest.mark.parametrize("name", HF_PRESETS)
