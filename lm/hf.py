@@ -499,10 +499,13 @@ class _Checkpoint:
                     raise UserError(f"{folder} lacks shard {file}, which {index.name} lists; download it again")
             self.files = {name: folder / file for name, file in weight_map.items()}
         elif (folder / "model.safetensors").is_file():
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(folder / "model.safetensors", framework="numpy") as f:
-                self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
+            try:
+                with safe_open(folder / "model.safetensors", framework="numpy") as f:
+                    self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"{folder / 'model.safetensors'} is not a readable safetensors file ({e})") from None
         else:
             raise UserError(f"{folder} holds no model.safetensors or model.safetensors.index.json")
 

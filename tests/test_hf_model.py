@@ -248,3 +248,11 @@ def test_option_without_a_hugging_face_equivalent_is_refused_on_export(tiny_cfg,
     with pytest.raises(UserError, match="mistral checkpoint: .*sliding_window_every=2"):
         save_hf(Transformer(cfg, rngs=nnx.Rngs(0)), tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_truncated_safetensors_file_is_refused(tmp_path):
+    save_hf_checkpoint("gpt2", tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_hf(tmp_path)
