@@ -294,6 +294,17 @@ class Checkpointer:
         )
         nnx.update(model, restored["model"])
 
+    def save_params(self, step: int, model, meta: dict) -> None:
+        """A weights-only checkpoint (an imported model): `model` and `meta` items, no optimizer or
+        data state. restore_params and meta read it like any other step."""
+        args = ocp.args.Composite(
+            model=ocp.args.StandardSave(nnx.state(model, nnx.Param)), meta=ocp.args.JsonSave({**meta, "step": step})
+        )
+        with _save_errors(self, step):
+            self.manager.save(step, args=args, force=True)
+        self.saving = step
+        self.wait()
+
     def close(self) -> None:
         """Wait for a save in flight and release orbax's threads. A save failure already reported
         is not raised twice."""
