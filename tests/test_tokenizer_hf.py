@@ -57,6 +57,19 @@ def test_encode_decode_equal_autotokenizer(folders, name):
     assert_same_as_transformers(ours, theirs)
 
 
+@pytest.mark.parametrize("name", ["llama3_bpe", "gpt2_bpe", "llama2_spm"])
+def test_decode_of_random_ids_equals_autotokenizer(folders, name):
+    """What an untrained model emits: special ids, partial UTF-8 byte runs, pieces in any order."""
+    import numpy as np
+
+    ours = load_tokenizer(folders[name])
+    theirs = transformers.AutoTokenizer.from_pretrained(folders[name])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.integers(0, ours.vocab_size, rng.integers(1, 40)).tolist()
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), ids
+
+
 def test_bos_rule_follows_transformers(folders):
     assert load_tokenizer(folders["llama3_bpe"]).encode("x")[0] == load_tokenizer(folders["llama3_bpe"]).bos_id
     assert load_tokenizer(folders["llama2_spm"]).add_bos

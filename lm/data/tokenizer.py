@@ -218,6 +218,8 @@ class Tokenizer:
         add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
         legacy = bool(config.get("legacy", False))
         self._prepend = ("always" if legacy else "first") if add_prefix_space else "never"
+        if str(config.get("tokenizer_class", "")).startswith("Gemma"):  # GemmaTokenizer adds no "▁" prefix
+            self._prepend = "never"
         # Control (3), unknown (2) and user-defined (4) pieces are added tokens; only the first two are special.
         added = {
             p.piece: _Added(p.piece, i, special=p.type in (2, 3))
@@ -298,21 +300,24 @@ class Tokenizer:
             return self._sp.decode(ids)
         if self.kind == "tokenizers":
             return self._hf_json.decode(ids, skip_special_tokens=True)
-        # Added tokens are cut out of the text on the way in, so they go back as their text on the way out.
-        added = {t.id: t.content for t in self._added if not t.special}
-        text, run = [], []
+        # transformers' decoder for these: "▁" -> " ", runs of <0xNN> bytes -> UTF-8 (a run that is not
+        # valid UTF-8 gives one U+FFFD per byte), joined, then one leading space stripped.
+        pieces, run = [], bytearray()
         for i in ids:
             if i in self._special_ids:
                 continue
-            if i in added:
-                text.append(self._sp.decode(run))
-                text.append(added[i])
-                run = []
-            else:
-                run.append(i)
-        text.append(self._sp.decode(run))
-        out = "".join(text)
-        if self._prepend != "never" and out.startswith(" "):  # transformers' Strip(left=1) decoder
+            piece = self._sp.id_to_piece(i)
+            if self._sp.is_byte(i):
+                run.append(int(piece[3:5], 16))
+                continue
+            if run:
+                pieces.append(_utf8_or_replacement(run))
+                run = bytearray()
+            pieces.append(piece.replace("▁", " "))
+        if run:
+            pieces.append(_utf8_or_replacement(run))
+        out = "".join(pieces)
+        if self._prepend != "never" and out.startswith(" "):
             out = out[1:]
         return out
 
@@ -449,6 +454,13 @@ def _content(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _utf8_or_replacement(data: bytearray) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(data)
 
 
 def _or_none(i: int) -> int | None:
