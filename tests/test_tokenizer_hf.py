@@ -1,5 +1,8 @@
 """Our Tokenizer against transformers.AutoTokenizer on tokenizers the tests train themselves."""
 
+import json
+import shutil
+
 import pytest
 
 from lm.data import Tokenizer, train_tokenizer
@@ -76,6 +79,19 @@ def test_bos_rule_follows_transformers(folders):
     assert not load_tokenizer(folders["gpt2_bpe"]).add_bos
     forced = load_tokenizer(folders["gpt2_bpe"]).encode("x", add_bos=True)
     assert forced[0] == load_tokenizer(folders["gpt2_bpe"]).bos_id and len(forced) == 2
+
+
+def test_add_bos_token_next_to_a_tokenizer_json_is_ignored_like_transformers(folders, tmp_path):
+    """transformers drops add_bos_token when tokenizer.json exists: its post-processor alone decides."""
+    folder = tmp_path / "no_post_processor"
+    shutil.copytree(folders["llama3_bpe"], folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    assert_same_as_transformers(load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder))
+    assert not load_tokenizer(folder).add_bos
 
 
 def test_every_eos_of_generation_config_is_a_stop_id(folders):
