@@ -94,6 +94,26 @@ def test_add_bos_token_next_to_a_tokenizer_json_is_ignored_like_transformers(fol
     assert not load_tokenizer(folder).add_bos
 
 
+def test_llama2_style_tokenizer_json_is_read_as_llama_tokenizer_reads_it(folders, tmp_path):
+    """Llama 2's tokenizer.json normalizes with Prepend("▁"); transformers' LlamaTokenizer replaces that with
+    its Metaspace rule (no "▁" after a special token, none before a leading space): so must we."""
+    folder = tmp_path / "llama2_json"
+    transformers.AutoTokenizer.from_pretrained(folders["llama2_spm"]).save_pretrained(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ],
+    }
+    spec["pre_tokenizer"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    assert type(theirs).__name__ == "LlamaTokenizer"
+    assert_same_as_transformers(load_tokenizer(folder), theirs)
+
+
 def test_every_eos_of_generation_config_is_a_stop_id(folders):
     tok = load_tokenizer(folders["llama3_bpe"])
     end_of_text, eot = tok.token_to_id("<|end_of_text|>"), tok.token_to_id("<|eot_id|>")

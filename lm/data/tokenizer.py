@@ -181,6 +181,8 @@ class Tokenizer:
         tok.no_padding()
         tok.no_truncation()
         tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        if _class_name(config) == "LlamaTokenizer" and not _byte_level(folder / "tokenizer.json"):
+            _as_llama_tokenizer(tok, config)
         # transformers registers the named special tokens as added tokens when tokenizer.json lacks them.
         present = {t.content for t in tok.get_added_tokens_decoder().values()}
         missing = [v for v in specials.values() if v not in present and tok.token_to_id(v) is not None]
@@ -209,11 +211,8 @@ class Tokenizer:
         proto.normalizer_spec.remove_extra_whitespaces = False
         self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self._vocab_size = self._sp.get_piece_size()
-        add_prefix_space = config.get("add_prefix_space")
-        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
-        legacy = bool(config.get("legacy", False))
-        self._prepend = ("always" if legacy else "first") if add_prefix_space else "never"
-        if str(config.get("tokenizer_class", "")).startswith("Gemma"):  # GemmaTokenizer adds no "▁" prefix
+        self._prepend = _prepend_scheme(config)
+        if _class_name(config).startswith("Gemma"):  # GemmaTokenizer adds no "▁" prefix
             self._prepend = "never"
         # Control (3), unknown (2) and user-defined (4) pieces are added tokens; only the first two are special.
         added = {
@@ -418,6 +417,37 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, where: str) -> None
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
+
+
+def _class_name(config: dict) -> str:
+    return str(config.get("tokenizer_class") or "").removesuffix("Fast")
+
+
+def _byte_level(tokenizer_json: Path) -> bool:
+    """transformers' test for a Llama 3 style file declared as LlamaTokenizer (then used as it is)."""
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    return "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+
+
+def _as_llama_tokenizer(tok, config: dict) -> None:
+    """What transformers' LlamaTokenizer keeps of a sentencepiece-style tokenizer.json: the vocabulary, merges,
+    added tokens and post-processor. Its own normalizer (none), Metaspace pre-tokenizer and decoder replace
+    the file's (Llama 2's Prepend("▁") normalizer, say, which also prefixes text after a special token)."""
+    from tokenizers import decoders, pre_tokenizers
+
+    scheme = _prepend_scheme(config)
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + [decoders.Strip(content=" ", left=1)] * (scheme != "never"))
+
+
+def _prepend_scheme(config: dict) -> str:
+    """transformers' `_get_prepend_scheme`: where Metaspace puts the "▁" that stands for a leading space."""
+    add_prefix_space = config.get("add_prefix_space")
+    if add_prefix_space is not None and not add_prefix_space:
+        return "never"
+    return "always" if config.get("legacy", False) else "first"
 
 
 def _has_hf_config(folder: Path) -> bool:
