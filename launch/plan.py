@@ -57,9 +57,12 @@ def report(plan, recipe) -> str:
         f"  optimizer       {mib(mem.optimizer)}",
         f"  gradients       {mib(mem.gradients)}",
         f"  gathered (FSDP) {mib(mem.gathered)}",
-        f"  activations     {mib(mem.activations)}   by remat: "
+        f"  activations     {mib(mem.activations)}   kept by all layers",
+        f"  one layer       {mib(mem.working)}   working set of the layer being differentiated",
+        f"  logits          {mib(mem.logits)}   (float32, unchunked; freed before the layers' backward, so the "
+        "larger of these two counts)",
+        "  activations + max(one layer, logits) by remat: "
         + ", ".join(f"{r} {mib(mem.activations_by_remat[r])}" for r in REMATS),
-        f"  logits          {mib(mem.logits)}   (float32, unchunked)",
         f"  total           {mib(mem.total)} of {mib(plan.capacity_bytes)} usable "
         f"-> {'fits' if plan.fits else 'DOES NOT FIT'}",
         f"  generation: KV cache {mib(mem.kv_cache_per_sequence)} per sequence of {m.max_seq_len} tokens",

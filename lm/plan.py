@@ -32,19 +32,26 @@ USABLE_FRACTION = 0.9
 # Remat policies from most memory (least recompute) to least memory (most recompute).
 REMATS = ("none", "dots", "dots_no_batch", "full")
 
-# Activation elements kept per token and per layer for the backward pass, by remat policy, as
-# coefficients of (d_model, q/k/v/o width = (2*heads + 2*kv_heads) * head_dim, d_ff, heads * seq_len).
-# Calibrated against XLA's buffer assignment (temp bytes) on CPU; see docs/recipes.md for the fit.
-ACTIVATION_TERMS = {
-    "none": (6.0, 1.0, 8.5, 3.0),
-    "dots": (4.0, 1.0, 3.0, 1.0),
-    "dots_no_batch": (4.0, 1.0, 3.0, 0.0),
-    "full": (1.0, 0.0, 0.0, 0.0),
+# Activation elements per token, as coefficients of (1, d_model, (2*heads + 2*kv_heads) * head_dim,
+# d_ff, heads * seq_len), fitted to XLA's buffer assignment (compiled temp bytes) on CPU for each remat
+# policy by varying one dimension at a time (docs/recipes.md has the fit; the multi-device accuracy
+# test keeps it honest). KEPT: saved for the backward pass by every layer. WORKING: the one layer
+# being recomputed and differentiated at a time.
+KEPT = {
+    "none": (0.0, 8.0, 1.0, 6.0, 2.0),
+    "dots": (0.0, 4.0, 1.0, 3.0, 1.0),
+    "dots_no_batch": (0.0, 4.0, 1.0, 3.0, 0.0),
+    "full": (0.0, 1.0, 0.0, 0.0, 0.0),
 }
-# The one layer being recomputed or differentiated at a time also needs its working set.
-WORKING_TERMS = (6.0, 1.0, 8.5, 3.0)
-# Float32 logits [tokens, vocab]: the logits, their softmax and its gradient.
-LOGIT_COPIES = 3
+WORKING = {
+    "none": (0.0, 3.25, 1.0, 5.0, 2.25),
+    "dots": (0.0, 3.25, 1.0, 5.0, 2.25),
+    "dots_no_batch": (0.0, 3.25, 1.0, 5.0, 2.25),
+    "full": (1038.0, 9.25, 1.0, 8.0, 2.0),
+}
+# Float32 logits per token (x vocab / tensor): the logits and their gradient. They are freed before the
+# layers' backward pass starts, so they never coexist with WORKING: the peak takes the larger.
+LOGIT_COPIES = 2
 
 
 def _bytes(dtype) -> float:
@@ -70,9 +77,10 @@ class Memory:
     optimizer: int
     gradients: int
     gathered: int  # weights FSDP all-gathers for the layer in flight (forward and backward)
-    activations: int  # under the recipe's remat policy
-    logits: int
-    activations_by_remat: dict[str, int]
+    activations: int  # kept for the backward pass by all layers, under the recipe's remat policy
+    working: int  # the one layer being recomputed and differentiated
+    logits: int  # float32 logits and their gradient (unchunked); never live together with `working`
+    activations_by_remat: dict[str, int]  # activations + max(working, logits), per policy
     kv_cache_per_sequence: int  # generation at model.max_seq_len, one sequence
 
     @property
@@ -82,7 +90,7 @@ class Memory:
     @property
     def temporaries(self) -> int:
         """What XLA reports as temp bytes: everything the step allocates beyond its arguments."""
-        return self.gradients + self.gathered + self.activations + self.logits
+        return self.gradients + self.gathered + self.activations + max(self.working, self.logits)
 
     @property
     def total(self) -> int:
@@ -268,13 +276,14 @@ def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape) -> tup
             continue
         if targets and not any(re.search(t, g.path) for t in targets):
             continue
-        layers, dims = (g.shape[0], g.shape[1:]) if len(g.shape) > 2 or "blocks" in g.path else (1, g.shape)
+        unstacked = re.match(r"blocks\.\d+\.", g.path)  # scan_layers=False: one kernel per layer
+        layers, dims = (1, g.shape) if unstacked else (g.shape[0], g.shape[1:])
         split = 2 if g.path.endswith("attn.out.kernel") else 1
         n_in, n_out = math.prod(dims[:split]), math.prod(dims[split:])
         n = layers * rank * (n_in + n_out)
         total += n
-        shard = math.prod(g.shape) * 4 / max(g.bytes_per_device / (_bytes(g.dtype)), 1)  # the kernel's split
-        per_device += int(n * 4 / shard)
+        split_ways = math.prod(g.shape) * _bytes(g.dtype) / g.bytes_per_device  # adapters split like the kernel
+        per_device += int(n * 4 / split_ways)
     return total, per_device
 
 
@@ -288,27 +297,26 @@ def compute_dtype_bytes(model: ModelConfig, device_name: str) -> int:
     return jnp.dtype(model.dtype).itemsize
 
 
-def activation_bytes(model: ModelConfig, rows: float, seq_len: int, remat: str, tensor: int, act_bytes: int) -> int:
-    """Per-device activations that the backward pass keeps, for `rows` sequences of one microbatch.
-
-    Per layer and token, in elements: c_d*d_model + c_qkvo*(2H+2Hkv)*head_dim/tp + c_f*d_ff/tp +
-    c_s*H*seq/tp (attention scores), with (c_d, c_qkvo, c_f, c_s) = ACTIVATION_TERMS[remat]; plus the
-    working set of the one layer being differentiated (WORKING_TERMS) when it is not kept anyway.
-    """
-    h, kv, hd, d, f = model.n_heads, model.n_kv_heads, model.dim_per_head, model.d_model, model.d_ff
+def _per_token(c, model: ModelConfig, seq_len: int, tensor: int) -> float:
+    h, kv, hd = model.n_heads, model.n_kv_heads, model.dim_per_head
     tp_heads = tensor if h % tensor == 0 else 1
-    tp_mlp = tensor if f % tensor == 0 else 1
+    tp_mlp = tensor if model.d_ff % tensor == 0 else 1
+    # Flash attention (splash, cuDNN) never materializes the [seq, seq] scores: O(seq) memory, not O(seq^2).
+    scores = h * seq_len / tp_heads if model.attention_impl == "xla" else 0.0
+    return c[0] + c[1] * model.d_model + c[2] * (2 * h + 2 * kv) * hd / tp_heads + c[3] * model.d_ff / tp_mlp + c[4] * scores
 
-    def per_token(c):
-        return c[0] * d + c[1] * (2 * h + 2 * kv) * hd / tp_heads + c[2] * f / tp_mlp + c[3] * h * seq_len / tp_heads
 
-    kept = model.n_layers * per_token(ACTIVATION_TERMS[remat])
-    working = per_token(WORKING_TERMS) if remat != "none" else 0.0
-    return int(rows * seq_len * (kept + working) * act_bytes)
+def activation_bytes(model: ModelConfig, rows: float, seq_len: int, remat: str, tensor: int, act_bytes: int) -> tuple[int, int]:
+    """(kept by all layers, working set of one layer) in bytes per device, for `rows` sequences of one
+    microbatch: rows * seq_len * act_bytes * (n_layers * KEPT[remat] . x, WORKING[remat] . x) where
+    x = (1, d_model, (2H + 2Hkv) * head_dim / tp, d_ff / tp, H * seq_len / tp)."""
+    tokens = rows * seq_len * act_bytes
+    kept = model.n_layers * _per_token(KEPT[remat], model, seq_len, tensor)
+    return int(tokens * kept), int(tokens * _per_token(WORKING[remat], model, seq_len, tensor))
 
 
 def logits_bytes(model: ModelConfig, rows: float, seq_len: int, tensor: int) -> int:
-    """Float32 logits of one microbatch (split over tensor by vocab), with softmax and gradient."""
+    """Float32 logits of one microbatch (split over tensor by vocab) and their gradient."""
     tp = tensor if model.vocab_size % tensor == 0 else 1
     return int(LOGIT_COPIES * rows * seq_len * model.vocab_size / tp * 4)
 
@@ -421,14 +429,16 @@ def estimate(
     gathered = 0 if fsdp == 1 else int(2 * gathered_copy / n_layers)
 
     rows = t.batch_size / t.grad_accum / (mesh_shape["data"] * mesh_shape["fsdp"])
-    by_remat = {r: activation_bytes(m, rows, t.seq_len, r, tp, act_bytes) for r in REMATS}
     logits = logits_bytes(m, rows, t.seq_len, tp)
+    acts = {r: activation_bytes(m, rows, t.seq_len, r, tp, act_bytes) for r in REMATS}
+    by_remat = {r: kept + max(working, logits) for r, (kept, working) in acts.items()}
     memory = Memory(
         params=int(param_bytes),
         optimizer=int(opt_bytes),
         gradients=int(grad_bytes),
         gathered=gathered,
-        activations=by_remat[m.remat],
+        activations=acts[m.remat][0],
+        working=acts[m.remat][1],
         logits=logits,
         activations_by_remat=by_remat,
         kv_cache_per_sequence=kv_cache_bytes(m, m.max_seq_len, tp, act_bytes),
@@ -437,9 +447,9 @@ def estimate(
     fixed = memory.state + memory.gradients + memory.gathered
     max_rows = {}
     for r in REMATS:
-        per_row = (activation_bytes(m, 1, t.seq_len, r, tp, act_bytes) + logits_bytes(m, 1, t.seq_len, tp))
-        max_rows[r] = max(0, int((capacity - fixed) // per_row))
-    chosen = next((r for r in REMATS if fixed + by_remat[r] + logits <= capacity), None)
+        kept, working = activation_bytes(m, 1, t.seq_len, r, tp, act_bytes)  # all linear in the rows
+        max_rows[r] = max(0, int((capacity - fixed) // (kept + max(working, logits_bytes(m, 1, t.seq_len, tp)))))
+    chosen = next((r for r in REMATS if fixed + by_remat[r] <= capacity), None)
 
     step = step_time(recipe, topo, mesh_shape, dcn, m.remat, gathered_copy, memory.gradients / (2 if t.grad_accum > 1 else 1),
                      act_bytes, mfu, peak_tflops)
