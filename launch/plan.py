@@ -70,7 +70,7 @@ def report(plan, recipe) -> str:
         + ", ".join(f"{r} {plan.max_rows_per_device[r]}" for r in REMATS)
         + f"; remat it would choose: {plan.chosen_remat or 'none fits'}",
         f"step: {s.step_s * 1e3:,.1f} ms predicted -> {s.tokens_per_s:,.0f} tokens/s "
-        f"(compute {s.compute_s * 1e3:,.1f} ms at MFU {s.mfu:.2f} of {s.peak_tflops:.1f} TFLOP/s per device "
+        f"(compute {s.compute_s * 1e3:,.1f} ms at MFU {s.mfu:.2f} of {s.peak_tflops:.3g} TFLOP/s per device "
         f"[{s.peak_source}]; FSDP {s.fsdp_s * 1e3:,.1f} ms, data {s.data_s * 1e3:,.1f} ms, "
         f"tensor {s.tensor_s * 1e3:,.1f} ms, DCN {s.dcn_s * 1e3:,.1f} ms)",
     ]

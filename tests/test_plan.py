@@ -162,3 +162,19 @@ def test_lora_plan_counts_adapters_and_a_low_precision_base():
     assert lora.trainable_params == m.n_layers * per_layer
     assert lora.memory.optimizer == 2 * lora.trainable_params * 4
     assert lora.memory.params == full.memory.params // 2 + lora.trainable_params * 4
+
+
+@pytest.mark.slow
+def test_predicted_step_time_is_within_2x_of_the_benchmark_on_this_cpu():
+    """The small shape on this CPU: FLOPs at the CPU's default MFU over its measured matmul peak,
+    against launch.bench's timed steps. The peak is measured around the benchmark (the machine is
+    shared, so its speed drifts) and both sides see the same load."""
+    from lm.benchmark import bench_train
+    from lm.train.metrics import measure_peak_tflops
+
+    recipe = load_recipe("small", ["train.batch_size=8", "train.seq_len=256"])
+    before = measure_peak_tflops()
+    measured = bench_train(recipe, steps=3, warmup=1)["step_s_median"]
+    peak = (before + measure_peak_tflops()) / 2
+    predicted = estimate(recipe, "cpu", peak_tflops=peak).step.step_s
+    assert 0.5 <= predicted / measured <= 2.0, (predicted, measured, peak)
