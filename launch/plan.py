@@ -21,7 +21,7 @@ def parse(argv=None):
     where.add_argument("--devices", type=int, help="this many devices of this machine's kind")
     where.add_argument("--topology", help="a TPU slice (v5e-256, v5p-128, 'v6e-256 x2') or any named topology")
     where.add_argument("--gpu", help="GPUs, e.g. 'h100-80gb x8', 'a100-80gb x8', 'l4-24gb'")
-    p.add_argument("--mfu", type=float, help="assumed MFU for the step time (default: the device's, e.g. 0.5 on TPU)")
+    p.add_argument("--mfu", type=float, help="assumed MFU for the step time (default: the device's; 0.5 on TPU)")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (default: data sheet; CPU: measured)")
     p.add_argument("--json", help="write the whole plan here")
     p.add_argument("--no-compile", action="store_true", help="skip XLA's memory analysis even where devices exist")
@@ -43,7 +43,8 @@ def report(plan, recipe) -> str:
         f"embedding{', tied head' if m.tie_embeddings else ''})"
         + (f"; trainable {plan.trainable_params:,}" if plan.trainable_params != plan.params else ""),
         f"FLOPs per token: {plan.flops_per_token / 1e9:.3f} GFLOP (6N + 12*L*T*H*D at seq {recipe.train.seq_len}); "
-        f"{plan.tokens_per_step:,} tokens per step ({plan.batch_size} x {recipe.train.seq_len}, grad_accum {plan.grad_accum})",
+        f"{plan.tokens_per_step:,} tokens per step ({plan.batch_size} x {recipe.train.seq_len}, "
+        f"grad_accum {plan.grad_accum})",
         f"mesh: {plan.mesh}" + (f" (DCN part {plan.dcn})" if any(v > 1 for v in plan.dcn.values()) else "")
         + f"; {plan.rows_per_device:g} rows per device per microbatch",
         "sharding (per device):",
@@ -118,7 +119,11 @@ def main(argv=None):
             f"error: {plan.recipe} needs {mib(plan.memory.total)} per device but {plan.hardware} has "
             f"{mib(plan.capacity_bytes)} usable; at most {plan.max_rows_per_device[plan.remat]} rows per device fit "
             f"with remat={plan.remat}"
-            + (f"; try model.remat={plan.chosen_remat}" if plan.chosen_remat else "; use more devices or a smaller batch"),
+            + (
+                f"; try model.remat={plan.chosen_remat}"
+                if plan.chosen_remat
+                else "; use more devices or a smaller batch"
+            ),
             file=sys.stderr,
         )
         sys.exit(1)

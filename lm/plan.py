@@ -19,7 +19,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from lm.config import ModelConfig
 from lm.errors import UserError
-from lm.hardware import DEVICES, Topology, device_for_kind, topology
+from lm.hardware import Topology, device_for_kind, topology
 from lm.recipe import Recipe
 from sharding.mesh import AXES, resolve_shape
 from sharding.partition import check_divisible
@@ -303,10 +303,13 @@ def _per_token(c, model: ModelConfig, seq_len: int, tensor: int) -> float:
     tp_mlp = tensor if model.d_ff % tensor == 0 else 1
     # Flash attention (splash, cuDNN) never materializes the [seq, seq] scores: O(seq) memory, not O(seq^2).
     scores = h * seq_len / tp_heads if model.attention_impl == "xla" else 0.0
-    return c[0] + c[1] * model.d_model + c[2] * (2 * h + 2 * kv) * hd / tp_heads + c[3] * model.d_ff / tp_mlp + c[4] * scores
+    qkvo = (2 * h + 2 * kv) * hd / tp_heads
+    return c[0] + c[1] * model.d_model + c[2] * qkvo + c[3] * model.d_ff / tp_mlp + c[4] * scores
 
 
-def activation_bytes(model: ModelConfig, rows: float, seq_len: int, remat: str, tensor: int, act_bytes: int) -> tuple[int, int]:
+def activation_bytes(
+    model: ModelConfig, rows: float, seq_len: int, remat: str, tensor: int, act_bytes: int
+) -> tuple[int, int]:
     """(kept by all layers, working set of one layer) in bytes per device, for `rows` sequences of one
     microbatch: rows * seq_len * act_bytes * (n_layers * KEPT[remat] . x, WORKING[remat] . x) where
     x = (1, d_model, (2H + 2Hkv) * head_dim / tp, d_ff / tp, H * seq_len / tp)."""
@@ -332,8 +335,15 @@ def kv_cache_bytes(model: ModelConfig, length: int, tensor: int, act_bytes: int)
 
 
 def step_time(
-    recipe: Recipe, topo: Topology, mesh_shape, dcn, remat: str, weight_bytes: float, grad_bytes: float, act_bytes: int,
-    mfu: float | None, peak_tflops: float | None,
+    recipe: Recipe,
+    topo: Topology,
+    mesh_shape: dict[str, int],
+    dcn: dict[str, int],
+    weight_bytes: float,
+    grad_bytes: float,
+    act_bytes: int,
+    mfu: float | None = None,
+    peak_tflops: float | None = None,
 ) -> StepTime:
     """FLOPs at an MFU, plus collectives at the interconnect's bandwidth.
 
@@ -348,7 +358,7 @@ def step_time(
     # `full`, the attention score matmuls under `dots_no_batch`, nothing that is a matmul under `dots`.
     attn_fwd = 4 * m.n_layers * t.seq_len * m.n_heads * m.dim_per_head * tokens
     layer_fwd = 2 * (m.n_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)) * tokens + attn_fwd
-    recompute = {"none": 0.0, "dots": 0.0, "dots_no_batch": attn_fwd, "full": layer_fwd}[remat]
+    recompute = {"none": 0.0, "dots": 0.0, "dots_no_batch": attn_fwd, "full": layer_fwd}[m.remat]
     peak, source = (peak_tflops, "given") if peak_tflops else _peak(dev)
     mfu = mfu or dev.mfu
     n = topo.n_devices
@@ -363,17 +373,31 @@ def step_time(
     da_ici, da_dcn = mesh_shape["data"] // dcn["data"], dcn["data"]
     # Per microbatch: gather the weights for the forward and again for the backward, reduce-scatter
     # the gradients (float32) back to their shards.
-    fsdp_ici = k * (2 * ring(fs_ici, weight_bytes, dev.ici_bytes_per_s) + ring(fs_ici, grad_bytes * fs_ici, dev.ici_bytes_per_s))
-    fsdp_dcn = k * (2 * ring(fs_dcn, weight_bytes, dev.dcn_bytes_per_s) + ring(fs_dcn, grad_bytes * fs_dcn, dev.dcn_bytes_per_s))
+    def fsdp(size, bandwidth):
+        return k * (2 * ring(size, weight_bytes, bandwidth) + ring(size, grad_bytes * size, bandwidth))
+
+    fsdp_ici, fsdp_dcn = fsdp(fs_ici, dev.ici_bytes_per_s), fsdp(fs_dcn, dev.dcn_bytes_per_s)
     data_s = ring(da_ici, grad_bytes, dev.ici_bytes_per_s, reduce=True)
     dcn_s = fsdp_dcn + ring(da_dcn, grad_bytes, dev.dcn_bytes_per_s, reduce=True)
     rows = t.batch_size / k / (mesh_shape["data"] * mesh_shape["fsdp"])
     tp = mesh_shape["tensor"]
     # Megatron-style: two all-reduces of [rows, seq, d_model] per layer forward, two backward.
-    tensor_s = k * m.n_layers * 4 * ring(tp, rows * t.seq_len * m.d_model * act_bytes, dev.ici_bytes_per_s, reduce=True)
+    activation = rows * t.seq_len * m.d_model * act_bytes
+    tensor_s = k * m.n_layers * 4 * ring(tp, activation, dev.ici_bytes_per_s, reduce=True)
     step_s = max(compute_s, fsdp_ici + data_s + dcn_s) + tensor_s
     return StepTime(
-        flops, flops + recompute, peak, source, mfu, compute_s, fsdp_ici, data_s, tensor_s, dcn_s, step_s, tokens / step_s
+        flops_per_step=flops,
+        hardware_flops_per_step=flops + recompute,
+        peak_tflops=peak,
+        peak_source=source,
+        mfu=mfu,
+        compute_s=compute_s,
+        fsdp_s=fsdp_ici,
+        data_s=data_s,
+        tensor_s=tensor_s,
+        dcn_s=dcn_s,
+        step_s=step_s,
+        tokens_per_s=tokens / step_s,
     )
 
 
@@ -411,7 +435,8 @@ def estimate(
     embedding += m.max_seq_len * m.d_model if m.positions == "learned" else 0
     param_bytes = sum(g.bytes_per_device for g in groups)
     opt_bytes = sum(g.bytes_per_device for g in opt_groups)
-    grad_bytes = param_bytes * (2 if t.grad_accum > 1 else 1)  # float32 accumulator beside each microbatch's
+    grad_copies = 2 if t.grad_accum > 1 else 1  # the float32 accumulator beside each microbatch's gradients
+    grad_bytes = param_bytes * grad_copies
     trainable = n_params
     # Weights as the step gathers them: one full copy split only by tensor, in the compute dtype.
     gathered_copy = n_params * act_bytes / tp
@@ -419,16 +444,20 @@ def estimate(
     if lora is not None and getattr(lora, "rank", 0) > 0:
         base = _bytes(getattr(lora, "base_dtype", "bfloat16"))
         trainable, adapter_bytes = lora_adapter_params(groups, lora, mesh_shape)
-        param_bytes = int(sum(g.bytes_per_device / jnp.dtype(g.dtype).itemsize * base for g in groups)) + adapter_bytes
-        opt_bytes, grad_bytes = 2 * adapter_bytes, adapter_bytes * (2 if t.grad_accum > 1 else 1)
-        notes.append(f"LoRA rank {lora.rank}: base weights in {getattr(lora, 'base_dtype', 'bfloat16')}, "
-                     "Adam state and gradients for the adapters only")
-    fsdp = mesh_shape["fsdp"]
-    n_layers = m.n_layers
-    # FSDP gathers one layer's weights at a time (twice in flight: the one in use and the next).
-    gathered = 0 if fsdp == 1 else int(2 * gathered_copy / n_layers)
-    if fsdp > 1:  # the lookup gathers the table's width, so its gradient is formed whole before the reduce-scatter
-        gathered += int(m.vocab_size * m.d_model * jnp.dtype(m.param_dtype).itemsize / (tp if m.vocab_size % tp == 0 else 1))
+        param_bytes = int(sum(g.bytes_per_device / jnp.dtype(g.dtype).itemsize * base for g in groups))
+        param_bytes += adapter_bytes
+        opt_bytes, grad_bytes = 2 * adapter_bytes, adapter_bytes * grad_copies
+        notes.append(
+            f"LoRA rank {lora.rank}: base weights in {getattr(lora, 'base_dtype', 'bfloat16')}, "
+            "Adam state and gradients for the adapters only"
+        )
+    gathered = 0
+    if mesh_shape["fsdp"] > 1:
+        # FSDP gathers one layer's weights at a time (two in flight: the one in use and the next);
+        # the lookup gathers the table's width, so its gradient is formed whole before the reduce-scatter.
+        vocab_tp = tp if m.vocab_size % tp == 0 else 1
+        gathered = int(2 * gathered_copy / m.n_layers)
+        gathered += int(m.vocab_size * m.d_model * jnp.dtype(m.param_dtype).itemsize / vocab_tp)
 
     rows = t.batch_size / t.grad_accum / (mesh_shape["data"] * mesh_shape["fsdp"])
     logits = logits_bytes(m, rows, t.seq_len, tp)
@@ -450,11 +479,12 @@ def estimate(
     max_rows = {}
     for r in REMATS:
         kept, working = activation_bytes(m, 1, t.seq_len, r, tp, act_bytes)  # all linear in the rows
-        max_rows[r] = max(0, int((capacity - fixed) // (kept + max(working, logits_bytes(m, 1, t.seq_len, tp)))))
+        per_row = kept + max(working, logits_bytes(m, 1, t.seq_len, tp))
+        max_rows[r] = max(0, int((capacity - fixed) // per_row))
     chosen = next((r for r in REMATS if fixed + by_remat[r] <= capacity), None)
 
-    step = step_time(recipe, topo, mesh_shape, dcn, m.remat, gathered_copy, memory.gradients / (2 if t.grad_accum > 1 else 1),
-                     act_bytes, mfu, peak_tflops)
+    grad_shard = grad_bytes / grad_copies
+    step = step_time(recipe, topo, mesh_shape, dcn, gathered_copy, grad_shard, act_bytes, mfu, peak_tflops)
     return Plan(
         recipe=recipe.name,
         hardware=topo.name,
@@ -523,7 +553,9 @@ def compile_memory(recipe: Recipe) -> dict:
         "output_bytes": int(a.output_size_in_bytes),
         "alias_bytes": int(a.alias_size_in_bytes),
         "temp_bytes": int(a.temp_size_in_bytes),
-        "total_bytes": int(a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes),
+        "total_bytes": int(
+            a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes
+        ),
     }
 
 

@@ -18,7 +18,11 @@ SHAPES = {
     "tiny": ("stdlib_tiny", ["train.batch_size=16", "train.seq_len=128"]),
     "small": ("small", ["train.batch_size=16", "train.seq_len=128", "model.n_layers=4"]),
 }
-MESHES = {"fsdp": ["mesh.fsdp=8"], "data": ["mesh.data=8", "mesh.fsdp=1"], "fsdp_tensor": ["mesh.fsdp=4", "mesh.tensor=2"]}
+MESHES = {
+    "fsdp": ["mesh.fsdp=8"],
+    "data": ["mesh.data=8", "mesh.fsdp=1"],
+    "fsdp_tensor": ["mesh.fsdp=4", "mesh.tensor=2"],
+}
 
 
 def device0_bytes(tree) -> int:
@@ -26,8 +30,9 @@ def device0_bytes(tree) -> int:
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == d0)
 
 
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize(
+    "shape, mesh_name", [("tiny", "fsdp"), ("tiny", "fsdp_tensor"), ("small", "data"), ("small", "fsdp_tensor")]
+)
 def test_parameter_and_optimizer_bytes_match_the_sharded_arrays(shape, mesh_name):
     name, overrides = SHAPES[shape]
     overrides = overrides + MESHES[mesh_name]
