@@ -221,6 +221,12 @@ class Checkpointer:
         refuse a checkpoint that belongs to another run. Every process takes each decision together.
         """
         for step in reversed(self.all_steps()):
+            step_dir = self.directory / str(step)
+            if not any((step_dir / item).exists() for item in ("optimizer", "data")):
+                raise UserError(
+                    f"checkpoint {step} in {self.directory} holds parameters only (an import, not a training "
+                    f"run); start a new --run-dir from it with --set init.from={step_dir}"
+                )
             meta, error = _attempt(self.meta, step)
             if error is None:
                 if check_meta is not None:
