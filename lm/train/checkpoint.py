@@ -221,12 +221,7 @@ class Checkpointer:
         refuse a checkpoint that belongs to another run. Every process takes each decision together.
         """
         for step in reversed(self.all_steps()):
-            step_dir = self.directory / str(step)
-            if not any((step_dir / item).exists() for item in ("optimizer", "data")):
-                raise UserError(
-                    f"checkpoint {step} in {self.directory} holds parameters only (an import, not a training "
-                    f"run); start a new --run-dir from it with --set init.from={step_dir}"
-                )
+            agreed(_training_state, self.directory / str(step))
             meta, error = _attempt(self.meta, step)
             if error is None:
                 if check_meta is not None:
@@ -309,6 +304,16 @@ class Checkpointer:
             if not self.failed:
                 with _save_errors(self, self.saving):
                     raise
+
+
+def _training_state(step_dir) -> None:
+    """Refuse to resume from a step that holds parameters only (launch.convert's import): it is
+    not damaged, it is not a training run."""
+    if not any((step_dir / item).exists() for item in ("optimizer", "data")):
+        raise UserError(
+            f"checkpoint {step_dir} holds parameters only (an import, not a training run); start a new "
+            f"--run-dir from it with --set init.from={step_dir}"
+        )
 
 
 def _abstract(state):
