@@ -120,7 +120,10 @@ def _unreadable_arrays(item_dir: epath.Path) -> str | None:
     try:
         store = ts.KvStore.open({"driver": "ocdbt", "base": base.rstrip("/") + "/"}).result()
         for key in store.list().result():
-            store.read(key).result()
+            value = store.read(key).result().value
+            # A chunk is compressed, so never empty; tensorstore reads a missing data file as no bytes.
+            if not value and not key.decode(errors="replace").rsplit("/", 1)[-1].startswith((".z", "zarr.json")):
+                return f"chunk {key.decode(errors='replace')} reads back empty (its data file is missing)"
     except ValueError as e:
         code = str(e).split(":")[0].strip()
         if code in DAMAGE_CODES:
