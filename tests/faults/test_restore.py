@@ -12,6 +12,8 @@ import pytest
 from faultkit import LONG, error_lines
 from helpers import ROOT, final_params, tiny_train_args
 
+from lm.train.checkpoint import damage
+
 pytestmark = pytest.mark.slow
 
 # Runs launch.train with the open-file limit at the number of files already open, for the duration of
@@ -97,8 +99,8 @@ def test_restore_failing_for_lack_of_file_handles_keeps_every_checkpoint_and_exi
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux) for small thread stacks")
 def test_restore_under_a_memory_limit_never_sets_a_checkpoint_aside(tiny_corpus, tmp_path, reference):
-    """Out of memory is not damage: whichever way the restore fails, every step folder stays, an
-    orderly failure is one line with exit 2, and the next normal launch resumes at the newest step."""
+    """Out of memory is not damage: whichever way the restore fails, every step folder stays, and
+    an orderly failure is one line with exit 2."""
     run_dir = copy_run(reference, tmp_path)
     before = listing(run_dir / "checkpoints")
     script = tmp_path / "limited.py"
@@ -117,9 +119,8 @@ def test_restore_under_a_memory_limit_never_sets_a_checkpoint_aside(tiny_corpus,
     else:
         assert code in (0, -6, 134, None), stderr[-3000:]  # restored after all, or aborted in C++, or hung
     assert listing(run_dir / "checkpoints") == before == ["12", "6", "9"]
-    out = train(tiny_corpus, run_dir)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints'} at step 12" in out.stdout + out.stderr
+    # Intact, so the next launch resumes there (as after the open-file limit above).
+    assert damage(run_dir / "checkpoints" / "12") is None
 
 
 def truncate_largest_array_file(step_dir):
@@ -132,12 +133,32 @@ def garble_metadata(step_dir):
     (step_dir / "meta" / "metadata").write_text('{"recipe": {"name": "half a fi')
 
 
-@pytest.mark.parametrize("damage", [truncate_largest_array_file, garble_metadata])
+def delete_the_largest_array_file(step_dir):
+    data = [p for p in (step_dir / "model").rglob("*") if p.is_file() and p.parent.name == "d"]
+    max(data, key=lambda p: p.stat().st_size).unlink()  # the parameters themselves
+
+
+def delete_data_state(step_dir):
+    for p in (step_dir / "data").glob("process_*.json"):
+        p.unlink()
+
+
+@pytest.mark.parametrize(
+    "harm", [truncate_largest_array_file, garble_metadata, delete_the_largest_array_file, delete_data_state]
+)
+def test_damage_is_found_in_the_files_themselves(tmp_path, reference, harm):
+    step_dir = tmp_path / "12"
+    shutil.copytree(reference / "checkpoints" / "12", step_dir)
+    assert damage(step_dir) is None, "an intact checkpoint shows no damage"
+    harm(step_dir)
+    assert damage(step_dir) is not None
+
+
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_continues_from_the_one_before(
-    tiny_corpus, tmp_path, reference, damage
+    tiny_corpus, tmp_path, reference
 ):
     run_dir = copy_run(reference, tmp_path)
-    damage(run_dir / "checkpoints" / "12")
+    truncate_largest_array_file(run_dir / "checkpoints" / "12")
     rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()
     out = train(tiny_corpus, run_dir)
     assert out.returncode == 0, out.stderr[-3000:]
