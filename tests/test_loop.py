@@ -73,3 +73,21 @@ def test_only_steps_orbax_finished_count_and_set_aside_ones_are_kept(tmp_path):
     assert finished_steps(tmp_path) == [3]
     assert kept_steps(tmp_path) == [3, 9]
     assert finished_steps(tmp_path / "missing") == []
+
+
+def test_a_params_only_import_is_refused_for_resuming_and_left_in_place(tmp_path):
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from lm.errors import UserError
+    from lm.recipe import CheckpointConfig
+    from lm.train.checkpoint import Checkpointer, finished_steps
+
+    args = ocp.args.Composite(model=ocp.args.StandardSave({"x": jnp.zeros(2)}), meta=ocp.args.JsonSave({}))
+    with ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        manager.save(0, args=args)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    with pytest.raises(UserError, match="holds parameters only"):
+        ckpt.restore_latest(model=None, optimizer=None, data_iter=None)
+    ckpt.close()
+    assert finished_steps(tmp_path) == [0]

@@ -120,7 +120,10 @@ def _unreadable_arrays(item_dir: epath.Path) -> str | None:
     try:
         store = ts.KvStore.open({"driver": "ocdbt", "base": base.rstrip("/") + "/"}).result()
         for key in store.list().result():
-            store.read(key).result()
+            value = store.read(key).result().value
+            # A chunk is compressed, so never empty; tensorstore reads a missing data file as no bytes.
+            if not value and not key.decode(errors="replace").rsplit("/", 1)[-1].startswith((".z", "zarr.json")):
+                return f"chunk {key.decode(errors='replace')} reads back empty (its data file is missing)"
     except ValueError as e:
         code = str(e).split(":")[0].strip()
         if code in DAMAGE_CODES:
@@ -221,6 +224,7 @@ class Checkpointer:
         refuse a checkpoint that belongs to another run. Every process takes each decision together.
         """
         for step in reversed(self.all_steps()):
+            agreed(_training_state, self.directory / str(step))
             meta, error = _attempt(self.meta, step)
             if error is None:
                 if check_meta is not None:
@@ -314,6 +318,16 @@ class Checkpointer:
             if not self.failed:
                 with _save_errors(self, self.saving):
                     raise
+
+
+def _training_state(step_dir) -> None:
+    """Refuse to resume from a step that holds parameters only (launch.convert's import): it is
+    not damaged, it is not a training run."""
+    if not any((step_dir / item).exists() for item in ("optimizer", "data")):
+        raise UserError(
+            f"checkpoint {step_dir} holds parameters only (an import, not a training run); start a new "
+            f"--run-dir from it with --set init.from={step_dir}"
+        )
 
 
 def _abstract(state):
