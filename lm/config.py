@@ -36,6 +36,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     attention_impl: Literal["xla", "cudnn", "splash"] = "xla"
+    # Sequence positions per cross-entropy chunk (the full [batch, length, vocab] logits never exist);
+    # None: automatic (see loss_chunk_for); 0: never chunk.
+    loss_chunk: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -56,6 +59,8 @@ class ModelConfig:
                 "model.attention_impl=cudnn needs model.dtype=bfloat16 (or auto on a GPU); cuDNN flash "
                 "attention has no float32 kernel"
             )
+        if self.loss_chunk is not None and self.loss_chunk < 0:
+            raise UserError(f"model.loss_chunk={self.loss_chunk} must be >= 0 (0: never chunk the loss)")
         if self.positions == "rope" and self.dim_per_head % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
         for name, allowed in (
@@ -102,6 +107,19 @@ class ModelConfig:
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         pos = self.max_seq_len * d if self.positions == "learned" else 0
         return self.n_layers * block + embed + pos + norm
+
+    def loss_chunk_for(self, length: int) -> int:
+        """Positions per loss chunk for sequences of `length`; 0 means one unchunked pass.
+
+        Automatic: vocabularies of 32k and more are chunked so that a chunk's logits hold at most
+        2**25 values per batch row (128 MiB in float32): 256 positions for Llama 3's 128k vocabulary,
+        1024 for 32k. Smaller vocabularies compute the logits in one pass, which avoids recomputing
+        them in the backward pass.
+        """
+        chunk = self.loss_chunk
+        if chunk is None:
+            chunk = 1 << ((1 << 25) // self.vocab_size).bit_length() - 1 if self.vocab_size >= 32000 else 0
+        return chunk if 0 < chunk < length else 0
 
     def logical_dims(self) -> dict[str, tuple[int, str]]:
         """Sizes of the logical axes the mesh must divide, with the recipe key that sets each."""
