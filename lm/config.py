@@ -131,12 +131,18 @@ class ModelConfig:
             "mlp": (self.d_ff, "model.d_ff"),
         }
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, convention: Literal["palm", "maxtext"] = "palm") -> float:
         """Training FLOPs per token: 6 * (non-embedding params + LM head) + 12 * layers * seq_len * heads * head_dim.
 
-        This is the PaLM / nanoGPT formula (Chowdhery et al. 2022, appendix B): matmuls only, causal
-        attention counted as a full square, as MaxText and nanoGPT report it.
+        "palm" (the headline MFU) is the PaLM / nanoGPT formula (Chowdhery et al. 2022, appendix B):
+        causal attention counted as a full square. "maxtext" is MaxText's
+        calculate_tflops_training_per_device: matmul weights only (no norms or biases), the
+        unembedding but not the embedding lookup, and causal attention halved (6 instead of 12).
         """
+        if convention == "maxtext":
+            d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.dim_per_head
+            matmul = d * hd * (2 * h + 2 * kv) + (3 if self.mlp == "swiglu" else 2) * d * f
+            return 6 * (self.n_layers * matmul + d * self.vocab_size) + 6 * self.n_layers * seq_len * h * hd
         n = self.n_params - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         n += self.vocab_size * self.d_model  # the LM head is a matmul even when tied
         if self.positions == "learned":

@@ -24,7 +24,9 @@ from lm.sampling import Sampling
 from lm.train.checkpoint import Checkpointer, has_checkpoints
 from lm.train.faults import NonFiniteGuard, Preemption
 from lm.train.metrics import MetricsLog, peak_tflops_per_device
+from lm.train.compile_cache import use_compilation_cache
 from lm.train.optimizer import learning_rate, make_optimizer
+from lm.train.profile import StepProfiler
 from lm.train.step import eval_step, train_step
 from sharding.mesh import make_mesh
 from sharding.partition import check_divisible, create_sharded, put_batch
@@ -127,6 +129,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     t, m = recipe.train, recipe.model
     check_resumable(run_dir, recipe)
     check_divisible(recipe.logical_dims(), mesh, rules)
+    use_compilation_cache(t.compilation_cache, run_dir)
     data_dir, tokenizer = prepare_data(recipe, run_dir)
 
     pid, nproc = jax.process_index(), jax.process_count()
@@ -243,8 +246,10 @@ def _loop(recipe, model, optimizer, train_iter, eval_batches, mesh, rules, ckpt,
     lr = learning_rate(recipe.optimizer, t.steps)
     tokens_per_step = t.batch_size * t.seq_len
     flops_per_step = m.flops_per_token(t.seq_len) * tokens_per_step
+    maxtext_ratio = m.flops_per_token(t.seq_len, "maxtext") / m.flops_per_token(t.seq_len)
     peak, peak_source = peak_tflops_per_device(t.peak_tflops)
     say(f"MFU: 6N + 12*L*T*H*D FLOPs per token (PaLM), peak {peak:.2f} TFLOP/s per device from {peak_source}")
+    profiler = StepProfiler(t.profile_range, log.path.parent / "profile")
 
     def evaluate(step: int) -> dict:
         el = eval_loss(model, eval_batches, mesh, rules)
@@ -264,7 +269,9 @@ def _loop(recipe, model, optimizer, train_iter, eval_batches, mesh, rules, ckpt,
     try:
         timer, timed_steps = time.perf_counter(), 0
         for step in range(start + 1, t.steps + 1):
+            profiler.before(step)
             metrics = train_step(model, optimizer, put_batch(next(train_iter), mesh, rules), grad_accum=t.grad_accum)
+            profiler.after(step, metrics)
             guard.add(step, metrics)
             timed_steps += 1
             if step == start + 1:  # the first step compiles; time from the end of it
@@ -286,6 +293,7 @@ def _loop(recipe, model, optimizer, train_iter, eval_batches, mesh, rules, ckpt,
                     "tokens_per_s": tps,
                     "tflops_per_device": tflops,
                     "mfu": tflops / peak if tflops is not None else None,
+                    "mfu_maxtext": tflops * maxtext_ratio / peak if tflops is not None else None,
                 }
                 log.write(last)
                 if tps is not None:
@@ -302,5 +310,6 @@ def _loop(recipe, model, optimizer, train_iter, eval_batches, mesh, rules, ckpt,
             if step % recipe.checkpoint.every == 0 or step == t.steps:
                 save(step, force=step == t.steps)
     finally:
+        profiler.close()
         bar.close()  # before any error message, so that stays the last line
     return last, initial_eval, None
