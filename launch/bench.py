@@ -34,6 +34,7 @@ def parse(argv=None):
         metavar="DIR",
         help="train: also write a jax.profiler trace of two steps to DIR and summarise it by op class in the JSON",
     )
+    p.add_argument("--skip-uncached", action="store_true", help="decode: do not time --kv-cache off")
     p.add_argument("--no-table", action="store_true", help="do not append to docs/benchmarks.md")
     return p.parse_args(argv)
 
@@ -55,7 +56,7 @@ def summary(mode: str, result: dict) -> str:
         parts = [
             f"{k}: prefill {v['prefill_tokens_per_s']:,.0f} tok/s, decode {v['decode_tokens_per_s']:,.0f} tok/s "
             f"({v['ms_per_step']:.2f} ms/step; {v['new_tokens_per_s']:,.0f} tok/s with prefill) "
-            f"(cache {v['cache_speedup']:.1f}x faster than off)"
+            + (f"(cache {v['cache_speedup']:.1f}x faster than off)" if "cache_speedup" in v else "")
             for k, v in result.items()
             if k.startswith("batch") and isinstance(v, dict)
         ]
@@ -90,9 +91,10 @@ def main(argv=None):
             result = {"runs": [benchmark.bench_train(recipe, args.steps, mesh_cfg=MeshConfig(*s)) for s in shapes]}
         else:
             result = benchmark.bench_train(recipe, args.steps, profile_dir=args.profile)
+    elif args.mode == "decode":
+        result = benchmark.bench_decode(recipe, uncached=not args.skip_uncached)
     else:
         result = {
-            "decode": benchmark.bench_decode,
             "compile": benchmark.bench_compile,
             "memory": benchmark.bench_memory,
         }[args.mode](recipe)

@@ -135,11 +135,17 @@ def measure_bandwidth(n_bytes: int = 1 << 28) -> float:
 
 
 def bench_decode(
-    recipe: Recipe, prompt_len: int = 32, new_tokens: int = 256, batches=(1, 8), contexts=(64, 256, 512)
+    recipe: Recipe,
+    prompt_len: int = 32,
+    new_tokens: int = 256,
+    batches=(1, 8),
+    contexts=(64, 256, 512),
+    uncached: bool = True,
 ) -> dict:
     """Greedy generation of `new_tokens` after random prompts (the peer yardstick's shape: prompt 32,
     256 new). Per batch size: decode-only speed (prefill excluded) and end-to-end speed (prefill
-    included); then ms per step at batch 1 after prompts of each context length."""
+    included); then ms per step at batch 1 after prompts of each context length. uncached: also time
+    recomputing every step (`--kv-cache off`) for the cache's speed-up."""
     cfg = recipe.model
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -156,7 +162,7 @@ def bench_decode(
     for b in batches:
         prompts = [rng.integers(4, cfg.vocab_size, prompt_len).tolist() for _ in range(b)]
         row = {}
-        for use_cache in (True, False):
+        for use_cache in (True, False) if uncached else (True,):
             g = timed(prompts, new_tokens, use_cache)
             tag = "cache_on" if use_cache else "cache_off"
             row[tag] = {
@@ -167,7 +173,8 @@ def bench_decode(
             }
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "new_tokens_per_s", "ms_per_step"):
             row[key] = row["cache_on"][key]
-        row["cache_speedup"] = row["cache_on"]["decode_tokens_per_s"] / row["cache_off"]["decode_tokens_per_s"]
+        if uncached:
+            row["cache_speedup"] = row["cache_on"]["decode_tokens_per_s"] / row["cache_off"]["decode_tokens_per_s"]
         out[f"batch{b}"] = row
     # Batch 1 reads every parameter once per step: that sets the floor on step time.
     step_s = out[f"batch{batches[0]}"]["cache_on"]["ms_per_step"] / 1e3
