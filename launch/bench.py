@@ -34,6 +34,8 @@ def parse(argv=None):
         metavar="DIR",
         help="train: also write a jax.profiler trace of two steps to DIR and summarise it by op class in the JSON",
     )
+    p.add_argument("--depths", type=int, nargs="*", default=[2, 4, 8, 16], help="compile: model depths")
+    p.add_argument("--modes", nargs="*", default=["scan", "unrolled"], choices=["scan", "unrolled"], help="compile")
     p.add_argument("--skip-uncached", action="store_true", help="decode: do not time --kv-cache off")
     p.add_argument("--no-table", action="store_true", help="do not append to docs/benchmarks.md")
     return p.parse_args(argv)
@@ -91,11 +93,12 @@ def main(argv=None):
             result = {"runs": [benchmark.bench_train(recipe, args.steps, mesh_cfg=MeshConfig(*s)) for s in shapes]}
         else:
             result = benchmark.bench_train(recipe, args.steps, profile_dir=args.profile)
+    elif args.mode == "compile":
+        result = benchmark.bench_compile(recipe, tuple(args.depths), tuple(args.modes))
     elif args.mode == "decode":
         result = benchmark.bench_decode(recipe, uncached=not args.skip_uncached)
     else:
         result = {
-            "compile": benchmark.bench_compile,
             "memory": benchmark.bench_memory,
         }[args.mode](recipe)
     device = jax.devices()[0]

@@ -188,11 +188,22 @@ def bench_decode(
     return out
 
 
-def bench_compile(recipe: Recipe, depths=(2, 4, 8, 16)) -> dict:
-    """Seconds from nothing to the first finished train step, scanned and unrolled, per depth."""
+def bench_compile(recipe: Recipe, depths=(2, 4, 8, 16), modes=("scan", "unrolled")) -> dict:
+    """Seconds from nothing to the first finished train step, scanned and unrolled, per depth.
+
+    With train.compilation_cache set to a directory, compiled steps are read from and written to that
+    persistent cache: run twice to see what a restart saves.
+    """
+    cache = recipe.train.compilation_cache
+    if cache not in ("auto", "off"):
+        import pathlib
+
+        from lm.train.compile_cache import use_compilation_cache
+
+        use_compilation_cache(cache, pathlib.Path("."))
     out = {}
     for depth in depths:
-        for scan in (True, False):
+        for scan in [m == "scan" for m in modes]:
             r = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, n_layers=depth, scan_layers=scan))
             start = time.perf_counter()
             mesh, rules, model, opt = _setup(r)
