@@ -48,6 +48,25 @@ class Generation:
         return len(self.tokens) * self.decode_steps / max(self.decode_seconds, 1e-9)
 
 
+def unstacked(model: nnx.Module) -> nnx.Module:
+    """The same model with its layers as a list of Blocks (scan_layers=False), sharing nothing.
+
+    The cached loop decodes with this twin: inside a layer scan every step would slice (copy) each
+    layer's weights out of the stack, doubling the bytes a memory-bound decode step moves. Separate
+    per-layer arrays are read in place, and so are separate per-layer caches.
+    """
+    cfg = dataclasses.replace(model.cfg, scan_layers=False)
+    twin = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0)))
+    source = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    target = nnx.state(twin, nnx.Param)
+    for path, var in nnx.to_flat_state(target):
+        stacked = path[0] == "blocks"
+        value = source[("blocks",) + path[2:] if stacked else path].get_value()
+        var.set_value(value[path[1]] if stacked else value)
+    nnx.update(twin, target)
+    return twin
+
+
 def _logits_at(logits, index):
     """logits [batch, length, vocab], index [batch] -> [batch, vocab]."""
     return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
@@ -194,6 +213,8 @@ def generate(
     if sampling.repetition_penalty != 1.0:
         seen = seen.at[jnp.arange(batch)[:, None], tokens].set(tokens != 0)
 
+    if use_cache and cfg.scan_layers:
+        model = unstacked(model)
     graphdef, params = nnx.split(model, nnx.Param)
     start = time.perf_counter()
     c = {
