@@ -213,7 +213,10 @@ def generate(
     if sampling.repetition_penalty != 1.0:
         seen = seen.at[jnp.arange(batch)[:, None], tokens].set(tokens != 0)
 
-    if use_cache and cfg.scan_layers:
+    if use_cache and cfg.scan_layers and jax.default_backend() == "cpu":
+        # XLA:CPU copies a dynamic slice of the weight stack before each matmul (seen in its HLO).
+        # Accelerators are left alone: there a second copy of the parameters costs scarce memory,
+        # and their compilers can fuse the slice into the matmul (not checked here).
         model = unstacked(model)
     graphdef, params = nnx.split(model, nnx.Param)
     start = time.perf_counter()
