@@ -68,7 +68,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.profile_steps and not _is_step_range(self.profile_steps):
-            raise UserError(f"train.profile_steps={self.profile_steps!r} must look like 'a:b' with 1 <= a <= b, e.g. 5:7")
+            raise UserError(
+                f"train.profile_steps={self.profile_steps!r} must look like 'a:b' with 1 <= a <= b, e.g. 5:7"
+            )
 
     @property
     def profile_range(self) -> tuple[int, int] | None:
