@@ -29,6 +29,14 @@ def parse(argv=None):
         metavar="D,F,T",
         help="train: one measurement per mesh shape data,fsdp,tensor (e.g. 8,1,1 1,4,2)",
     )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="train: also write a jax.profiler trace of two steps to DIR and summarise it by op class in the JSON",
+    )
+    p.add_argument("--depths", type=int, nargs="*", default=[2, 4, 8, 16], help="compile: model depths")
+    p.add_argument("--modes", nargs="*", default=["scan", "unrolled"], choices=["scan", "unrolled"], help="compile")
+    p.add_argument("--skip-uncached", action="store_true", help="decode: do not time --kv-cache off")
     p.add_argument("--no-table", action="store_true", help="do not append to docs/benchmarks.md")
     return p.parse_args(argv)
 
@@ -39,14 +47,18 @@ def summary(mode: str, result: dict) -> str:
         return "; ".join(
             f"mesh {tuple(r['mesh'].values())}: {r['tokens_per_s']:,.0f} tok/s, "
             f"{1e3 * r['step_s_median']:.0f} ms/step, "
-            f"{r['tflops_per_device']:.3f} TFLOP/s/dev, MFU {100 * r['mfu']:.1f}%, "
+            f"{r['tflops_per_device']:.3f} TFLOP/s/dev, MFU {100 * r['mfu']:.1f}% "
+            f"(MaxText {100 * r['mfu_maxtext']:.1f}%), best {r['tokens_per_s_best']:,.0f} tok/s, "
             f"state {r['state_bytes_per_device'] / 2**20:.2f} MiB/dev"
             for r in runs
+        ) + "".join(
+            f"; profile ms/step (all threads): {r['profile']['ms_per_step_by_class']}" for r in runs if "profile" in r
         )
     if mode == "decode":
         parts = [
             f"{k}: prefill {v['prefill_tokens_per_s']:,.0f} tok/s, decode {v['decode_tokens_per_s']:,.0f} tok/s "
-            f"(cache {v['cache_speedup']:.1f}x faster than off)"
+            f"({v['ms_per_step']:.2f} ms/step; {v['new_tokens_per_s']:,.0f} tok/s with prefill) "
+            + (f"(cache {v['cache_speedup']:.1f}x faster than off)" if "cache_speedup" in v else "")
             for k, v in result.items()
             if k.startswith("batch") and isinstance(v, dict)
         ]
@@ -80,11 +92,13 @@ def main(argv=None):
                     raise UserError(f"--meshes takes data,fsdp,tensor triples like 1,4,2; got {m!r}") from None
             result = {"runs": [benchmark.bench_train(recipe, args.steps, mesh_cfg=MeshConfig(*s)) for s in shapes]}
         else:
-            result = benchmark.bench_train(recipe, args.steps)
+            result = benchmark.bench_train(recipe, args.steps, profile_dir=args.profile)
+    elif args.mode == "compile":
+        result = benchmark.bench_compile(recipe, tuple(args.depths), tuple(args.modes))
+    elif args.mode == "decode":
+        result = benchmark.bench_decode(recipe, uncached=not args.skip_uncached)
     else:
         result = {
-            "decode": benchmark.bench_decode,
-            "compile": benchmark.bench_compile,
             "memory": benchmark.bench_memory,
         }[args.mode](recipe)
     device = jax.devices()[0]

@@ -301,6 +301,20 @@ def dot_product_attention(
     return xla_attention(q, k, v, mask=attention_mask(segment_ids, sliding_window), scale=scale, softcap=softcap)
 
 
+def per_token(layer: nnx.Module, x: jax.Array, n_in: int = 1) -> jax.Array:
+    """Apply a projection with the batch and length axes merged into one token axis.
+
+    The weight gradient then contracts over a single axis. Contracting over (batch, length) makes
+    XLA:CPU transpose the output gradient into [features, tokens] before the matmul, fused with the
+    elementwise backward ops in a cache-hostile order: that made the small-shape backward pass
+    several times slower than its FLOPs (docs/benchmarks.md, "Where the training step spends its time").
+    n_in: how many trailing axes of x the layer contracts.
+    """
+    lead = x.shape[: x.ndim - n_in]
+    y = layer(x.reshape(-1, *x.shape[x.ndim - n_in :]))
+    return y.reshape(*lead, *y.shape[1:])
+
+
 def kernel_init(cfg: ModelConfig, residual: bool = False):
     # GPT-2 scaling: projections that write into the residual stream start smaller with depth.
     std = cfg.init_std / (2 * cfg.n_layers) ** 0.5 if residual else cfg.init_std
@@ -375,7 +389,7 @@ class Attention(nnx.MultiHeadAttention):
         """x: [batch, length, d_model]; positions, segment_ids: [batch, length] (segment 0 = padding).
         sliding_window: None, or this layer's window (an int, or a traced int inside the layer scan)."""
         cfg = self.cfg
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        q, k, v = per_token(self.query, x), per_token(self.key, x), per_token(self.value, x)
         if self.normalize_qk:
             q, k = self.query_ln(q), self.key_ln(k)
         if cfg.positions == "rope":
@@ -414,4 +428,4 @@ class Attention(nnx.MultiHeadAttention):
                 packed=mode == "train", max_segments=cfg.max_segments, **options,
             )
         out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        return self.out(out)
+        return per_token(self.out, out, n_in=2)

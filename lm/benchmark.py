@@ -67,16 +67,18 @@ def peak_memory(fallback_compiled=None) -> int | None:
     return None
 
 
-def bench_train(recipe: Recipe, steps: int = 10, warmup: int = 2, mesh_cfg: MeshConfig | None = None) -> dict:
+def bench_train(
+    recipe: Recipe, steps: int = 10, warmup: int = 2, mesh_cfg: MeshConfig | None = None, profile_dir: str | None = None
+) -> dict:
+    """Median and fastest step time after `warmup` steps. profile_dir: also trace two more steps there
+    with jax.profiler and summarise them by op class (lm.train.profile.summarize)."""
     mesh, rules, model, opt = _setup(recipe, mesh_cfg)
     t = recipe.train
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         batch = put_batch(synthetic_batch(recipe), mesh, rules)
-        compiled = (
-            train_step.lower(model, opt, batch, grad_accum=t.grad_accum).compile()
-            if jax.devices()[0].platform == "cpu"
-            else None
-        )
+        # The compiled step's memory analysis (CPU) and HLO names (the profile summary).
+        need_hlo = profile_dir or jax.devices()[0].platform == "cpu"
+        compiled = train_step.lower(model, opt, batch, grad_accum=t.grad_accum).compile() if need_hlo else None
         for _ in range(warmup):
             jax.block_until_ready(train_step(model, opt, batch, grad_accum=t.grad_accum))
         times = []
@@ -84,21 +86,37 @@ def bench_train(recipe: Recipe, steps: int = 10, warmup: int = 2, mesh_cfg: Mesh
             start = time.perf_counter()
             jax.block_until_ready(train_step(model, opt, batch, grad_accum=t.grad_accum))
             times.append(time.perf_counter() - start)
+        if profile_dir:
+            jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+            for _ in range(2):
+                jax.block_until_ready(train_step(model, opt, batch, grad_accum=t.grad_accum))
+            jax.profiler.stop_trace()
     step_s = statistics.median(times)
     tokens = t.batch_size * t.seq_len
     tflops = recipe.model.flops_per_token(t.seq_len) * tokens / step_s / jax.device_count() / 1e12
+    tflops_maxtext = recipe.model.flops_per_token(t.seq_len, "maxtext") * tokens / step_s / jax.device_count() / 1e12
     peak, source = peak_tflops_per_device(t.peak_tflops)
     state_bytes = _device_bytes(nnx.state(model)) + _device_bytes(nnx.state(opt))
+    extra = {}
+    if profile_dir:
+        from lm.train.profile import summarize
+
+        extra["profile"] = {"dir": profile_dir, **summarize(profile_dir, compiled.as_text(), steps=2)}
     return {
         "mesh": dict(mesh.shape),
         "tokens_per_s": tokens / step_s,
+        "tokens_per_s_best": tokens / min(times),
         "step_s_median": step_s,
+        "step_s_min": min(times),
         "tflops_per_device": tflops,
         "mfu": tflops / peak,
+        "mfu_convention": "PaLM: 6N + 12*L*T*H*D FLOPs per token (N: non-embedding params + LM head)",
+        "mfu_maxtext": tflops_maxtext / peak,
         "peak_tflops": peak,
         "peak_source": source,
         "state_bytes_per_device": state_bytes,
-        "peak_bytes_per_device": peak_memory(compiled),
+        "peak_bytes_per_device": peak_memory(compiled if jax.devices()[0].platform == "cpu" else None),
+        **extra,
     }
 
 
@@ -117,8 +135,17 @@ def measure_bandwidth(n_bytes: int = 1 << 28) -> float:
 
 
 def bench_decode(
-    recipe: Recipe, prompt_len: int = 64, new_tokens: int = 256, batches=(1, 8), contexts=(64, 256, 512)
+    recipe: Recipe,
+    prompt_len: int = 32,
+    new_tokens: int = 256,
+    batches=(1, 8),
+    contexts=(64, 256, 512),
+    uncached: bool = True,
 ) -> dict:
+    """Greedy generation of `new_tokens` after random prompts (the peer yardstick's shape: prompt 32,
+    256 new). Per batch size: decode-only speed (prefill excluded) and end-to-end speed (prefill
+    included); then ms per step at batch 1 after prompts of each context length. uncached: also time
+    recomputing every step (`--kv-cache off`) for the cache's speed-up."""
     cfg = recipe.model
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -135,17 +162,19 @@ def bench_decode(
     for b in batches:
         prompts = [rng.integers(4, cfg.vocab_size, prompt_len).tolist() for _ in range(b)]
         row = {}
-        for use_cache in (True, False):
+        for use_cache in (True, False) if uncached else (True,):
             g = timed(prompts, new_tokens, use_cache)
             tag = "cache_on" if use_cache else "cache_off"
             row[tag] = {
                 "prefill_tokens_per_s": g.prefill_tokens_per_s,
                 "decode_tokens_per_s": g.decode_tokens_per_s,
+                "new_tokens_per_s": b * new_tokens / (g.prefill_seconds + g.decode_seconds),
                 "ms_per_step": 1e3 * g.decode_seconds / max(g.decode_steps, 1),
             }
-        row["prefill_tokens_per_s"] = row["cache_on"]["prefill_tokens_per_s"]
-        row["decode_tokens_per_s"] = row["cache_on"]["decode_tokens_per_s"]
-        row["cache_speedup"] = row["cache_on"]["decode_tokens_per_s"] / row["cache_off"]["decode_tokens_per_s"]
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "new_tokens_per_s", "ms_per_step"):
+            row[key] = row["cache_on"][key]
+        if uncached:
+            row["cache_speedup"] = row["cache_on"]["decode_tokens_per_s"] / row["cache_off"]["decode_tokens_per_s"]
         out[f"batch{b}"] = row
     # Batch 1 reads every parameter once per step: that sets the floor on step time.
     step_s = out[f"batch{batches[0]}"]["cache_on"]["ms_per_step"] / 1e3
@@ -159,11 +188,22 @@ def bench_decode(
     return out
 
 
-def bench_compile(recipe: Recipe, depths=(2, 4, 8, 16)) -> dict:
-    """Seconds from nothing to the first finished train step, scanned and unrolled, per depth."""
+def bench_compile(recipe: Recipe, depths=(2, 4, 8, 16), modes=("scan", "unrolled")) -> dict:
+    """Seconds from nothing to the first finished train step, scanned and unrolled, per depth.
+
+    With train.compilation_cache set to a directory, compiled steps are read from and written to that
+    persistent cache: run twice to see what a restart saves.
+    """
+    cache = recipe.train.compilation_cache
+    if cache not in ("auto", "off"):
+        import pathlib
+
+        from lm.train.compile_cache import use_compilation_cache
+
+        use_compilation_cache(cache, pathlib.Path("."))
     out = {}
     for depth in depths:
-        for scan in (True, False):
+        for scan in [m == "scan" for m in modes]:
             r = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, n_layers=depth, scan_layers=scan))
             start = time.perf_counter()
             mesh, rules, model, opt = _setup(r)

@@ -54,6 +54,9 @@ class ModelConfig:
     # layer (lm.attention.choose_attention_impl); splash_interpret runs splash in the Pallas interpreter.
     attention_impl: Literal["auto", "xla", "cudnn", "splash", "splash_interpret"] = "auto"
     max_segments: int = 32  # packed documents per row that cuDNN keeps apart (more: NaN loss, not mixing)
+    # Sequence positions per cross-entropy chunk (the full [batch, length, vocab] logits never exist);
+    # None: automatic (see loss_chunk_for); 0: never chunk.
+    loss_chunk: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_segments"):
@@ -74,6 +77,8 @@ class ModelConfig:
                 "model.attention_impl=cudnn needs model.dtype=bfloat16 (or auto on a GPU); cuDNN flash "
                 "attention has no float32 kernel"
             )
+        if self.loss_chunk is not None and self.loss_chunk < 0:
+            raise UserError(f"model.loss_chunk={self.loss_chunk} must be >= 0 (0: never chunk the loss)")
         if self.positions == "rope" and self.dim_per_head % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
         for name in ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar"):
@@ -149,6 +154,19 @@ class ModelConfig:
         pos = self.max_seq_len * d if self.positions == "learned" else 0
         return self.n_layers * block + embed + pos + norm
 
+    def loss_chunk_for(self, length: int) -> int:
+        """Positions per loss chunk for sequences of `length`; 0 means one unchunked pass.
+
+        Automatic: vocabularies of 32k and more are chunked so that a chunk's logits hold at most
+        2**25 values per batch row (128 MiB in float32): 256 positions for Llama 3's 128k vocabulary,
+        1024 for 32k. Smaller vocabularies compute the logits in one pass, which avoids recomputing
+        them in the backward pass.
+        """
+        chunk = self.loss_chunk
+        if chunk is None:
+            chunk = 1 << ((1 << 25) // self.vocab_size).bit_length() - 1 if self.vocab_size >= 32000 else 0
+        return chunk if 0 < chunk < length else 0
+
     def logical_dims(self) -> dict[str, tuple[int, str]]:
         """Sizes of the logical axes the mesh must divide, with the recipe key that sets each."""
         return {
@@ -159,12 +177,18 @@ class ModelConfig:
             "mlp": (self.d_ff, "model.d_ff"),
         }
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, convention: Literal["palm", "maxtext"] = "palm") -> float:
         """Training FLOPs per token: 6 * (non-embedding params + LM head) + 12 * layers * seq_len * heads * head_dim.
 
-        This is the PaLM / nanoGPT formula (Chowdhery et al. 2022, appendix B): matmuls only, causal
-        attention counted as a full square, as MaxText and nanoGPT report it.
+        "palm" (the headline MFU) is the PaLM / nanoGPT formula (Chowdhery et al. 2022, appendix B):
+        causal attention counted as a full square. "maxtext" is MaxText's
+        calculate_tflops_training_per_device: matmul weights only (no norms or biases), the
+        unembedding but not the embedding lookup, and causal attention halved (6 instead of 12).
         """
+        if convention == "maxtext":
+            d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.dim_per_head
+            matmul = d * hd * (2 * h + 2 * kv) + (3 if self.mlp == "swiglu" else 2) * d * f
+            return 6 * (self.n_layers * matmul + d * self.vocab_size) + 6 * self.n_layers * seq_len * h * hd
         n = self.n_params - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         n += self.vocab_size * self.d_model  # the LM head is a matmul even when tied
         if self.positions == "learned":

@@ -4,6 +4,10 @@ Prompts of different lengths are right-padded into one batch. Each row keeps its
 row b's next token is written at cache slot lengths[b] + step. Shapes are bucketed to powers of
 two, so new prompt lengths rarely recompile. The loop runs on the device (`lax.while_loop`) in
 chunks: one chunk for throughput, small chunks when the caller streams tokens.
+
+Each chunk also has a static attention window, the filled part of the cache rounded up to a power
+of two: attention reads cache[:, :window] only, so a step's cost follows the context actually
+filled, not the allocated cache (which bounds prompt plus new tokens).
 """
 
 import dataclasses
@@ -33,6 +37,7 @@ class Generation:
     decode_seconds: float
     prompt_tokens: int
     decode_steps: int  # loop iterations actually run (each makes one token per row)
+    windows: tuple[int, ...] = ()  # the attention windows the cached decode loop ran with, in order
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -41,6 +46,25 @@ class Generation:
     @property
     def decode_tokens_per_s(self) -> float:
         return len(self.tokens) * self.decode_steps / max(self.decode_seconds, 1e-9)
+
+
+def unstacked(model: nnx.Module) -> nnx.Module:
+    """The same model with its layers as a list of Blocks (scan_layers=False), sharing nothing.
+
+    The cached loop decodes with this twin: inside a layer scan every step would slice (copy) each
+    layer's weights out of the stack, doubling the bytes a memory-bound decode step moves. Separate
+    per-layer arrays are read in place, and so are separate per-layer caches.
+    """
+    cfg = dataclasses.replace(model.cfg, scan_layers=False)
+    twin = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0)))
+    source = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    target = nnx.state(twin, nnx.Param)
+    for path, var in nnx.to_flat_state(target):
+        stacked = path[0] == "blocks"
+        value = source[("blocks",) + path[2:] if stacked else path].get_value()
+        var.set_value(value[path[1]] if stacked else value)
+    nnx.update(twin, target)
+    return twin
 
 
 def _logits_at(logits, index):
@@ -72,8 +96,10 @@ def _prefill(graphdef, params, cache, tokens, lengths, key, seen, *, sampling):
     model = nnx.merge(graphdef, params, cache)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-    logits = model(tokens, positions, segment_ids, mode="prefill")
-    first = _pick(_logits_at(logits, lengths - 1), seen, key, 0, sampling)
+    hidden = model(tokens, positions, segment_ids, mode="prefill", return_hidden=True)
+    # Logits only where a token is sampled: each row's last prompt position.
+    logits = model.logits(_logits_at(hidden, lengths - 1))
+    first = _pick(logits, seen, key, 0, sampling)
     return nnx.state(model, nnx.Cache), first
 
 
@@ -105,17 +131,36 @@ def _decode_body(graphdef, sampling, eos_id: tuple[int, ...], use_cache, c):
     }
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_id", "use_cache"), donate_argnames=("c",))
-def _decode_chunk(graphdef, params, c, until, *, sampling, eos_id, use_cache):
-    """Decode until step == until or every row is done, all on the device."""
+def _cache_window(cache, window: int):
+    """Cache arrays [..., cache_length, kv_heads, head_dim] cut to their first `window` slots."""
+    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, window, axis=x.ndim - 3), cache)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "sampling", "eos_id", "use_cache", "window"), donate_argnames=("c",)
+)
+def _decode_chunk(graphdef, params, c, until, *, sampling, eos_id, use_cache, window=None):
+    """Decode until step == until or every row is done, all on the device.
+
+    window (static): the loop carries and attends over cache[:, :window] only; the caller keeps
+    every position written in this chunk below it. The window goes back into the full cache once,
+    in place (the cache is donated), after the loop.
+    """
 
     def cond(c):
         return (c["step"] < until) & ~jnp.all(c["done"])
 
+    full = c["cache"] if use_cache and window is not None else None
+    if full is not None:
+        c = {**c, "cache": _cache_window(full, window)}
     # The parameters ride in the loop carry: NNX refuses Variables closed over from an outer trace.
     body = functools.partial(_decode_body, graphdef, sampling, eos_id, use_cache)
     c = jax.lax.while_loop(cond, body, {**c, "params": params})
     del c["params"]
+    if full is not None:
+        c["cache"] = jax.tree.map(
+            lambda f, w: jax.lax.dynamic_update_slice_in_dim(f, w, 0, axis=f.ndim - 3), full, c["cache"]
+        )
     return c
 
 
@@ -144,13 +189,15 @@ def generate(
     cache_dtype=None,
     chunk: int | None = None,
     on_tokens: Callable[[np.ndarray], np.ndarray | None] | None = None,
+    min_window: int = 64,
 ) -> Generation:
     """Generate up to max_new_tokens for each prompt (lists of token ids).
 
     on_tokens, if given, is called after each chunk of `chunk` steps with the new tokens
     [batch, n] (for streaming and stop strings); it may return a bool [batch] of rows to stop.
     The model is not modified: the cache lives on a copy. eos_id may list several stop ids (Llama 3's
-    generation_config does); a row ends at the first of any.
+    generation_config does); a row ends at the first of any. min_window: the smallest attention window
+    of the cached loop (windows double from there; each is one compilation).
     """
     cfg = model.cfg
     eos_id = (eos_id,) if isinstance(eos_id, int) else tuple(int(i) for i in eos_id or ())
@@ -168,6 +215,11 @@ def generate(
     if sampling.repetition_penalty != 1.0:
         seen = seen.at[jnp.arange(batch)[:, None], tokens].set(tokens != 0)
 
+    if use_cache and cfg.scan_layers and jax.default_backend() == "cpu":
+        # XLA:CPU copies a dynamic slice of the weight stack before each matmul (seen in its HLO).
+        # Accelerators are left alone: there a second copy of the parameters costs scarce memory,
+        # and their compilers can fuse the slice into the matmul (not checked here).
+        model = unstacked(model)
     graphdef, params = nnx.split(model, nnx.Param)
     start = time.perf_counter()
     c = {
@@ -204,11 +256,22 @@ def generate(
 
     emit(np.asarray(first)[:, None])
 
-    start, emitted = time.perf_counter(), 1
+    start, emitted, windows = time.perf_counter(), 1, []
     step = chunk or max_new_tokens
+    longest = max(lengths)
     while emitted < max_new_tokens and not bool(c["done"].all()):
         until = min(emitted + step, max_new_tokens)
-        c = _decode_chunk(dgraph, params, c, jnp.int32(until), sampling=sampling, eos_id=eos_id, use_cache=use_cache)
+        window = None
+        if use_cache:
+            # Step s writes position lengths + s - 1: this chunk's first step needs longest + emitted
+            # slots, and the chunk stops before a row would write past the window.
+            window = min(bucket(longest + emitted, minimum=min_window), cache_len)
+            if window < cache_len:
+                until = min(until, window - longest + 1)
+            windows.append(window)
+        c = _decode_chunk(
+            dgraph, params, c, jnp.int32(until), sampling=sampling, eos_id=eos_id, use_cache=use_cache, window=window
+        )
         reached = int(c["step"])
         emit(np.asarray(c["out"][:, emitted:reached]))
         emitted = reached
@@ -222,7 +285,7 @@ def generate(
         if ends:
             ids = ids[: ends[0] + 1]
         result.append(ids)
-    return Generation(result, prefill_s, decode_s, sum(lengths), emitted - 1)
+    return Generation(result, prefill_s, decode_s, sum(lengths), emitted - 1, tuple(windows))
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.attention import Attention, Mode, kernel_init
+from lm.attention import Attention, Mode, kernel_init, per_token
 from lm.config import ModelConfig
 from sharding.rules import logical_constraint
 
@@ -58,13 +58,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         if self.activation == "swiglu":
-            h = jax.nn.silu(self.gate(x)) * self.up(x)
+            h = jax.nn.silu(per_token(self.gate, x)) * per_token(self.up, x)
         elif self.activation == "geglu":
-            h = jax.nn.gelu(self.gate(x), approximate=True) * self.up(x)
+            h = jax.nn.gelu(per_token(self.gate, x), approximate=True) * per_token(self.up, x)
         else:
-            h = jax.nn.gelu(self.up(x), approximate=True)  # GPT-2's tanh approximation
+            h = jax.nn.gelu(per_token(self.up, x), approximate=True)  # GPT-2's tanh approximation
         h = logical_constraint(h, ("batch", "length", "mlp"))
-        return self.down(h)
+        return per_token(self.down, h)
 
 
 class Block(nnx.Module):

@@ -1,7 +1,10 @@
-"""Token-level cross-entropy in float32."""
+"""Token-level cross-entropy in float32, whole or chunked along the sequence."""
 
 import jax
 import jax.numpy as jnp
+
+from lm.model import unembed
+from sharding.rules import logical_constraint
 
 
 def cross_entropy_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -16,3 +19,43 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     weights = weights.astype(jnp.float32)
     return ((log_z - target_logit) * weights).sum(), weights.sum()
+
+
+def chunked_cross_entropy_sum(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    chunk: int,
+    softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """cross_entropy_sum(unembed(hidden, head, softcap), targets, weights), `chunk` positions at a time.
+
+    Only one chunk's float32 logits [batch, chunk, vocab] exist at once, in the forward pass and in
+    the backward pass (which recomputes each chunk's logits from its hidden states instead of
+    keeping them). Chunks run along the sequence, so every chunk keeps all batch rows and the batch
+    stays split over the data-parallel devices. The length is padded to a multiple of `chunk` with
+    zero-weight positions.
+    hidden: [batch, length, d_model] final-normed; head: [d_model, vocab].
+    """
+    batch, length, width = hidden.shape
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        weights = jnp.pad(weights, ((0, 0), (0, pad)))
+
+    def chunks(x):  # [batch, n * chunk, ...] -> [n, batch, chunk, ...]
+        x = x.reshape(batch, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+        return logical_constraint(x, (None, "batch", "length", "embed")[: x.ndim])
+
+    @jax.checkpoint
+    def body(sums, xs):
+        h, t, w = xs
+        loss, weight = cross_entropy_sum(unembed(h, head, softcap), t, w)
+        return (sums[0] + loss, sums[1] + weight), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss, weight), _ = jax.lax.scan(body, (zero, zero), (chunks(hidden), chunks(targets), chunks(weights)))
+    return loss, weight

@@ -23,6 +23,22 @@ REMAT_POLICIES = {
 LAYERS = {nnx.PARTITION_NAME: "layers"}  # keeps partition specs aligned under vmap/scan (NNX_NOTES)
 
 
+def unembed(x: jax.Array, head: jax.Array, softcap: float | None = None) -> jax.Array:
+    """x [batch, length, d_model] @ head [d_model, vocab] -> float32 logits [batch, length, vocab],
+    soft-capped to softcap * tanh(logits / softcap) when given (Gemma 2).
+
+    Logits are accumulated in float32 from the compute dtype: the softmax over a large vocabulary
+    loses too much precision in bf16. Tokens are flattened so the head's gradient contracts over one
+    axis (see lm.attention.per_token).
+    """
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    logits = jnp.dot(flat, head.astype(x.dtype), preferred_element_type=jnp.float32).reshape(*lead, -1)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logical_constraint(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -72,8 +88,14 @@ class Transformer(nnx.Module):
                 kernel_metadata={"out_sharding": ("embed", "vocab")},
             )
 
-    def __call__(self, tokens, positions, segment_ids=None, *, mode: Mode = "train") -> jax.Array:
-        """tokens, positions, segment_ids: int [batch, length]. Returns float32 logits [batch, length, vocab]."""
+    def __call__(
+        self, tokens, positions, segment_ids=None, *, mode: Mode = "train", return_hidden: bool = False
+    ) -> jax.Array:
+        """tokens, positions, segment_ids: int [batch, length]. Returns float32 logits [batch, length, vocab].
+
+        return_hidden: return the final-normed hidden states [batch, length, d_model] instead, for
+        callers that apply the head to a few positions (prefill) or in chunks (the loss).
+        """
         # FSDP gathers the table's width before the lookup (as it does for every weight), so the
         # result comes out split by batch rather than by width; vocab stays split over tensor.
         table = logical_constraint(self.embed.embedding[...], ("vocab", None))
@@ -106,13 +128,15 @@ class Transformer(nnx.Module):
                 x = layer(block, x, self.cfg.sliding_window if sliding else None)
 
         x = self.final_norm(x)
-        # Logits in float32 (accumulated from the compute dtype): the softmax over a large vocab
-        # loses too much precision in bf16.
-        head = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-        if self.cfg.final_softcap is not None:
-            logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
-        return logical_constraint(logits, ("batch", "length", "vocab"))
+        return x if return_hidden else self.logits(x)
+
+    def head(self) -> jax.Array:
+        """The unembedding [d_model, vocab]: the LM head, or the embedding table when tied."""
+        return self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., d_model] -> float32 logits [..., vocab] (soft-capped for Gemma 2)."""
+        return unembed(x, self.head(), self.cfg.final_softcap)
 
     def _static_window(self):
         """The sliding window when every layer has the same one (None: no window or per-layer)."""

@@ -129,6 +129,23 @@ class TrainConfig:
     sample_tokens: int = 96
     peak_tflops: float | None = None  # per device, for MFU; None: looked up from the device kind
     max_bad_steps: int = 0  # consecutive non-finite steps to skip (update dropped) before stopping
+    profile_steps: str = ""  # "a:b": a jax.profiler trace of steps a..b in <run_dir>/profile
+    compilation_cache: str = "auto"  # persistent XLA cache dir; auto: <run_dir>/compile_cache; off: none
+
+    def __post_init__(self):
+        if self.profile_steps and not _is_step_range(self.profile_steps):
+            raise UserError(
+                f"train.profile_steps={self.profile_steps!r} must look like 'a:b' with 1 <= a <= b, e.g. 5:7"
+            )
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        return tuple(int(x) for x in self.profile_steps.split(":")) if self.profile_steps else None
+
+
+def _is_step_range(text: str) -> bool:
+    parts = text.split(":")
+    return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and 1 <= int(parts[0]) <= int(parts[1])
 
     def __post_init__(self):
         _check("train.seed", self.seed, self.seed >= 0, "must be >= 0")
@@ -368,6 +385,9 @@ SAFE_TO_CHANGE = (
     "train.sample_tokens",
     "train.peak_tflops",
     "train.grad_accum",
+    "train.profile_steps",
+    "train.compilation_cache",
+    "model.loss_chunk",
     "model.remat",
     "model.attention_impl",
     "model.dtype",

@@ -45,6 +45,32 @@ def test_cached_greedy_equals_recompute_for_ragged_batch(model, prompts):
     assert all(len(t) == 24 for t in cached.tokens)
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_windowed_decode_equals_recompute(model, prompts, chunk):
+    """Attention windows of 16, 32, 64 and 128 slots in turn (growing as the context fills) give
+    the tokens of recomputing the whole sequence each step, with and without streaming chunks."""
+    windowed = generate(model, prompts, max_new_tokens=80, min_window=16, chunk=chunk)
+    assert windowed.windows[0] == 32 and windowed.windows[-1] == 128  # the longest prompt is 30 tokens
+    assert len(set(windowed.windows)) == 3
+    assert windowed.tokens == generate(model, prompts, max_new_tokens=80, use_cache=False).tokens
+
+
+def test_prefill_computes_logits_only_at_sampled_positions(model, prompts):
+    from lm.decode import _prefill
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    clone = nnx.merge(graphdef, params)
+    clone.init_cache(3, 64, jnp.float32)
+    dgraph, _, cache = nnx.split(clone, nnx.Param, nnx.Cache)
+    tokens = jnp.zeros((3, 32), jnp.int32)
+    seen = jnp.zeros((3, 256), bool)
+    jaxpr = jax.make_jaxpr(lambda *a: _prefill(dgraph, *a, sampling=Sampling()))(
+        params, cache, tokens, jnp.array([1, 7, 30]), jax.random.key(0), seen
+    )
+    shapes = {tuple(v.aval.shape) for e in jaxpr.eqns[0].params["jaxpr"].eqns for v in e.outvars}
+    assert (3, 256) in shapes and (3, 32, 256) not in shapes
+
+
 def test_batched_equals_one_prompt_at_a_time(model, prompts):
     batched = generate(model, prompts, max_new_tokens=16).tokens
     assert batched == [generate(model, [p], max_new_tokens=16).tokens[0] for p in prompts]

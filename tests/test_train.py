@@ -24,14 +24,16 @@ def metrics(run_dir):
 
 def test_tiny_run_writes_metrics_checkpoint_and_sample(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
-    out = run_cli(*tiny_train_args(tiny_corpus, run_dir))
+    out = run_cli(*tiny_train_args(tiny_corpus, run_dir, "train.profile_steps=4:5"))
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("recipe.json", "tokenizer.model", "metrics.jsonl"):
         assert (run_dir / name).exists(), name
+    assert list((run_dir / "profile").rglob("*.xplane.pb"))  # train.profile_steps
+    assert any((run_dir / "compile_cache").iterdir())  # train.compilation_cache=auto
     assert (run_dir / "checkpoints" / "6").is_dir() and (run_dir / "checkpoints" / "3").is_dir()
     rows = metrics(run_dir)
     assert set(rows) == {0, 2, 3, 4, 6}
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "mfu_maxtext"):
         assert key in rows[6], key
     assert {"eval_loss", "eval_ppl"} <= set(rows[6])
     assert rows[6]["loss"] < rows[2]["loss"] and rows[6]["eval_loss"] < rows[0]["eval_loss"]

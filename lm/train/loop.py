@@ -30,7 +30,9 @@ from lm.sampling import Sampling
 from lm.train.checkpoint import Checkpointer, check_writable, has_checkpoints, kept_steps
 from lm.train.faults import NonFiniteGuard, Preemption, agreed
 from lm.train.metrics import MetricsLog, peak_tflops_per_device
+from lm.train.compile_cache import use_compilation_cache
 from lm.train.optimizer import learning_rate, make_optimizer
+from lm.train.profile import StepProfiler
 from lm.train.step import eval_step, train_step
 from sharding.mesh import make_mesh
 from sharding.partition import check_divisible, create_sharded, put_batch
@@ -175,6 +177,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     check_divisible(recipe.logical_dims(), mesh, rules)
     agreed(check_writable, checkpoint_dir(recipe, run_dir))
     say("attention: %s (%s)" % resolve_attention_impl(m, jax.default_backend(), t.seq_len))
+    use_compilation_cache(t.compilation_cache, run_dir)
     data_dir, tokenizer = prepare_data(recipe, run_dir)
 
     pid, nproc = jax.process_index(), jax.process_count()
@@ -280,8 +283,10 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> Outcome:
     lr = learning_rate(run.recipe.optimizer, t.steps)
     tokens_per_step = t.batch_size * t.seq_len
     flops_per_step = m.flops_per_token(t.seq_len) * tokens_per_step
+    maxtext_ratio = m.flops_per_token(t.seq_len, "maxtext") / m.flops_per_token(t.seq_len)
     peak, peak_source = peak_tflops_per_device(t.peak_tflops)
     say(f"MFU: 6N + 12*L*T*H*D FLOPs per token (PaLM), peak {peak:.2f} TFLOP/s per device from {peak_source}")
+    profiler = StepProfiler(t.profile_range, run.log.path.parent / "profile")
 
     def evaluate(step: int) -> dict:
         el = eval_loss(run.model, run.eval_batches, run.mesh, run.rules, t.grad_accum)
@@ -302,7 +307,9 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> Outcome:
         timer, timed_steps = time.perf_counter(), 0
         for step in range(run.start + 1, t.steps + 1):
             batch = put_batch(next(run.train_iter), run.mesh, run.rules)
+            profiler.before(step)
             metrics = train_step(run.model, run.optimizer, batch, grad_accum=t.grad_accum)
+            profiler.after(step, metrics)
             guard.add(step, metrics)
             log_step = step % t.log_every == 0 or step == t.steps
             if jax.process_count() == 1 or log_step:
@@ -329,6 +336,7 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> Outcome:
                     "tokens_per_s": tps,
                     "tflops_per_device": tflops,
                     "mfu": tflops / peak if tflops is not None else None,
+                    "mfu_maxtext": tflops * maxtext_ratio / peak if tflops is not None else None,
                 }
                 run.log.write(last)
                 if tps is not None:
@@ -345,5 +353,6 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> Outcome:
             if step % run.recipe.checkpoint.every == 0 or step == t.steps:
                 save(step, force=step == t.steps)
     finally:
+        profiler.close()
         bar.close()  # before any error message, so that stays the last line
     return Outcome(last, initial_eval, None)

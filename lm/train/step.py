@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lm.loss import cross_entropy_sum
+from lm.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from sharding.rules import logical_constraint
 
 
@@ -31,6 +31,12 @@ def compute_params(params, dtype):
 
 
 def _loss_sums(model, batch):
+    chunk = model.cfg.loss_chunk_for(batch["tokens"].shape[1])
+    if chunk:  # large vocabularies: never materialise [batch, length, vocab] logits
+        hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+        return chunked_cross_entropy_sum(
+            hidden, model.head(), batch["targets"], batch["weights"], chunk, model.cfg.final_softcap
+        )
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
     return cross_entropy_sum(logits, batch["targets"], batch["weights"])
 
