@@ -15,7 +15,6 @@ from lm.model import Transformer
 from lm.train.step import _loss_sums
 
 
-
 def batch(b, t, vocab, seed=0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab, (b, t + 1)).astype(np.int32)
@@ -41,10 +40,14 @@ def loss_and_grads(cfg, data):
     return loss, jax.tree.leaves(grads)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])  # Gemma 2's final logit soft-cap applies to every chunk
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("chunk", [8, 12])  # 12 does not divide the length: padded with zero weights
-def test_chunked_loss_and_gradients_equal_plain(tied, chunk):
-    cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, tie_embeddings=tied)
+def test_chunked_loss_and_gradients_equal_plain(tied, chunk, softcap):
+    cfg = ModelConfig(
+        vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, tie_embeddings=tied,
+        final_softcap=softcap,
+    )  # fmt: skip
     data = batch(2, 32, cfg.vocab_size)
     plain_loss, plain_grads = loss_and_grads(dataclasses.replace(cfg, loss_chunk=0), data)
     chunk_loss, chunk_grads = loss_and_grads(dataclasses.replace(cfg, loss_chunk=chunk), data)
