@@ -319,9 +319,11 @@ def activation_bytes(
 
 
 def logits_bytes(model: ModelConfig, rows: float, seq_len: int, tensor: int) -> int:
-    """Float32 logits of one microbatch (split over tensor by vocab) and their gradient."""
+    """Float32 logits of one microbatch (split over tensor by vocab) and their gradient. With the
+    chunked loss (model.loss_chunk_for) only one chunk of positions has logits at a time."""
     tp = tensor if model.vocab_size % tensor == 0 else 1
-    return int(LOGIT_COPIES * rows * seq_len * model.vocab_size / tp * 4)
+    positions = model.loss_chunk_for(seq_len) or seq_len
+    return int(LOGIT_COPIES * rows * positions * model.vocab_size / tp * 4)
 
 
 def kv_cache_bytes(model: ModelConfig, length: int, tensor: int, act_bytes: int) -> int:
