@@ -9,6 +9,7 @@ import tempfile
 import jax
 from flax import nnx
 
+from lm.config import ModelConfig
 from lm.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from lm.errors import UserError
 from lm.model import Transformer
@@ -67,6 +68,7 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, need_tokenizer: 
         if "recipe" in meta
         else Recipe.from_dict(json.loads((run / "recipe.json").read_text()))
     )
+    recipe = dataclasses.replace(recipe, model=for_this_platform(recipe.model))
     tokenizer = _run_tokenizer(run, meta, step) if need_tokenizer or _has_tokenizer(run) else None
     if tokenizer is not None:
         check_vocab(tokenizer, recipe.model.vocab_size, f"checkpoint {folder / str(step)}")
@@ -85,6 +87,15 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, need_tokenizer: 
         finally:
             ckpt.close()
     return recipe, model, tokenizer, mesh_, rules
+
+
+def for_this_platform(cfg: ModelConfig) -> ModelConfig:
+    """The attention kernel is an execution option of the run's own hardware: a checkpoint trained
+    with splash on a TPU (or cuDNN on a GPU) generates anywhere with the kernel this platform has."""
+    needs = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+    if cfg.attention_impl in needs and jax.default_backend() not in needs[cfg.attention_impl]:
+        return dataclasses.replace(cfg, attention_impl="auto")
+    return cfg
 
 
 def _has_tokenizer(folder: pathlib.Path) -> bool:

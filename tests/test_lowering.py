@@ -167,3 +167,15 @@ def test_interpreted_splash_matches_xla_with_gqa_padding_window_and_softcap(leng
     np.testing.assert_allclose(got, want, atol=2e-5)
     for a, b in zip(got_grads, want_grads):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_a_run_trained_with_another_platforms_kernel_generates_here_with_auto():
+    """splash (TPU) or cuDNN (GPU) in a checkpoint's recipe is that hardware's choice, not the model's."""
+    from lm.config import ModelConfig
+    from lm.inference import for_this_platform
+
+    for impl in ("splash", "cudnn"):
+        cfg = ModelConfig(attention_impl=impl, dtype="bfloat16")
+        assert for_this_platform(cfg).attention_impl == "auto"
+        assert for_this_platform(cfg).dtype == "bfloat16"  # nothing else changes
+    assert for_this_platform(ModelConfig(attention_impl="xla")).attention_impl == "xla"
