@@ -166,7 +166,7 @@ def generate(
     if sampling.repetition_penalty != 1.0:
         seen = seen.at[jnp.arange(batch)[:, None], tokens].set(tokens != 0)
 
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
     start = time.perf_counter()
     c = {
         "pos": lengths_arr,
@@ -178,7 +178,7 @@ def generate(
     if use_cache:
         clone = nnx.merge(graphdef, params)
         clone.init_cache(batch, cache_len, cache_dtype or cfg.compute_dtype)
-        dgraph, _, cache = nnx.split(clone, nnx.Param, nnx.Cache)
+        dgraph, _, cache = nnx.split(clone, nnx.Not(nnx.Cache), nnx.Cache)
         cache = place(cache)  # under a mesh: kv heads split like the parameters
         cache, first = _prefill(dgraph, params, cache, jnp.asarray(tokens), lengths_arr, key, seen, sampling=sampling)
         c["cache"] = cache

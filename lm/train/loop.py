@@ -18,16 +18,16 @@ from lm.data import TokenFile, Tokenizer, make_dataset, prepare_corpus
 from lm.data.prepare import file_sha256
 from lm.decode import generate
 from lm.errors import UserError
-from lm.model import Transformer
 from lm.recipe import SAFE_TO_CHANGE, Recipe, diff_recipes
 from lm.sampling import Sampling
 from lm.train.checkpoint import Checkpointer, has_checkpoints
 from lm.train.faults import NonFiniteGuard, Preemption
+from lm.train.init import base_identity, build, resolve
 from lm.train.metrics import MetricsLog, peak_tflops_per_device
-from lm.train.optimizer import learning_rate, make_optimizer
+from lm.train.optimizer import learning_rate
 from lm.train.step import eval_step, train_step
 from sharding.mesh import make_mesh
-from sharding.partition import check_divisible, create_sharded, put_batch
+from sharding.partition import check_divisible, put_batch
 from sharding.rules import logical_rules
 
 
@@ -123,7 +123,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     """Train (or resume) the run in run_dir. Returns a summary of the last metrics and the sample."""
     run_dir = pathlib.Path(run_dir)
     mesh, rules = make_mesh(recipe.mesh), logical_rules(recipe.mesh.rules)
-    recipe = resolve_batch_size(recipe, mesh)
+    recipe = resolve_batch_size(resolve(recipe), mesh)  # resolve: the model section of init.from
     t, m = recipe.train, recipe.model
     check_resumable(run_dir, recipe)
     check_divisible(recipe.logical_dims(), mesh, rules)
@@ -139,16 +139,19 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
 
-        def make():
-            model = Transformer(m, rngs=nnx.Rngs(params=t.seed))
-            return model, make_optimizer(model, recipe.optimizer, t.steps, t.max_bad_steps)
-
-        model, optimizer = create_sharded(make, mesh, rules)
-        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        model, optimizer = build(recipe, mesh, rules)
+        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, optimizer.wrt)))
+        base = base_identity(recipe) if recipe.lora.rank else None
         say(
-            f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)} over {jax.device_count()} "
-            f"{jax.devices()[0].platform} devices; {nproc} process(es)"
+            f"model: {n_params / 1e6:.2f}M {'adapter ' if recipe.lora.rank else ''}parameters; "
+            f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; {nproc} process(es)"
         )
+        if recipe.lora.rank:
+            saved = sum(x.nbytes for x in jax.tree.leaves((nnx.state(model, nnx.LoRAParam), nnx.state(optimizer))))
+            say(
+                f"LoRA rank {recipe.lora.rank} on a {recipe.lora.base_dtype} base from {recipe.init.from_ or 'random init'}; "
+                f"a checkpoint holds the adapter and its optimizer state ({saved / 2**20:.1f} MiB), not the base"
+            )
 
         def same_run(step: int, meta: dict) -> None:
             saved = meta.get("recipe", {}).get("model", {})
@@ -161,6 +164,11 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
                 raise UserError(
                     f"checkpoint {step} in {ckpt.directory} belongs to another model ({'; '.join(changed)}); "
                     "use a new --run-dir"
+                )
+            if base and meta.get("base") and meta["base"]["fingerprint"] != base["fingerprint"]:
+                raise UserError(
+                    f"checkpoint {step} holds a LoRA adapter for the base {meta['base']['weights']}, but the files of "
+                    f"init.from={recipe.init.from_} have changed since; restore that base or use a new --run-dir"
                 )
             if meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
                 raise UserError(
@@ -179,6 +187,8 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
             "tokenizer_sha256": tokenizer_sha,
             "tokenizer_model": base64.b64encode(tokenizer.path.read_bytes()).decode(),
         }
+        if base:
+            meta["base"] = base
         log = MetricsLog(
             run_dir, recipe.to_dict(), wandb_mode=recipe.logging.wandb, project=recipe.logging.project, enabled=pid == 0
         )

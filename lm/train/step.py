@@ -35,13 +35,17 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
     """One optimizer step on a global batch, optionally as `grad_accum` microbatches.
 
     Gradients of summed losses are accumulated in float32 and divided once by the total token
-    weight, so the update equals the single-big-batch update.
+    weight, so the update equals the single-big-batch update. Only the optimizer's `wrt`
+    parameters (all Params, or just the LoRA adapters) are differentiated; the rest is constant.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+    # Plain arrays, so that merging makes fresh Variables inside the gradient trace: nnx.scan refuses
+    # Variables of an enclosing trace, and a LoRA run's frozen base weights live in `rest`.
+    frozen = nnx.as_pure(rest)
 
     def sums_and_grads(mb):
         def loss(p):
-            return _loss_sums(nnx.merge(graphdef, p, rest), mb)
+            return _loss_sums(nnx.merge(graphdef, p, frozen), mb)
 
         (loss_sum, weight), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return loss_sum, weight, grads
@@ -68,7 +72,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
     return {
         "loss": loss_sum / weight,
         "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(nnx.state(model, nnx.Param)),
+        "param_norm": optax.tree.norm(nnx.state(model, optimizer.wrt)),
     }
 
 

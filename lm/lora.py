@@ -1,0 +1,241 @@
+"""LoRA and QLoRA: low-rank adapters on a frozen (optionally 4/8-bit) base, by model surgery.
+
+Each targeted projection (an `nnx.Linear` or the attention's 3-D `nnx.LinearGeneral`) is replaced by
+`LoRA(base)`, which computes `base(x) + (alpha / rank) * (x A) B` with A `[in..., rank]` and B
+`[rank, out...]` as `nnx.LoRAParam`s. Only those are trained (`TRAINABLE`); every other parameter
+is frozen and carries no gradient and no optimizer state.
+
+Why not `qwix.apply_lora_to_model`: qwix creates the adapters by running the model once and
+intercepting each `dot_general`. Inside our `nnx.scan` over the stacked layers that creation
+fails (`IndexError` from `jax.lax.scan`: new variables cannot appear inside a scan body), and the
+unscanned path flattens the head axes (B `[rank, heads*head_dim]`, named by its first axis only).
+Here the adapters are created outside any transform with the stacked layer axis already in place
+(A `[layers, embed, rank]`, B `[layers, rank, heads, head_dim]`), named after their base kernel's
+logical axes, so `nnx.scan` slices them per layer and FSDP/TP shard them like the base. qwix still
+does the quantisation: `lora.base_dtype=nf4|int8` stores each targeted kernel as a qwix `QArray`
+(nf4 in blocks of 64 along the input axis, as QLoRA does) and dequantises it inside the matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from qwix._src.core import qarray
+
+from lm.errors import UserError
+from lm.recipe import LoraConfig
+
+TRAINABLE = nnx.LoRAParam
+FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+DEFAULT_TARGETS = LoraConfig.targets  # attention and MLP projections
+BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
+QUANT_BLOCK = 64  # QLoRA's nf4 block size along the input axis
+
+
+class Quantized(nnx.Variable):
+    """A frozen, quantised base weight (qwix QArray parts): never a Param, so never trained or decayed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What `apply` needs; lm.recipe.LoraConfig validates the user-facing keys."""
+
+    rank: int
+    alpha: float
+    targets: str = DEFAULT_TARGETS
+    base_dtype: str = "bfloat16"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _n_in(base: nnx.Module) -> int:
+    """How many leading kernel axes (after a stacked layer axis) the projection contracts."""
+    if isinstance(base, nnx.LinearGeneral):
+        axis = base.axis if isinstance(base.axis, tuple) else (base.axis,)
+        return len(axis)
+    return 1
+
+
+def _n_out(base: nnx.Module) -> int:
+    if isinstance(base, nnx.LinearGeneral):
+        return len(base.out_features) if isinstance(base.out_features, tuple) else 1
+    return 1
+
+
+class LoRA(nnx.Module):
+    """One adapted projection: base(x) + scale * (x A) B.
+
+    Kernel layout [layers?, in..., out...]: Linear [in, out], q/k/v [embed, heads, head_dim],
+    out [heads, head_dim, embed]. A is [layers?, in..., rank], B [layers?, rank, out...].
+    """
+
+    def __init__(self, base: nnx.Linear | nnx.LinearGeneral, spec: LoraSpec, key: jax.Array):
+        kernel = base.kernel
+        self.n_in, n_out = _n_in(base), _n_out(base)
+        lead = kernel.ndim - self.n_in - n_out  # 1 for a stack built by nnx.vmap, else 0
+        names = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
+        shape = kernel.shape
+        in_shape, out_shape = shape[lead : lead + self.n_in], shape[lead + self.n_in :]
+        # PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0,
+        # so a fresh adapter leaves the model's outputs exactly as they were.
+        bound = 1.0 / math.sqrt(math.prod(in_shape))
+        a = jax.random.uniform(key, shape[: lead + self.n_in] + (spec.rank,), jnp.float32, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a, out_sharding=tuple(names[: lead + self.n_in]) + (None,))
+        self.lora_b = nnx.LoRAParam(
+            jnp.zeros(shape[:lead] + (spec.rank,) + out_shape, jnp.float32),
+            out_sharding=tuple(names[:lead]) + (None,) + tuple(names[lead + self.n_in :]),
+        )
+        self.scale = spec.scale
+        self.qtype = None
+        self.base = base
+        if spec.base_dtype in ("int8", "nf4"):
+            self.qtype = spec.base_dtype
+            q = _quantize(kernel[...], lead, self.n_in, spec.base_dtype)
+            self.qvalue = Quantized(q.qvalue, out_sharding=names)
+            # The blocked axis of the scales is shorter than the kernel's: left unsharded.
+            scale_names = tuple(None if s != k else n for s, k, n in zip(q.scale.shape, shape, names))
+            self.qscale = Quantized(q.scale, out_sharding=scale_names)
+            base.kernel = nnx.data(None)  # the quantised copy replaces it
+
+    def kernel(self) -> jax.Array:
+        """The base kernel, dequantised when stored quantised."""
+        if self.qtype is None:
+            return self.base.kernel[...]
+        q = qarray.QArray(self.qvalue[...], self.qscale[...], None, jnp.int8 if self.qtype == "int8" else "nf4")
+        return qarray.dequantize(q)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, length, in...] -> [batch, length, out...]."""
+        if self.qtype is None:
+            y = self.base(x)
+        else:
+            y = _project(x, self.kernel(), self.base, self.n_in)
+        contract = tuple(range(x.ndim - self.n_in, x.ndim))
+        a, b = self.lora_a[...].astype(y.dtype), self.lora_b[...].astype(y.dtype)
+        xa = jax.lax.dot_general(x.astype(y.dtype), a, ((contract, tuple(range(self.n_in))), ((), ())))
+        delta = jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())))
+        return y + (self.scale * delta).astype(y.dtype)
+
+    def merged_kernel(self) -> jax.Array:
+        """base + scale * A B, in float32 (the caller casts to the base's dtype)."""
+        kernel = self.kernel().astype(jnp.float32)
+        a, b = self.lora_a[...], self.lora_b[...]
+        lead = a.ndim - self.n_in - 1
+        a2 = a.reshape(a.shape[:lead] + (-1, a.shape[-1]))
+        b2 = b.reshape(b.shape[: lead + 1] + (-1,))
+        delta = jnp.einsum("...ir,...ro->...io", a2, b2, precision=jax.lax.Precision.HIGHEST)
+        return kernel + self.scale * delta.reshape(kernel.shape)
+
+
+def _project(x, kernel, base, n_in: int):
+    """What `base(x)` computes, with `kernel` in place of the module's own (same dot_general)."""
+    bias = base.bias[...] if base.bias is not None else None
+    x, kernel, bias = base.promote_dtype((x, kernel, bias), dtype=base.dtype)
+    contract = tuple(range(x.ndim - n_in, x.ndim))
+    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(n_in))), ((), ())), precision=base.precision)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
+    return y
+
+
+def _quantize(kernel: jax.Array, lead: int, n_in: int, qtype: str) -> qarray.QArray:
+    """Per output channel (and per layer), in blocks of QUANT_BLOCK along the last input axis."""
+    axis = lead + n_in - 1
+    size = kernel.shape[axis]
+    tile = QUANT_BLOCK if size % QUANT_BLOCK == 0 else size
+    channelwise = tuple(i for i in range(kernel.ndim) if i != axis)
+    return qarray.quantize_api(
+        kernel.astype(jnp.float32),
+        jnp.int8 if qtype == "int8" else "nf4",
+        channelwise_axes=channelwise,
+        tiled_axes={axis: tile},
+        scale_dtype=jnp.bfloat16 if qtype == "nf4" else jnp.float32,
+    )
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def targets(model: nnx.Module, pattern: str) -> list[tuple[tuple, nnx.Module]]:
+    """(path, module) of every Linear/LinearGeneral whose dotted path fully matches `pattern`."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"lora.targets={pattern!r} is not a valid regular expression ({e})") from None
+    found = [
+        (path, module)
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, (nnx.Linear, nnx.LinearGeneral)) and regex.fullmatch(_dotted(path))
+    ]
+    if not found:
+        names = [_dotted(p) for p, m in nnx.iter_modules(model) if isinstance(m, (nnx.Linear, nnx.LinearGeneral))]
+        raise UserError(f"lora.targets={pattern!r} matches no projection; module paths look like {names[:6]}")
+    return found
+
+
+def _parent(model, path):
+    node = model
+    for name in path[:-1]:
+        node = node[name] if isinstance(name, int) else getattr(node, name)
+    return node
+
+
+def _set(parent, name, value):
+    if isinstance(name, int):
+        parent[name] = value
+    else:
+        setattr(parent, name, value)
+
+
+def apply(model: nnx.Module, spec: LoraSpec, seed: int = 0) -> list[str]:
+    """Adapt the projections matching spec.targets in place; return their paths.
+
+    The frozen base is cast to spec.base_dtype (bfloat16, or float32 for exact tests); with int8 or
+    nf4 the adapted kernels are quantised and everything else frozen is kept in bfloat16.
+    """
+    if spec.base_dtype not in BASE_DTYPES:
+        raise UserError(f"lora.base_dtype={spec.base_dtype!r} is not one of {list(BASE_DTYPES)}")
+    found = targets(model, spec.targets)
+    keys = jax.random.split(jax.random.key(seed), len(found))
+    for (path, module), key in zip(found, keys):
+        _set(_parent(model, path), path[-1], LoRA(module, spec, key))
+    store = jnp.float32 if spec.base_dtype == "float32" else jnp.bfloat16
+    frozen = nnx.state(model, FROZEN)
+    nnx.update(model, jax.tree.map(lambda x: x.astype(store), frozen))
+    return [_dotted(p) for p, _ in found]
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+    """Fold every adapter into its base kernel (in the base's param dtype) and put the plain
+    projection back, in place: the result is an ordinary Transformer (export, fast decode)."""
+    for path, module in list(nnx.iter_modules(model)):
+        if isinstance(module, LoRA):
+            base = module.base
+            dtype = base.kernel.dtype if module.qtype is None else jnp.bfloat16
+            names = module.qvalue.get_metadata().get("out_sharding") if module.qtype else None
+            merged = module.merged_kernel().astype(dtype)
+            if module.qtype is None:
+                base.kernel[...] = merged
+            else:
+                base.kernel = nnx.Param(merged, out_sharding=names)
+            _set(_parent(model, path), path[-1], base)
+    return model
+
+
+def adapters(model: nnx.Module) -> dict[str, LoRA]:
+    """Dotted path -> LoRA module, in model order."""
+    return {_dotted(p): m for p, m in nnx.iter_modules(model) if isinstance(m, LoRA)}
+
+
+def count(model: nnx.Module) -> tuple[int, int]:
+    """(trainable adapter parameters, frozen parameters incl. quantised ones)."""
+    n = lambda state: sum(x.size for x in jax.tree.leaves(state))  # noqa: E731
+    return n(nnx.state(model, TRAINABLE)), n(nnx.state(model, nnx.Any(FROZEN, Quantized)))
