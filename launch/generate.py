@@ -1,6 +1,9 @@
-"""Generate text from a trained run: prefill each prompt batch in one pass, then a cached decode loop."""
+"""Generate text from a trained run or a Hugging Face folder: prefill each prompt batch in one pass,
+then a cached decode loop. Prompts get the tokenizer's BOS rule (as transformers' tokenizer(text)) and
+rows stop at any of its stop ids (every eos id of generation_config.json)."""
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -13,10 +16,16 @@ def parse(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="a run directory written by launch.train (its latest checkpoint)")
     src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/300")
+    src.add_argument("--hf", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", action="append", help="a prompt (repeatable; prompts are batched)")
     text.add_argument("--prompts-file", help="one prompt per line, or a .jsonl with a 'prompt' field")
     text.add_argument("--interactive", action="store_true", help="read prompts from stdin, keeping the model loaded")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt as a user message in the tokenizer's chat template (with the assistant's header)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -82,28 +91,37 @@ def main(argv=None):
     from flax import nnx
 
     from lm.decode import complete
-    from lm.inference import load_run
+    from lm.inference import load_model
     from lm.sampling import Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-    recipe, model, tokenizer, mesh, rules = load_run(args.run_dir, args.checkpoint, args.tensor)
+    loaded = load_model(args.run_dir, args.checkpoint, args.hf, tensor=args.tensor)
+    model, tokenizer = loaded.model, loaded.tokenizer
 
     def run(prompts: list[str], stream: bool):
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-            return complete(
+        texts = prompts
+        if args.chat:  # each prompt is a user turn; the template writes its own BOS and special tokens
+            texts = [
+                tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                for p in prompts
+            ]
+        with jax.set_mesh(loaded.mesh), nnx.logical_axis_rules(loaded.rules):
+            completions, gen = complete(
                 model,
                 tokenizer,
-                prompts,
+                texts,
                 max_new_tokens=args.max_new_tokens,
                 sampling=sampling,
                 seed=args.seed,
                 stop=args.stop,
                 use_cache=args.kv_cache == "on",
                 stream=(lambda s: print(s, end="", flush=True)) if stream else None,
+                add_bos=False if args.chat else None,
             )
+        return [dataclasses.replace(c, prompt=p) for c, p in zip(completions, prompts)], gen
 
     if args.interactive:
-        print(f"{recipe.name}: type a prompt, end with an empty line; Ctrl-D quits.", file=sys.stderr)
+        print(f"{loaded.name}: type a prompt, end with an empty line; Ctrl-D quits.", file=sys.stderr)
         while True:
             lines = []
             for line in sys.stdin:
@@ -120,16 +138,17 @@ def main(argv=None):
                 print("\n")
 
     prompts = args.prompt or read_prompts(args.prompts_file)
+    sep = "\n" if args.chat else ""
     rows = []
     for i in range(0, len(prompts), args.batch_size):
         batch = prompts[i : i + args.batch_size]
         single = len(prompts) == 1
         if single:
-            print(batch[0], end="", flush=True)
+            print(batch[0], end="\n" if args.chat else "", flush=True)
         completions, gen = run(batch, stream=single)
         for c in completions:
             if not single:
-                print(f"--- {c.prompt!r}\n{c.prompt}{c.completion}\n")
+                print(f"--- {c.prompt!r}\n{c.prompt}{sep}{c.completion}\n")
             rows.append(
                 {
                     "prompt": c.prompt,

@@ -77,7 +77,7 @@ def _prefill(graphdef, params, cache, tokens, lengths, key, seen, *, sampling):
     return nnx.state(model, nnx.Cache), first
 
 
-def _decode_body(graphdef, sampling, eos_id, use_cache, c):
+def _decode_body(graphdef, sampling, eos_id: tuple[int, ...], use_cache, c):
     """One token per row. Cached: feed the last token. Uncached: rerun the whole buffer."""
     tok, pos, params = c["tokens"][:, -1], c["pos"], c["params"]
     if use_cache:
@@ -91,9 +91,9 @@ def _decode_body(graphdef, sampling, eos_id, use_cache, c):
         logits = _logits_at(model(buf, positions), pos)
         c = {**c, "buffer": buf}
     nxt = _pick(logits, c["seen"], c["key"], c["step"], sampling)
-    nxt = jnp.where(c["done"], eos_id if eos_id is not None else 0, nxt)
+    nxt = jnp.where(c["done"], eos_id[0] if eos_id else 0, nxt)
     out = c["out"].at[:, c["step"]].set(nxt)
-    done = c["done"] | (nxt == eos_id) if eos_id is not None else c["done"]
+    done = c["done"] | jnp.isin(nxt, jnp.asarray(eos_id)) if eos_id else c["done"]
     return {
         **c,
         "out": out,
@@ -139,7 +139,7 @@ def generate(
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
     seed: int = 0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     cache_dtype=None,
     chunk: int | None = None,
@@ -149,9 +149,11 @@ def generate(
 
     on_tokens, if given, is called after each chunk of `chunk` steps with the new tokens
     [batch, n] (for streaming and stop strings); it may return a bool [batch] of rows to stop.
-    The model is not modified: the cache lives on a copy.
+    The model is not modified: the cache lives on a copy. eos_id may list several stop ids (Llama 3's
+    generation_config does); a row ends at the first of any.
     """
     cfg = model.cfg
+    eos_id = (eos_id,) if isinstance(eos_id, int) else tuple(int(i) for i in eos_id or ())
     lengths = [len(p) for p in prompts]
     check_lengths(lengths, max_new_tokens, cfg.max_seq_len)
     batch = len(prompts)
@@ -191,7 +193,7 @@ def generate(
     prefill_s = time.perf_counter() - start
 
     c["out"] = c["out"].at[:, 0].set(first)
-    c["done"] = first == eos_id if eos_id is not None else c["done"]
+    c["done"] = jnp.isin(first, jnp.asarray(eos_id)) if eos_id else c["done"]
     c["seen"] = _mark_seen(seen, first)
     c["tokens"] = first[:, None]
 
@@ -216,8 +218,9 @@ def generate(
     result = []
     for row in out[:, :emitted]:
         ids = row.tolist()
-        if eos_id is not None and eos_id in ids:
-            ids = ids[: ids.index(eos_id) + 1]
+        ends = [n for n, t in enumerate(ids) if t in eos_id]
+        if ends:
+            ids = ids[: ends[0] + 1]
         result.append(ids)
     return Generation(result, prefill_s, decode_s, sum(lengths), emitted - 1)
 
@@ -241,17 +244,25 @@ def complete(
     use_cache: bool = True,
     stream: Callable[[str], None] | None = None,
     chunk: int = 16,
+    add_bos: bool | None = None,
 ) -> tuple[list[Completion], Generation]:
-    """Text in, text out. Rows end at EOS or at the first stop string (which is cut off).
+    """Text in, text out. Rows end at EOS (any of the tokenizer's stop ids) or at the first stop string
+    (which is cut off).
 
     `stream`, for a single prompt, receives each new piece of text as soon as its chunk is done.
+    add_bos is passed to the tokenizer's encode (None: its own rule; False for chat-templated prompts).
     """
-    ids = [tokenizer.encode(p) for p in prompts]
+    ids = [tokenizer.encode(p) if add_bos is None else tokenizer.encode(p, add_bos=add_bos) for p in prompts]
+    stop_ids = tuple(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))
     produced: list[list[int]] = [[] for _ in prompts]
     shown = [0]
+    # Decoded after its prompt, a completion keeps the space that sentencepiece's "▁" prefix stands for.
+    prompt_text = [tokenizer.decode(p) for p in ids]
 
-    def text_of(row: list[int]) -> str:
-        return tokenizer.decode([t for t in row if t != tokenizer.eos_id])
+    def text_of(row: list[int], n: int = 0) -> str:
+        new = [t for t in row if t not in stop_ids]
+        whole = tokenizer.decode(ids[n] + new)
+        return whole[len(prompt_text[n]) :] if whole.startswith(prompt_text[n]) else tokenizer.decode(new)
 
     def cut(text: str) -> tuple[str, bool]:
         hits = [text.index(s) for s in stop if s in text]
@@ -260,7 +271,7 @@ def complete(
     def on_tokens(new: np.ndarray):
         for row, toks in zip(produced, new.tolist()):
             row.extend(toks)
-        stopped = [cut(text_of(row))[1] for row in produced]
+        stopped = [cut(text_of(row, n))[1] for n, row in enumerate(produced)]
         if stream is not None:
             text, _ = cut(text_of(produced[0]))
             # Hold back a tail that could still grow into a stop string.
@@ -277,14 +288,14 @@ def complete(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         seed=seed,
-        eos_id=tokenizer.eos_id,
+        eos_id=stop_ids,
         use_cache=use_cache,
         chunk=chunk if (stream or stop) else None,
         on_tokens=on_tokens if (stream or stop) else None,
     )
     out = []
-    for prompt, row in zip(prompts, gen.tokens):
-        text, _ = cut(text_of(row))
+    for n, (prompt, row) in enumerate(zip(prompts, gen.tokens)):
+        text, _ = cut(text_of(row, n))
         out.append(Completion(prompt, text, row))
     if stream is not None:
         stream(out[0].completion[shown[0] :])

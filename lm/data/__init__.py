@@ -3,7 +3,7 @@
 from lm.data.corpus import expand_inputs, iter_documents, split_files, stdlib_files
 from lm.data.pipeline import PackedWindows, make_dataset
 from lm.data.prepare import prepare_corpus
-from lm.data.tokenizer import Tokenizer, train_tokenizer
+from lm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from lm.data.tokens import TokenFile, write_tokens
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Tokenizer",
     "expand_inputs",
     "iter_documents",
+    "load_tokenizer",
     "make_dataset",
     "prepare_corpus",
     "split_files",

@@ -1,11 +1,28 @@
-"""A sentencepiece BPE tokenizer that round-trips source code exactly (whitespace, newlines, any unicode)."""
+"""Tokenizers: one interface over our own sentencepiece models and Hugging Face tokenizer folders.
+
+Three formats, one `Tokenizer`:
+- our own sentencepiece `.model` (trained by `launch.prepare`, BPE that round-trips source code exactly);
+- a Hugging Face folder with `tokenizer.json` (Llama 3, Qwen, GPT-2, ...), run by the `tokenizers` package;
+- a Hugging Face folder with only `tokenizer.model` (Llama 2 / Gemma style sentencepiece), run by sentencepiece.
+
+For Hugging Face folders, `transformers.AutoTokenizer` (5.x) is the reference: special tokens come from
+`tokenizer_config.json` / `special_tokens_map.json` / `generation_config.json`, BOS is added where its
+`tokenizer(text)` adds it, special-token strings in the text become their ids, and chat templates are
+rendered with the same sandboxed jinja2 environment.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import io
+import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import sentencepiece as spm
@@ -16,49 +33,508 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # sentencepiece skips training sentences longer than max_sentence_length bytes; cut long lines below it.
 _MAX_LINE_CHARS = 8192
 
+# Files that make up a Hugging Face tokenizer (copied verbatim on export, hashed for mismatch checks).
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+# Used for chat data when a tokenizer has no template of its own (our sentencepiece models, base models).
+# It holds no special tokens, so it encodes with any vocabulary; the fine-tuning data ends each assistant
+# turn with the EOS id itself. Rendered, a conversation reads:
+#   <|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello!\n
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# What transformers' tokenizer classes assume when tokenizer_config.json names no special tokens.
+_CLASS_DEFAULTS = {
+    "LlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "GemmaTokenizer": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
+    "GPT2Tokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Added:
+    """A token that is cut out of the text before the model sees it (transformers' AddedToken)."""
+
+    content: str
+    id: int
+    special: bool
+    lstrip: bool = False
+    rstrip: bool = False
+
 
 class Tokenizer:
-    """A loaded `.model` file. `encode` adds no BOS/EOS: callers decide where documents end."""
+    """Text <-> ids for a sentencepiece `.model` file, a Hugging Face tokenizer folder or a run directory.
+
+    `encode(text)` adds what the tokenizer's own rule adds: nothing for our sentencepiece models (documents
+    are joined with EOS by the data pipeline), and for Hugging Face tokenizers what `AutoTokenizer(text)`
+    adds (BOS for Llama and Gemma, nothing for GPT-2 and Qwen). `decode` skips special tokens.
+    """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
+        path = Path(path)
+        self.path = path
+        self.chat_template: str | None = None
+        self.add_bos = False  # the rule `encode(text)` follows for the BOS
+        self._added: list[_Added] = []
+        self._special_ids: set[int] = set()
+        self._hf_json = None  # a tokenizers.Tokenizer
+        self._sp = None
+        self._prepend = "never"  # transformers' Metaspace prepend scheme for a sentencepiece HF folder
+        if path.is_dir():
+            if (path / "tokenizer.json").is_file():
+                self.kind = "tokenizers"
+                self._load_hf(path)
+            elif (path / "tokenizer.model").is_file() and _has_hf_config(path):
+                self.kind = "hf-sentencepiece"
+                self._load_hf(path)
+            elif (path / "tokenizer.model").is_file():  # a run directory of ours
+                self.kind = "sentencepiece"
+                self.path = path / "tokenizer.model"
+                self._load_own_spm(self.path)
+            else:
+                raise UserError(
+                    f"{path} holds no tokenizer (tokenizer.json or tokenizer.model); pass a Hugging Face model "
+                    "folder, a run directory or a sentencepiece .model file"
+                )
+        elif path.is_file():
+            self.kind = "sentencepiece"
+            self._load_own_spm(path)
+        else:
             raise UserError(
-                f"tokenizer {self.path} does not exist; pass a sentencepiece .model file "
-                f"or run `python -m launch.prepare` to train one"
+                f"tokenizer {path} does not exist; pass a sentencepiece .model file, a Hugging Face tokenizer "
+                f"folder, or run `python -m launch.prepare` to train one"
             )
+
+    # ---- loading -------------------------------------------------------------------------------------
+
+    def _load_own_spm(self, file: Path) -> None:
+        self._sp = _load_spm(file)
+        self.bos_id = _or_none(self._sp.bos_id())
+        self.eos_id = _or_none(self._sp.eos_id())
+        self.pad_id = _or_none(self._sp.pad_id())
+        self.stop_ids = (self.eos_id,) if self.eos_id is not None else ()
+        self.files = [file]
+
+    def _load_hf(self, folder: Path) -> None:
+        config = _read_json(folder / "tokenizer_config.json")
+        specials = {**_CLASS_DEFAULTS.get(str(config.get("tokenizer_class", "")).removesuffix("Fast"), {})}
+        specials.update({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in config})
+        if "added_tokens_decoder" not in config:  # transformers reads the legacy map only then
+            legacy = _read_json(folder / "special_tokens_map.json")
+            specials.update(
+                {k: v for k, v in legacy.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+            )
+        specials = {k: _content(v) for k, v in specials.items() if _content(v) is not None}
+        self.files = [folder / f for f in HF_TOKENIZER_FILES if (folder / f).is_file()]
+
+        if self.kind == "tokenizers":
+            self._load_tokenizer_json(folder, config, specials)
+        else:
+            self._load_hf_spm(folder, config, specials)
+
+        ids = {k: self.token_to_id(v) for k, v in specials.items()}
+        self.bos_id, self.eos_id, self.pad_id = ids.get("bos_token"), ids.get("eos_token"), ids.get("pad_token")
+        self._special_ids |= {i for i in ids.values() if i is not None}
+        # generate() stops at any of generation_config's eos ids (Llama 3 lists several); config.json is
+        # the fallback transformers uses when there is no generation_config.json.
+        gen = _read_json(folder / "generation_config.json") or _read_json(folder / "config.json")
+        extra = gen.get("eos_token_id")
+        extra = [extra] if isinstance(extra, int) else list(extra or [])
+        if self.eos_id is None and extra:
+            self.eos_id = extra[0]
+        self.stop_ids = tuple(dict.fromkeys(([self.eos_id] if self.eos_id is not None else []) + extra))
+        if self.pad_id is None and isinstance(gen.get("pad_token_id"), int):
+            self.pad_id = gen["pad_token_id"]
+
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}]
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        if (folder / "chat_template.jinja").is_file():  # the file wins over the config entry, as in transformers
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        self.chat_template = template if isinstance(template, str) else None
+        self._config = config
+        self._specials = specials
+
+    def _load_tokenizer_json(self, folder: Path, config: dict, specials: dict) -> None:
+        from tokenizers import Tokenizer as JsonTokenizer
+        from tokenizers import processors
+
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except (RuntimeError, OSError) as e:
-            raise UserError(f"{self.path} is not a sentencepiece model ({e}); pass a .model file") from None
+            tok = JsonTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - the tokenizers package raises plain Exceptions
+            raise UserError(f"{folder / 'tokenizer.json'} is not a tokenizers file ({str(e)[:120]})") from None
+        tok.no_padding()
+        tok.no_truncation()
+        tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        # transformers registers the named special tokens as added tokens when tokenizer.json lacks them.
+        present = {t.content for t in tok.get_added_tokens_decoder().values()}
+        from tokenizers import AddedToken
 
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        missing = [v for v in specials.values() if v not in present and tok.token_to_id(v) is not None]
+        if missing:
+            tok.add_special_tokens([AddedToken(v, special=True, normalized=False) for v in missing])
+        if tok.post_processor is None:
+            # transformers then builds "[bos] $A [eos]" from add_bos_token/add_eos_token (both off by default);
+            # with a post-processor in tokenizer.json, those config keys are ignored.
+            bos, eos = specials.get("bos_token"), specials.get("eos_token")
+            add_bos = bool(config.get("add_bos_token")) and bos is not None
+            add_eos = bool(config.get("add_eos_token")) and eos is not None
+            single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
+            tok.post_processor = processors.TemplateProcessing(
+                single=single,
+                special_tokens=[(t, tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on],
+            )
+        self._hf_json = tok
+        self._special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        probe = tok.encode("", add_special_tokens=True).ids
+        bos = specials.get("bos_token")
+        self.add_bos = bool(probe) and bos is not None and probe[0] == tok.token_to_id(bos)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+    def _load_hf_spm(self, folder: Path, config: dict, specials: dict) -> None:
+        from sentencepiece import sentencepiece_model_pb2 as pb
 
-    def id_to_piece(self, token_id: int) -> str:
-        return self._sp.id_to_piece(int(token_id))
+        proto = pb.ModelProto()
+        try:
+            proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError
+            raise UserError(f"{folder / 'tokenizer.model'} is not a sentencepiece model") from None
+        # transformers (5.x) turns the .model into a `tokenizers` BPE with no normalizer and a Metaspace
+        # pre-tokenizer, so: no whitespace collapsing, and its own rule for the leading "▁" (below).
+        proto.normalizer_spec.add_dummy_prefix = False
+        proto.normalizer_spec.remove_extra_whitespaces = False
+        self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        add_prefix_space = config.get("add_prefix_space")
+        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+        legacy = bool(config.get("legacy", False))
+        self._prepend = ("always" if legacy else "first") if add_prefix_space else "never"
+        # Control (3), unknown (2) and user-defined (4) pieces are added tokens; only the first two are special.
+        added = {
+            p.piece: _Added(p.piece, i, special=p.type in (2, 3))
+            for i, p in enumerate(proto.pieces)
+            if p.type in (2, 3, 4)
+        }
+        size = self._sp.get_piece_size()
+        for index, entry in (config.get("added_tokens_decoder") or {}).items():
+            token = _Added(
+                entry["content"],
+                int(index),
+                bool(entry.get("special", True)),
+                entry.get("lstrip", False),
+                entry.get("rstrip", False),
+            )
+            if token.id >= size or self._sp.id_to_piece(token.id) != token.content:
+                raise UserError(
+                    f"{folder / 'tokenizer_config.json'} adds token {token.content!r} as id {token.id}, which is not "
+                    f"that piece of tokenizer.model (size {size}); add a tokenizer.json for tokens beyond the model"
+                )
+            added[token.content] = token
+        for name in specials.values():
+            if name in added:
+                added[name] = dataclasses.replace(added[name], special=True)
+        self._special_ids = {t.id for t in added.values() if t.special}
+        if config.get("split_special_tokens"):  # special-token strings in the text stay text
+            added = {k: t for k, t in added.items() if not t.special}
+        self._added = sorted(added.values(), key=lambda t: -len(t.content))
+        self.add_bos = bool(config.get("add_bos_token", False)) and "bos_token" in specials
+        self._add_eos = bool(config.get("add_eos_token", False)) and "eos_token" in specials
+
+    # ---- the interface -------------------------------------------------------------------------------
 
     @property
     def vocab_size(self) -> int:
+        """Ids run from 0 to vocab_size - 1 (added tokens included)."""
+        if self._hf_json is not None:
+            return max(
+                self._hf_json.get_vocab_size(with_added_tokens=True), max(self._hf_json.get_vocab().values()) + 1
+            )
         return self._sp.get_piece_size()
 
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`. add_bos None follows the tokenizer's rule (see the class docstring);
+        False gives the text's own tokens only; True also puts the BOS first (when there is one)."""
+        if self.kind == "sentencepiece":
+            ids = self._sp.encode(text)
+            return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+        if self.kind == "tokenizers":
+            ids = self._hf_json.encode(text, add_special_tokens=add_bos is not False).ids
+        else:
+            ids = self._encode_hf_spm(text)
+            if add_bos is not False:
+                ids = [self.bos_id] * self.add_bos + ids + [self.eos_id] * self._add_eos
+        if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def _encode_hf_spm(self, text: str) -> list[int]:
+        """Cut out added tokens, then sentencepiece on each piece of text between them, as transformers does."""
+        ids: list[int] = []
+        pieces = _split_added(text, self._added)
+        for n, piece in enumerate(pieces):
+            if isinstance(piece, _Added):
+                ids.append(piece.id)
+                continue
+            first = n == 0
+            if self._prepend == "always" or (self._prepend == "first" and first):
+                if not piece.startswith(" "):  # Metaspace adds the "▁" only where there is none
+                    piece = " " + piece
+            ids.extend(self._sp.encode(piece))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, special tokens (BOS, EOS, pad, ...) left out."""
+        ids = [int(i) for i in ids]
+        if self.kind == "sentencepiece":
+            return self._sp.decode(ids)
+        if self.kind == "tokenizers":
+            return self._hf_json.decode(ids, skip_special_tokens=True)
+        # Added tokens are cut out of the text on the way in, so they go back as their text on the way out.
+        added = {t.id: t.content for t in self._added if not t.special}
+        text, run = [], []
+        for i in ids:
+            if i in self._special_ids:
+                continue
+            if i in added:
+                text.append(self._sp.decode(run))
+                text.append(added[i])
+                run = []
+            else:
+                run.append(i)
+        text.append(self._sp.decode(run))
+        out = "".join(text)
+        if self._prepend != "never" and out.startswith(" "):  # transformers' Strip(left=1) decoder
+            out = out[1:]
+        return out
+
+    def token_to_id(self, token: str) -> int | None:
+        if self._hf_json is not None:
+            return self._hf_json.token_to_id(token)
+        i = self._sp.piece_to_id(token)
+        return i if self._sp.id_to_piece(i) == token else None
+
+    def id_to_piece(self, token_id: int) -> str:
+        if self._hf_json is not None:
+            return self._hf_json.id_to_token(int(token_id))
+        return self._sp.id_to_piece(int(token_id))
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict],
+        *,
+        add_generation_prompt: bool = False,
+        chat_template: str | None = None,
+        **kwargs,
+    ) -> str:
+        """The conversation as text, rendered like transformers' `apply_chat_template(..., tokenize=False)`.
+
+        Uses the tokenizer's own template, else DEFAULT_CHAT_TEMPLATE. Encode the result with
+        `encode(text, add_bos=False)`: templates write their own BOS, as transformers assumes.
+        """
+        if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise UserError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
+        template = chat_template or self.chat_template or DEFAULT_CHAT_TEMPLATE
+        names = {k: v for k, v in getattr(self, "_specials", {}).items()}
+        if self.kind == "sentencepiece":
+            names = {
+                k: self._sp.id_to_piece(i)
+                for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))
+                if i is not None
+            } | {"unk_token": self._sp.id_to_piece(self._sp.unk_id())}
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        import jinja2
+
+        try:
+            return _compile_chat_template(template).render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **{**names, **kwargs},
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise UserError(f"the chat template refused this conversation: {e}") from None
 
     @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
+    def sha256(self) -> str:
+        """A content hash for mismatch checks: the .model file's sha256 for our own tokenizers (what
+        checkpoints store as `tokenizer_sha256`), else over the tokenizer files' names and bytes."""
+        if self.kind == "sentencepiece":
+            return _file_sha256(self.path)
+        digest = hashlib.sha256()
+        for f in self.files:
+            digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        return digest.hexdigest()
 
-    @property
-    def pad_id(self) -> int:
-        return self._sp.pad_id()
+    def save_pretrained(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Write files that `transformers.AutoTokenizer.from_pretrained(out_dir)` loads into a tokenizer
+        with this one's encode, decode and special tokens. Returns the files written."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.kind != "sentencepiece":
+            written = []
+            for f in self.files:
+                if f.resolve() != (out / f.name).resolve():
+                    shutil.copyfile(f, out / f.name)
+                written.append(out / f.name)
+            return written
+        # Our models: the .model plus a config that makes transformers' LlamaTokenizer (a BPE built from
+        # the .model) encode like sentencepiece does here: no "▁" prefix, no BOS, and special-token
+        # strings in the text kept as text, since our encode never turns them into ids.
+        shutil.copyfile(self.path, out / "tokenizer.model")
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "add_prefix_space": False,
+            "legacy": False,
+            "split_special_tokens": True,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+            "chat_template": self.chat_template or DEFAULT_CHAT_TEMPLATE,
+        }
+        for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
+            if i is not None:
+                config[name] = self._sp.id_to_piece(i)
+        config["unk_token"] = self._sp.id_to_piece(self._sp.unk_id())
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        return [out / "tokenizer.model", out / "tokenizer_config.json"]
 
     def __repr__(self) -> str:
-        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+        return f"Tokenizer({str(self.path)!r}, {self.kind}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A `.model` file, a Hugging Face folder (tokenizer.json / tokenizer.model) or a run directory."""
+    return Tokenizer(path)
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer whose ids the model cannot embed."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise UserError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model in {where} has "
+            f"vocab_size={model_vocab_size}; use the tokenizer the model was trained with"
+        )
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+
+def _has_hf_config(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer_config.json", "special_tokens_map.json"))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore the file from the model's source") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _content(value) -> str | None:
+    """A special token as stored in the configs: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _or_none(i: int) -> int | None:
+    return None if i < 0 else i
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_spm(file: Path):
+    try:
+        return spm.SentencePieceProcessor(model_file=str(file))
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"{file} is not a sentencepiece model ({e}); pass a .model file") from None
+
+
+def _split_added(text: str, added: list[_Added]) -> list[str | _Added]:
+    """Text and added tokens in order, longest token first, honouring lstrip/rstrip; no empty strings."""
+    if not added:
+        return [text] if text else []
+    by_content = {t.content: t for t in added}
+    pattern = re.compile("|".join(re.escape(t.content) for t in added))
+    out: list[str | _Added] = []
+    pos = 0
+    strip_next = False
+    for m in pattern.finditer(text):
+        token = by_content[m.group()]
+        before = text[pos : m.start()]
+        if strip_next:
+            before = before.lstrip()
+        if token.lstrip:
+            before = before.rstrip()
+        if before:
+            out.append(before)
+        out.append(token)
+        pos, strip_next = m.end(), token.rstrip
+    rest = text[pos:]
+    if strip_next:
+        rest = rest.lstrip()
+    if rest:
+        out.append(rest)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_chat_template(template: str):
+    """transformers' `_compile_jinja_template`: a sandbox, trim/lstrip blocks, its globals and tojson."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for masks; rendering ignores it."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise UserError(f"the chat template does not parse (line {e.lineno}: {e.message})") from None
 
 
 def _training_lines(documents: Iterable[str], counter: list[int]) -> Iterator[str]:

@@ -1,0 +1,98 @@
+"""Score held-out text or token ids: token count, mean negative log-likelihood, perplexity, bits per byte.
+
+Texts are encoded with the model's tokenizer and scored by the rule in lm/evaluate.py: each token is
+predicted from what precedes it (the first from the BOS, or the EOS where the tokenizer adds no BOS),
+and a document longer than the context is scored in windows of the context that start every half
+context. --token-ids scores an int array [batch, length] as given and needs no tokenizer.
+"""
+
+import argparse
+import json
+import sys
+
+from launch.cli import ArgumentParser, main_guard
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m launch.score", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", help="a run directory (its latest checkpoint)")
+    src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/300")
+    src.add_argument("--hf", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--input", help="a .txt file (one document) or a .jsonl file (one document per 'text' field)")
+    data.add_argument("--token-ids", help="a .npy int array [batch, length] of token ids (no tokenizer needed)")
+    p.add_argument("--dump-logits", help="write float32 logits [batch, length, vocab] to this .npy (with --token-ids)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices for a model too large for one")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size={args.batch_size} must be at least 1")
+    if args.dump_logits and not args.token_ids:
+        p.error("--dump-logits needs --token-ids (logits are written for a given [batch, length] array)")
+    return args
+
+
+def read_token_ids(path: str):
+    import numpy as np
+
+    from lm.errors import UserError
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"--token-ids {path} does not exist") from None
+    except (ValueError, OSError) as e:
+        raise UserError(f"--token-ids {path} is not a .npy array ({str(e).splitlines()[0][:100]})") from None
+
+
+@main_guard
+def main(argv=None):
+    args = parse(argv)
+    import pathlib
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from lm.data.corpus import iter_documents
+    from lm.errors import UserError
+    from lm.evaluate import check_token_ids, logits_of, score_texts, score_token_ids
+    from lm.inference import load_model
+
+    if args.input and not pathlib.Path(args.input).is_file():
+        raise UserError(f"--input {args.input} does not exist; pass a .txt or .jsonl file")
+    ids = read_token_ids(args.token_ids) if args.token_ids else None
+    loaded = load_model(args.run_dir, args.checkpoint, args.hf, tensor=args.tensor, need_tokenizer=ids is None)
+    cfg = loaded.model.cfg
+    with jax.set_mesh(loaded.mesh), nnx.logical_axis_rules(loaded.rules):
+        if ids is not None:
+            ids = check_token_ids(ids, cfg.vocab_size, cfg.max_seq_len, f"--token-ids {args.token_ids}")
+            score = score_token_ids(loaded.model, ids, batch_size=args.batch_size)
+            if args.dump_logits:
+                out = np.lib.format.open_memmap(
+                    args.dump_logits, mode="w+", dtype=np.float32, shape=(*ids.shape, cfg.vocab_size)
+                )
+                logits_of(loaded.model, ids, batch_size=args.batch_size, out=out)
+                out.flush()
+        else:
+            score = score_texts(
+                loaded.model, loaded.tokenizer, iter_documents([args.input]), batch_size=args.batch_size
+            )
+    if args.json:
+        print(json.dumps({"model": loaded.name, **score.to_dict()}))
+        return
+    line = (
+        f"{loaded.name}: {score.tokens:,} tokens in {score.documents} document(s), mean NLL {score.mean_nll:.4f} "
+        f"nats, perplexity {score.perplexity:.3f}"
+    )
+    if score.bits_per_byte is not None:
+        line += f", {score.bits_per_byte:.4f} bits per byte"
+    print(line)
+    if args.dump_logits:
+        print(f"logits {tuple(ids.shape) + (cfg.vocab_size,)} float32 -> {args.dump_logits}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
