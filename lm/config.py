@@ -18,16 +18,31 @@ class ModelConfig:
     head_dim: int | None = None  # None: d_model // n_heads
 
     # Family options.
-    norm: Literal["rms", "layer"] = "rms"
+    norm: Literal["rms", "rms_plus_one", "layer"] = "rms"  # rms_plus_one: Gemma's (1 + w) scale, w starts at 0
     norm_eps: float = 1e-6
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    mlp: Literal["swiglu", "geglu", "gelu"] = "swiglu"  # geglu: Gemma's gated GELU (tanh)
     positions: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10_000.0
-    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
+    rope_scaling: float = 1.0  # the RoPE scaling factor; default and linear divide positions by it
+    rope_type: Literal["default", "linear", "llama3"] = "default"  # llama3: Llama 3.1's per-frequency scaling
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: the context the model was pre-trained with
     qkv_bias: bool = False  # Qwen2
-    mlp_bias: bool = False  # GPT-2 (also gives the attention output projection a bias)
+    mlp_bias: bool = False  # GPT-2
+    attn_out_bias: bool = False  # GPT-2: a bias on the attention output projection
     qk_norm: bool = False  # Qwen3: RMSNorm on each head's queries and keys
     tie_embeddings: bool = False
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(d_model), in the compute dtype
+    post_norms: bool = False  # Gemma 2: also normalise the attention and MLP outputs before each residual add
+    query_pre_attn_scalar: float | None = None  # Gemma 2: scores scaled by this**-0.5 instead of head_dim**-0.5
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: the same on the logits
+    # Sliding-window attention (Mistral, Gemma 2, Qwen2): a query sees at most this many keys, itself
+    # included, on layers first, first + every, first + 2 * every, ...; the other layers see everything.
+    sliding_window: int | None = None
+    sliding_window_first: int = 0
+    sliding_window_every: int = 1  # Gemma 2: 2 (even layers slide, odd layers are global)
     init_std: float = 0.02
 
     # Execution options: they change speed and memory, never the numbers.
@@ -58,9 +73,25 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.dim_per_head % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        for name in ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"model.{name}={getattr(self, name)} must be positive (or none to turn it off)")
+        if self.sliding_window_first < 0 or self.sliding_window_every < 1:
+            raise UserError(
+                f"model.sliding_window_first={self.sliding_window_first} must be >= 0 and "
+                f"model.sliding_window_every={self.sliding_window_every} >= 1"
+            )
+        if self.rope_scaling <= 0:
+            raise UserError(f"model.rope_scaling={self.rope_scaling} must be positive (1 = no scaling)")
+        if self.rope_type == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise UserError(
+                f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be positive and below "
+                f"model.rope_high_freq_factor={self.rope_high_freq_factor} for rope_type=llama3"
+            )
         for name, allowed in (
-            ("norm", ("rms", "layer")),
-            ("mlp", ("swiglu", "gelu")),
+            ("norm", ("rms", "rms_plus_one", "layer")),
+            ("mlp", ("swiglu", "geglu", "gelu")),
+            ("rope_type", ("default", "linear", "llama3")),
             ("positions", ("rope", "learned")),
             ("remat", ("none", "full", "dots", "dots_no_batch")),
             ("attention_impl", ("xla", "cudnn", "splash")),
@@ -81,6 +112,18 @@ class ModelConfig:
         return jnp.dtype(self.dtype)
 
     @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it uses the sliding window."""
+        first, every = self.sliding_window_first, self.sliding_window_every
+        return tuple(
+            self.sliding_window is not None and i >= first and (i - first) % every == 0 for i in range(self.n_layers)
+        )
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.mlp in ("swiglu", "geglu")
+
+    @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
@@ -91,14 +134,14 @@ class ModelConfig:
         attn = d * hd * (h + 2 * kv) + h * hd * d
         if self.qkv_bias:
             attn += hd * (h + 2 * kv)
-        if self.mlp_bias:
+        if self.attn_out_bias:
             attn += d
-        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
+        mlp = (3 if self.gated_mlp else 2) * d * f
         if self.mlp_bias:
-            mlp += f * (2 if self.mlp == "swiglu" else 1) + d
+            mlp += f * (2 if self.gated_mlp else 1) + d
         norm = d * (2 if self.norm == "layer" else 1)
         qk = 2 * hd if self.qk_norm else 0
-        block = attn + mlp + 2 * norm + qk
+        block = attn + mlp + (4 if self.post_norms else 2) * norm + qk
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         pos = self.max_seq_len * d if self.positions == "learned" else 0
         return self.n_layers * block + embed + pos + norm
@@ -167,6 +210,7 @@ PRESETS: dict[str, ModelConfig] = {
         positions="learned",
         mlp_bias=True,
         qkv_bias=True,
+        attn_out_bias=True,
         tie_embeddings=True,
     ),
     "llama3_1b": ModelConfig(
@@ -234,6 +278,86 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=1_000_000.0,
         dtype="bfloat16",
         remat="dots_no_batch",
+    ),
+    # Hugging Face families, as their config.json files state them (lm.hf.config_from_hf reads those).
+    "llama3_2_1b": ModelConfig(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=8192,
+        max_seq_len=131072,
+        norm_eps=1e-5,
+        rope_theta=500_000.0,
+        rope_type="llama3",
+        rope_scaling=32.0,
+        tie_embeddings=True,
+        dtype="bfloat16",
+    ),
+    "llama3_1_8b": ModelConfig(
+        vocab_size=128256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=14336,
+        max_seq_len=131072,
+        norm_eps=1e-5,
+        rope_theta=500_000.0,
+        rope_type="llama3",
+        rope_scaling=8.0,
+        dtype="bfloat16",
+        remat="dots_no_batch",
+    ),
+    "qwen2_5_0_5b": ModelConfig(
+        vocab_size=151936,
+        d_model=896,
+        n_layers=24,
+        n_heads=14,
+        n_kv_heads=2,
+        d_ff=4864,
+        max_seq_len=32768,
+        rope_theta=1_000_000.0,
+        qkv_bias=True,
+        tie_embeddings=True,
+        dtype="bfloat16",
+    ),
+    "gemma_2b": ModelConfig(
+        vocab_size=256000,
+        d_model=2048,
+        n_layers=18,
+        n_heads=8,
+        n_kv_heads=1,
+        d_ff=16384,
+        max_seq_len=8192,
+        head_dim=256,
+        norm="rms_plus_one",
+        mlp="geglu",
+        scale_embeddings=True,
+        tie_embeddings=True,
+        dtype="bfloat16",
+    ),
+    "gemma2_2b": ModelConfig(
+        vocab_size=256000,
+        d_model=2304,
+        n_layers=26,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=9216,
+        max_seq_len=8192,
+        head_dim=256,
+        norm="rms_plus_one",
+        mlp="geglu",
+        scale_embeddings=True,
+        post_norms=True,
+        query_pre_attn_scalar=256.0,
+        attn_softcap=50.0,
+        final_softcap=30.0,
+        sliding_window=4096,
+        sliding_window_every=2,
+        tie_embeddings=True,
+        dtype="bfloat16",
     ),
 }
 

@@ -7,6 +7,7 @@ of Blocks applied in a Python loop; it gives the same numbers and is there for d
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lm.attention import Mode
@@ -77,31 +78,56 @@ class Transformer(nnx.Module):
         # result comes out split by batch rather than by width; vocab stays split over tensor.
         table = logical_constraint(self.embed.embedding[...], ("vocab", None))
         x = jnp.take(table, tokens, axis=0).astype(self.embed.dtype)
+        if self.cfg.scale_embeddings:  # Gemma: the factor is rounded to the compute dtype, as in transformers
+            x = x * jnp.asarray(self.cfg.d_model**0.5, x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = logical_constraint(x, ("batch", "length", "embed"))
 
-        def layer(block: Block, x):
-            return block(x, positions, segment_ids, mode=mode)
+        static_window = self._static_window()
 
+        def layer(block: Block, x, *window):  # window: this layer's, when the stack's layers differ
+            sliding_window = window[0] if window else static_window
+            return block(x, positions, segment_ids, mode=mode, sliding_window=sliding_window)
+
+        # Layers that differ only in their window (Gemma 2) share one scan: the window is a scanned input.
+        windows = self._layer_windows()
         if self.cfg.remat != "none":
             layer = nnx.remat(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers and mode == "decode":
-            x = self._decode_scan(x, layer)
+            x = self._decode_scan(x, layer, windows)
+        elif self.cfg.scan_layers and windows is not None:
+            scan = nnx.scan(layer, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=LAYERS)
+            x = scan(self.blocks, x, windows)
         elif self.cfg.scan_layers:
             x = nnx.scan(layer, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=LAYERS)(self.blocks, x)
         else:
-            for block in self.blocks:
-                x = layer(block, x)
+            for block, sliding in zip(self.blocks, self.cfg.sliding_layers):
+                x = layer(block, x, self.cfg.sliding_window if sliding else None)
 
         x = self.final_norm(x)
         # Logits in float32 (accumulated from the compute dtype): the softmax over a large vocab
         # loses too much precision in bf16.
         head = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        if self.cfg.final_softcap is not None:
+            logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
         return logical_constraint(logits, ("batch", "length", "vocab"))
 
-    def _decode_scan(self, x, layer):
+    def _static_window(self):
+        """The sliding window when every layer has the same one (None: no window or per-layer)."""
+        sliding = self.cfg.sliding_layers
+        return self.cfg.sliding_window if all(sliding) else None
+
+    def _layer_windows(self):
+        """int32 [layers] windows for a stack whose layers differ (unbounded where a layer has none)."""
+        sliding = self.cfg.sliding_layers
+        if all(sliding) or not any(sliding):
+            return None
+        unbounded = np.iinfo(np.int32).max
+        return jnp.asarray([self.cfg.sliding_window if s else unbounded for s in sliding], jnp.int32)
+
+    def _decode_scan(self, x, layer, windows=None):
         """One decode step through the stacked layers with the KV cache in the scan's carry.
 
         Scanned as input and output (nnx.scan's default), the whole cache would be copied once per
@@ -113,13 +139,14 @@ class Transformer(nnx.Module):
             x, cache, i = carry
             mine = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, i, keepdims=False), cache)
             block = nnx.merge(graphdef, layer_state[0], mine, layer_state[1])
-            x = layer(block, x)
+            x = layer(block, x) if windows is None else layer(block, x, layer_state[2])
             cache = jax.tree.map(
                 lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, i, 0), cache, nnx.state(block, nnx.Cache)
             )
             return (x, cache, i + 1), None
 
-        (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), (params, rest))
+        xs = (params, rest) if windows is None else (params, rest, windows)
+        (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), xs)
         nnx.update(self.blocks, cache)
         return x
 

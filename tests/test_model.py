@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm.attention import rope
+from lm.attention import rope, rope_frequencies
 from lm.config import ModelConfig, preset
 from lm.errors import UserError
 from lm.model import Transformer
@@ -37,7 +37,15 @@ def copy_into_unrolled(scanned: Transformer, unrolled: Transformer) -> None:
 
 FAMILIES = {
     "llama": dict(),
-    "gpt2": dict(norm="layer", mlp="gelu", positions="learned", qkv_bias=True, mlp_bias=True, tie_embeddings=True),
+    "gpt2": dict(
+        norm="layer",
+        mlp="gelu",
+        positions="learned",
+        qkv_bias=True,
+        mlp_bias=True,
+        attn_out_bias=True,
+        tie_embeddings=True,
+    ),
     "qwen2": dict(qkv_bias=True),
     "qwen3": dict(qk_norm=True, head_dim=32),
 }
@@ -125,7 +133,8 @@ def test_rope_matches_direct_numpy_rotation():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
     positions = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 100, 2047]])
-    got = np.asarray(rope(jnp.asarray(x), jnp.asarray(positions), theta=10_000.0))
+    inv_freq = rope_frequencies(ModelConfig(d_model=24, n_heads=3, n_kv_heads=3))  # head_dim 8, theta 10k
+    got = np.asarray(rope(jnp.asarray(x), jnp.asarray(positions), inv_freq))
     want = np.empty_like(x)
     half = 4
     for b, t, h in np.ndindex(2, 5, 3):
@@ -139,7 +148,7 @@ def test_rope_matches_direct_numpy_rotation():
     q, k = rng.normal(size=(1, 1, 1, 8)).astype(np.float32), rng.normal(size=(1, 1, 1, 8)).astype(np.float32)
 
     def dot(pq, pk):
-        return float((rope(q, jnp.array([[pq]]), 10_000.0) * rope(k, jnp.array([[pk]]), 10_000.0)).sum())
+        return float((rope(q, jnp.array([[pq]]), inv_freq) * rope(k, jnp.array([[pk]]), inv_freq)).sum())
 
     assert abs(dot(5, 3) - dot(105, 103)) < 1e-4
 
