@@ -104,7 +104,8 @@ def prepare_corpus(
     files = (stdlib_files() if STDLIB in inputs else []) + (expand_inputs(patterns) if patterns else [])
     if not files:
         raise UserError("found no standard library .py files; pass --input PATH_OR_GLOB instead")
-    if _instruct_format(files, format):
+    # A Hugging Face tokenizer (a folder) always takes the record path: it encodes JSONL records.
+    if _instruct_format(files, format) or (tokenizer_path and Path(tokenizer_path).is_dir()):
         return _prepare_instruct(files, inputs, Path(out_dir), tokenizer_path, format, seq_len, eval_fraction, seed)
     args = {
         "format": FORMAT,
@@ -199,6 +200,12 @@ def _prepare_instruct(files, inputs, out_dir: Path, tokenizer_path, format, seq_
     from lm.data.tokens import write_examples
 
     started = time.perf_counter()
+    plain = [f for f in files if not is_jsonl(f)]
+    if plain:
+        raise UserError(
+            f"with a Hugging Face tokenizer or instruction/chat data the inputs must be .jsonl (one record per "
+            f"line: text, prompt/completion or messages), but they include {plain[0]}"
+        )
     if tokenizer_path is None:
         raise UserError(
             "instruction/chat data needs the model's tokenizer: set init.from (its tokenizer is used) or data.tokenizer"

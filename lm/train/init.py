@@ -98,6 +98,18 @@ def resolve(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, model=model)
 
 
+def source_tokenizer(recipe: Recipe) -> str | None:
+    """The tokenizer init.from comes with: an HF folder's files, or a run's tokenizer.model."""
+    if not recipe.init.from_:
+        return None
+    src = find_source(recipe.init.from_)
+    if src.hf:
+        has = any((src.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        return str(src.path) if has else None
+    run = src.folder.parent
+    return str(run / "tokenizer.model") if (run / "tokenizer.model").is_file() else str(run)
+
+
 def fingerprint(path: pathlib.Path) -> str:
     """sha256 over every file's relative name, size and first and last MiB: identifies a base of many
     GB in well under a second (a full hash of an 8B model would cost half a minute per start)."""
@@ -135,9 +147,13 @@ def _load_hf(src: Source, cfg: ModelConfig, mesh, rules) -> nnx.Module:
 def load_trained(recipe: Recipe, folder, step: int, mesh, rules) -> nnx.Module:
     """The model a run's checkpoint describes: its parameters, or for a LoRA run its base
     (rebuilt from its own init.from) with the saved adapters, not merged."""
-    model = base_model(recipe, mesh, rules)
     if recipe.lora.rank:
-        apply_lora(model, recipe)
+        model = base_model(recipe, mesh, rules)
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            apply_lora(model, recipe)
+    else:
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            model = create_sharded(lambda: Transformer(recipe.model, rngs=nnx.Rngs(0)), mesh, rules)
     ckpt = Checkpointer(folder, CheckpointConfig(async_save=False))
     try:
         ckpt.restore_params(step, model)

@@ -15,14 +15,14 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lm.data import TokenFile, Tokenizer, make_dataset, prepare_corpus
-from lm.data.prepare import file_sha256
+from lm.data.tokenizer import load_tokenizer
 from lm.decode import generate
 from lm.errors import UserError
 from lm.recipe import SAFE_TO_CHANGE, Recipe, diff_recipes
 from lm.sampling import Sampling
 from lm.train.checkpoint import Checkpointer, has_checkpoints
 from lm.train.faults import NonFiniteGuard, Preemption
-from lm.train.init import base_identity, build, resolve
+from lm.train.init import base_identity, build, resolve, source_tokenizer
 from lm.train.metrics import MetricsLog, peak_tflops_per_device
 from lm.train.optimizer import learning_rate
 from lm.train.step import eval_step, train_step
@@ -63,17 +63,21 @@ def write_run_files(run_dir: pathlib.Path, recipe: Recipe, tokenizer: Tokenizer)
         tmp = run_dir / "recipe.json.tmp"
         tmp.write_text(json.dumps(recipe.to_dict(), indent=2))
         os.replace(tmp, run_dir / "recipe.json")  # a kill mid-write never leaves a truncated recipe
-        if tokenizer.path.resolve() != (run_dir / "tokenizer.model").resolve():
+        if tokenizer.kind != "sentencepiece":  # a Hugging Face tokenizer (fine-tuning an imported model)
+            tokenizer.save_pretrained(run_dir)
+        elif tokenizer.path.resolve() != (run_dir / "tokenizer.model").resolve():
             shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
 
 
 def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, Tokenizer]:
     data_dir = pathlib.Path(recipe.data.dir) if recipe.data.dir else run_dir / "data"
     kwargs = dict(
-        tokenizer_path=recipe.data.tokenizer,
+        tokenizer_path=recipe.data.tokenizer or source_tokenizer(recipe),
         vocab_size=recipe.model.vocab_size,
         text_field=recipe.data.text_field,
         eval_fraction=recipe.data.eval_fraction,
+        format=recipe.data.format,
+        seq_len=recipe.train.seq_len,
     )
     inputs = list(recipe.data.inputs) or None
     # A prepared folder named by data.dir (e.g. from launch.prepare) is used as it is; the run's own
@@ -90,7 +94,8 @@ def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, T
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("prepare_data")
             prepare_corpus(inputs, data_dir, **kwargs)
-    tokenizer = Tokenizer(data_dir / "tokenizer.model")
+    # Instruction/chat data keeps the model's own tokenizer files in tokenizer/ (lm.data.prepare).
+    tokenizer = load_tokenizer(data_dir / "tokenizer" if (data_dir / "tokenizer").is_dir() else data_dir / "tokenizer.model")
     for what, vocab in [(f"tokenizer {tokenizer.path}", tokenizer.vocab_size)] + [
         (f"token file {data_dir / split}", TokenFile(data_dir / split).vocab_size) for split in ("train", "eval")
     ]:
@@ -135,7 +140,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
         TokenFile(data_dir / "eval"), t.seq_len, t.batch_size, t.seed, pid, nproc, shuffle=False, num_epochs=1
     )
     eval_batches = [b for _, b in zip(range(t.eval_batches), eval_ds)]
-    tokenizer_sha = file_sha256(tokenizer.path)
+    tokenizer_sha = tokenizer.sha256
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
 
@@ -185,8 +190,9 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
             "recipe": recipe.to_dict(),
             "seed": t.seed,
             "tokenizer_sha256": tokenizer_sha,
-            "tokenizer_model": base64.b64encode(tokenizer.path.read_bytes()).decode(),
         }
+        if tokenizer.kind == "sentencepiece":
+            meta["tokenizer_model"] = base64.b64encode(tokenizer.path.read_bytes()).decode()
         if base:
             meta["base"] = base
         log = MetricsLog(
