@@ -74,6 +74,7 @@ class InitConfig:
     model section then comes from that source and the optimizer starts fresh."""
 
     from_: str | None = dataclasses.field(default=None, metadata={"key": "from"})
+    required: bool = False  # a fine-tuning recipe: training refuses to start without init.from
 
 
 @dataclasses.dataclass(frozen=True)

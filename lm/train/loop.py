@@ -127,6 +127,11 @@ def eval_loss(model, batches, mesh, rules) -> float:
 def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     """Train (or resume) the run in run_dir. Returns a summary of the last metrics and the sample."""
     run_dir = pathlib.Path(run_dir)
+    if recipe.init.required and not recipe.init.from_:
+        raise UserError(
+            f"recipe {recipe.name} fine-tunes a pretrained model: pass --set init.from=DIR (a Hugging Face folder "
+            "from `huggingface-cli download`, a run directory or a checkpoint step)"
+        )
     mesh, rules = make_mesh(recipe.mesh), logical_rules(recipe.mesh.rules)
     recipe = resolve_batch_size(resolve(recipe), mesh)  # resolve: the model section of init.from
     t, m = recipe.train, recipe.model
