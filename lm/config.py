@@ -96,7 +96,7 @@ class ModelConfig:
             ("remat", ("none", "full", "dots", "dots_no_batch")),
             ("attention_impl", ("xla", "cudnn", "splash")),
             ("dtype", ("auto", "float32", "bfloat16", "float16")),
-            ("param_dtype", ("float32", "bfloat16")),
+            ("param_dtype", ("float32", "bfloat16", "float16")),
         ):
             if getattr(self, name) not in allowed:
                 raise UserError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
