@@ -153,3 +153,59 @@ def test_targets_regex_selects_modules_and_rejects_no_match():
     assert lora.apply(m, spec(targets=r".*attn\.(query|value)")) == ["blocks.attn.query", "blocks.attn.value"]
     with pytest.raises(UserError, match="matches no projection"):
         lora.apply(model(), spec(targets=r"nothing"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Against peft and transformers, on a tiny random Llama the test saves itself
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from hf_builders import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("hf") / "llama", None, vocab_size=256)
+
+
+def adapted_llama(folder):
+    from lm.hf import load_hf
+
+    model = load_hf(folder, dtype="float32", param_dtype="float32")
+    lora.apply(model, spec())
+    perturb(model)
+    return model
+
+
+def torch_logits(hf_model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return hf_model(torch.as_tensor(np.array(tokens))).logits.float().numpy()
+
+
+def test_peft_applied_to_the_base_gives_our_logits(hf_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    model = adapted_llama(hf_llama)
+    tokens, positions = inputs()
+    ours = np.asarray(model(tokens, positions))
+    lora.save_peft(model, spec(), tmp_path / "adapter", base_model_name_or_path=str(hf_llama))
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype="float32")
+    theirs = torch_logits(peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval(), tokens)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    plain = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype="float32"), tokens)
+    assert np.abs(theirs - plain).max() > 1e-2  # the adapter mattered
+
+
+def test_merged_export_loads_in_transformers_with_our_logits(hf_llama, tmp_path):
+    import transformers
+
+    from lm.hf import save_hf
+
+    model = adapted_llama(hf_llama)
+    tokens, positions = inputs()
+    ours = np.asarray(model(tokens, positions))
+    save_hf(lora.merge(model), tmp_path / "merged")
+    theirs = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), tokens)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)

@@ -134,11 +134,17 @@ def base_identity(recipe: Recipe) -> dict | None:
     return {"from": str(src.path), "weights": str(src.weights), "fingerprint": fingerprint(src.weights)}
 
 
-def _load_hf(src: Source, cfg: ModelConfig, mesh, rules) -> nnx.Module:
-    """The HF weights in a model built from `cfg` (the recipe's execution options)."""
+def _load_hf(src: Source, recipe: Recipe, mesh, rules) -> nnx.Module:
+    """The HF weights in a model built from the recipe's model section (its execution options). A
+    LoRA base that will be stored in bfloat16 or quantised is read as bfloat16, never widened."""
     from lm.hf import load_hf
 
-    loaded = load_hf(src.path, scan_layers=cfg.scan_layers, mesh=mesh, rules=rules)
+    cfg = recipe.model
+    narrow = recipe.lora.rank and recipe.lora.base_dtype != "float32"
+    param_dtype = "bfloat16" if narrow else cfg.param_dtype
+    loaded = load_hf(
+        src.path, scan_layers=cfg.scan_layers, dtype=cfg.dtype, param_dtype=param_dtype, mesh=mesh, rules=rules
+    )
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, nnx.state(loaded))
@@ -171,7 +177,7 @@ def base_model(recipe: Recipe, mesh, rules) -> nnx.Module:
             return create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(params=recipe.train.seed)), mesh, rules)
     src = find_source(recipe.init.from_)
     if src.hf:
-        return _load_hf(src, cfg, mesh, rules)
+        return _load_hf(src, recipe, mesh, rules)
     theirs = dataclasses.replace(src.recipe, model=dataclasses.replace(src.recipe.model, **_execution(cfg)))
     model = load_trained(theirs, src.folder, src.step, mesh, rules)
     if theirs.lora.rank:
