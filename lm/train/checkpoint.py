@@ -139,6 +139,16 @@ class Checkpointer:
         )
         nnx.update(model, restored["model"])
 
+    def save_params(self, step: int, model, meta: dict) -> None:
+        """A weights-only checkpoint (an imported model): `model` and `meta` items, no optimizer or
+        data state. restore_params and meta read it like any other step."""
+        args = ocp.args.Composite(
+            model=ocp.args.StandardSave(nnx.state(model, nnx.Param)), meta=ocp.args.JsonSave({**meta, "step": step})
+        )
+        with _disk_errors(self.directory, step):
+            self.manager.save(step, args=args, force=True)
+            self.manager.wait_until_finished()
+
     def wait(self) -> None:
         with _disk_errors(self.directory, self.manager.latest_step()):
             self.manager.wait_until_finished()

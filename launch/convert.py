@@ -1,0 +1,125 @@
+"""Convert between Hugging Face folders and nnx-lm runs.
+
+  python -m launch.convert --hf-in DIR --out RUN_DIR                     import: recipe.json, tokenizer files,
+                                                                         checkpoints/0 (weights only)
+  python -m launch.convert (--run-dir DIR | --checkpoint DIR) --hf-out DIR   export: safetensors, config.json,
+                                                                         generation_config.json, tokenizer files
+"""
+
+import argparse
+import json
+import pathlib
+import shutil
+
+from launch.cli import ArgumentParser, main_guard
+
+# What a Hugging Face folder may hold besides the weights that the run directory keeps (the tokenizer
+# loader reads these from the run directory).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(
+        prog="python -m launch.convert",
+        description="Import a Hugging Face model folder as a run directory, or export a run to one.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-in", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
+    src.add_argument("--run-dir", help="a run directory to export (its latest checkpoint)")
+    src.add_argument("--checkpoint", help="a checkpoint folder to export, e.g. runs/x/checkpoints/300")
+    p.add_argument("--out", help="with --hf-in: the run directory to write")
+    p.add_argument("--hf-out", help="with --run-dir/--checkpoint: the Hugging Face folder to write")
+    p.add_argument(
+        "--max-shard-gb", type=float, default=5.0, help="export: largest safetensors file before splitting (GB)"
+    )
+    args = p.parse_args(argv)
+    if args.hf_in and not args.out:
+        p.error("--hf-in needs --out RUN_DIR")
+    if not args.hf_in and not args.hf_out:
+        p.error("--run-dir/--checkpoint need --hf-out DIR")
+    if args.hf_in and args.hf_out or not args.hf_in and args.out:
+        p.error("use --hf-in with --out, or --run-dir/--checkpoint with --hf-out")
+    if args.max_shard_gb <= 0:
+        p.error(f"--max-shard-gb={args.max_shard_gb} must be positive")
+    return args
+
+
+def _fresh(folder: pathlib.Path, flag: str) -> None:
+    """Never write over an earlier output."""
+    from lm.errors import UserError
+
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"{flag} {folder} already exists and is not empty; choose a new folder")
+
+
+def import_hf(hf_in: pathlib.Path, out: pathlib.Path) -> None:
+    from lm.hf import load_hf
+    from lm.recipe import CheckpointConfig, LoggingConfig, Recipe, TrainConfig
+    from lm.train.checkpoint import Checkpointer
+
+    _fresh(out, "--out")
+    model = load_hf(hf_in)
+    cfg = model.cfg
+    recipe = Recipe(
+        name=hf_in.resolve().name,
+        model=cfg,
+        train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)),
+        logging=LoggingConfig(wandb="disabled"),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (hf_in / name).is_file():
+            shutil.copyfile(hf_in / name, out / name)
+    meta = {"recipe": recipe.to_dict(), "source": "hf", "hf_folder": str(hf_in.resolve())}
+    checkpointer = Checkpointer(out / "checkpoints", CheckpointConfig(async_save=False))
+    try:
+        checkpointer.save_params(0, model, meta)
+    finally:
+        checkpointer.close()
+    # recipe.json last: a folder without it is not a run, so an interrupted import is never mistaken for one.
+    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    print(f"imported {hf_in} ({cfg.n_params:,} parameters) into {out}")
+
+
+def export_hf(run_dir, checkpoint, hf_out: pathlib.Path, max_shard_bytes: int) -> None:
+    from lm.hf import save_hf
+    from lm.inference import load_run
+    from lm.train.checkpoint import find_checkpoint
+
+    _fresh(hf_out, "--hf-out")
+    _, step, run = find_checkpoint(run_dir, checkpoint)
+    recipe, model, tokenizer, _, _ = load_run(run_dir, checkpoint, need_tokenizer=False)
+    ids = {}
+    if tokenizer is not None:
+        ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_id") for k in ("bos", "eos", "pad")}
+        ids = {k: v for k, v in ids.items() if v is not None}
+    save_hf(model, hf_out, max_shard_bytes=max_shard_bytes, extra_config=ids)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(hf_out)
+    if (run / "generation_config.json").is_file():  # an imported run keeps its original generation settings
+        shutil.copyfile(run / "generation_config.json", hf_out / "generation_config.json")
+    print(f"exported step {step} of {run} ({recipe.model.n_params:,} parameters) to {hf_out}")
+
+
+@main_guard
+def main(argv=None):
+    args = parse(argv)
+    if args.hf_in:
+        import_hf(pathlib.Path(args.hf_in), pathlib.Path(args.out))
+    else:
+        export_hf(args.run_dir, args.checkpoint, pathlib.Path(args.hf_out), int(args.max_shard_gb * 2**30))
+
+
+if __name__ == "__main__":
+    main()
