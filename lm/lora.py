@@ -18,6 +18,8 @@ does the quantisation: `lora.base_dtype=nf4|int8` stores each targeted kernel as
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -41,6 +43,24 @@ class Quantized(nnx.Variable):
     """A frozen, quantised base weight (qwix QArray parts): never a Param, so never trained or decayed."""
 
 
+class DropoutSalt(nnx.Variable):
+    """A per-layer constant folded into the step's dropout key, so each layer draws its own mask."""
+
+
+# The dropout key of the current training step (lm.train.step sets it); None: no dropout (eval, decode).
+_DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar("lora_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def dropout_key(key):
+    """Within this block, adapters with dropout > 0 drop their inputs using `key` (read at trace time)."""
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """What `apply` needs; lm.recipe.LoraConfig validates the user-facing keys."""
@@ -49,6 +69,7 @@ class LoraSpec:
     alpha: float
     targets: str = DEFAULT_TARGETS
     base_dtype: str = "bfloat16"
+    dropout: float = 0.0  # on the adapter's input, in training only (as PEFT's lora_dropout)
 
     @property
     def scale(self) -> float:
@@ -93,6 +114,10 @@ class LoRA(nnx.Module):
             out_sharding=tuple(names[:lead]) + (None,) + tuple(names[lead + self.n_in :]),
         )
         self.scale = spec.scale
+        self.dropout = spec.dropout
+        # [layers?, 1]: nnx.scan drops a 1-D variable's 'layers' name when run eagerly (flax 0.12.8).
+        salt = jax.random.randint(jax.random.fold_in(key, 1), shape[:lead] + (1,), 0, 2**31 - 1, jnp.int32)
+        self.salt = DropoutSalt(salt, out_sharding=tuple(names[:lead]) + (None,))
         self.qtype = None
         self.base = base
         if spec.base_dtype in ("int8", "nf4"):
@@ -118,6 +143,10 @@ class LoRA(nnx.Module):
         else:
             y = _project(x, self.kernel(), self.base, self.n_in)
         contract = tuple(range(x.ndim - self.n_in, x.ndim))
+        key = _DROPOUT_KEY.get()
+        if self.dropout > 0 and key is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, self.salt[...][0]), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         a, b = self.lora_a[...].astype(y.dtype), self.lora_b[...].astype(y.dtype)
         xa = jax.lax.dot_general(x.astype(y.dtype), a, ((contract, tuple(range(self.n_in))), ((), ())))
         delta = jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())))
@@ -290,7 +319,7 @@ def peft_adapter(model: nnx.Module, spec: LoraSpec) -> tuple[dict, dict]:
         "task_type": "CAUSAL_LM",
         "r": spec.rank,
         "lora_alpha": spec.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": spec.dropout,
         "target_modules": sorted(modules),
         "bias": "none",
         "fan_in_fan_out": False,

@@ -209,3 +209,22 @@ def test_merged_export_loads_in_transformers_with_our_logits(hf_llama, tmp_path)
     save_hf(lora.merge(model), tmp_path / "merged")
     theirs = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), tokens)
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_dropout_acts_in_training_steps_only_and_is_reproducible():
+    m = model()
+    lora.apply(m, spec(dropout=0.5))
+    perturb(m)
+    tokens, positions = inputs()
+    plain = np.asarray(m(tokens, positions))  # no key set: eval and decode never drop
+    with lora.dropout_key(jax.random.key(1)):
+        a = np.asarray(m(tokens, positions))
+    with lora.dropout_key(jax.random.key(1)):
+        b = np.asarray(m(tokens, positions))
+    with lora.dropout_key(jax.random.key(2)):
+        c = np.asarray(m(tokens, positions))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - plain).max() > 1e-3 and np.abs(a - c).max() > 1e-3
+    opt = make_optimizer(m, OptimizerConfig(lr=1e-2, warmup_steps=0), 10, wrt=nnx.LoRAParam)
+    losses = [float(train_step(m, opt, batch(seed=0))["loss"]) for _ in range(4)]
+    assert losses[-1] < losses[0]

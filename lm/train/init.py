@@ -196,9 +196,9 @@ def apply_lora(model: nnx.Module, recipe: Recipe) -> list[str]:
     from lm import lora
 
     c = recipe.lora
-    spec = lora.LoraSpec(rank=c.rank, alpha=c.alpha, targets=c.targets, base_dtype=c.base_dtype)
+    spec = lora.LoraSpec(rank=c.rank, alpha=c.alpha, targets=c.targets, base_dtype=c.base_dtype, dropout=c.dropout)
     paths = lora.apply(model, spec, seed=recipe.train.seed)
-    nnx.update(model, place(nnx.state(model, nnx.Any(nnx.LoRAParam, lora.Quantized))))
+    nnx.update(model, place(nnx.state(model, nnx.Any(nnx.LoRAParam, lora.Quantized, lora.DropoutSalt))))
     return paths
 
 
