@@ -124,6 +124,8 @@ class LoggingConfig:
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     name: str = "unnamed"
+    hardware: str | None = None  # the topology it is planned for ('v5p-128', 'h100-80gb x8'); launch.plan's default
+    description: str = ""  # what it trains, on which data, and the result to expect
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
@@ -347,6 +349,8 @@ SAFE_TO_CHANGE = (
     "logging.",
     "data.dir",
     "name",
+    "hardware",
+    "description",
 )
 
 

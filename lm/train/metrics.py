@@ -7,19 +7,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak TFLOP/s per device, from the vendors' data sheets, matched by device_kind prefix.
-PEAK_TFLOPS = {
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,  # v5e
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,
-    "TPU v6 lite": 918.0,  # v6e (Trillium)
-    "NVIDIA A100": 312.0,
-    "NVIDIA H100": 989.0,
-    "NVIDIA H200": 989.0,
-    "NVIDIA GH200": 989.0,
-    "NVIDIA B200": 2250.0,
-}
+from lm.hardware import DEVICES
+
+# Dense bf16 peak TFLOP/s per device, from the data sheets in lm.hardware, matched by device_kind prefix.
+PEAK_TFLOPS = {kind: d.peak_tflops for d in DEVICES.values() for kind in d.kinds if d.peak_tflops}
 
 
 def measure_peak_tflops(n: int = 1024, repeats: int = 5) -> float:

@@ -1,0 +1,10 @@
+"""Llama 3.2 1B pretraining on a TPU v5e-256 slice (FSDP over the slice, splash attention, 8192-token sequences).
+
+Plan it first: python -m launch.plan --recipe llama3_1b_v5e_256
+"""
+
+from recipes._common import llama3_tpu
+
+
+def recipe():
+    return llama3_tpu("llama3_1b", "v5e-256", per_device_batch=1, remat="full", steps=100_000)
