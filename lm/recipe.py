@@ -398,6 +398,11 @@ def load_recipe(name_or_file: str, overrides: list[str] = ()) -> Recipe:
     if not hasattr(module, "recipe"):
         raise UserError(f"recipe {name_or_file} defines no recipe() function")
     try:
-        return apply_overrides(module.recipe(), list(overrides))
+        recipe = apply_overrides(module.recipe(), list(overrides))
     except TypeError as e:  # a frozen dataclass rejecting a value of the wrong kind
         raise UserError(f"invalid recipe {name_or_file}: {e}") from None
+    if recipe.init.from_:  # the model section comes from the starting weights
+        from lm.train.init import resolve
+
+        recipe = resolve(recipe, list(overrides))
+    return recipe

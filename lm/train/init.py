@@ -1,10 +1,7 @@
 """A run's starting weights: a random init, or `init.from` (a Hugging Face folder, a run directory or
 a checkpoint step), with LoRA adapters on top when `lora.rank > 0`.
 
-With init.from the model section comes from the source. A recipe value that differs from both
-ModelConfig's default and the source is a conflicting `model.*` override and is refused; the
-execution options (dtype, remat, scan, attention kernel) are the recipe's own, since they never
-change the numbers.
+With init.from the model section comes from the source (see `resolve`).
 """
 
 from __future__ import annotations
@@ -79,22 +76,27 @@ def source_model(src: Source) -> ModelConfig:
     return src.recipe.model
 
 
-def resolve(recipe: Recipe) -> Recipe:
-    """The recipe with its model section read from init.from (unchanged without init.from)."""
+def resolve(recipe: Recipe, overrides: list[str] = ()) -> Recipe:
+    """The recipe with its model section read from init.from (unchanged without init.from).
+
+    The recipe file's own model section (a preset, which launch.plan uses before any download) gives
+    way to the source's. A `model.*` override (`--set model.n_layers=3`) that disagrees with the
+    source is refused; the execution options (dtype, remat, scan, attention kernel) are the recipe's.
+    """
     if not recipe.init.from_:
         return recipe
     theirs = source_model(find_source(recipe.init.from_))
-    mine, default = recipe.model, ModelConfig()
-    for f in dataclasses.fields(ModelConfig):
-        k = f.name
-        if k in EXECUTION:
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("model.") or key[len("model.") :] in EXECUTION:
             continue
-        if getattr(mine, k) != getattr(default, k) and getattr(mine, k) != getattr(theirs, k):
+        name = key[len("model.") :]
+        if getattr(recipe.model, name) != getattr(theirs, name):
             raise UserError(
-                f"model.{k}={getattr(mine, k)!r} conflicts with init.from={recipe.init.from_}, whose model has "
-                f"{k}={getattr(theirs, k)!r}; the model comes from init.from, so drop the model.{k} setting"
+                f"{key}={getattr(recipe.model, name)!r} conflicts with init.from={recipe.init.from_}, whose model has "
+                f"{name}={getattr(theirs, name)!r}; the model comes from init.from, so drop --set {key}"
             )
-    model = dataclasses.replace(theirs, **{k: getattr(mine, k) for k in EXECUTION})
+    model = dataclasses.replace(theirs, **{k: getattr(recipe.model, k) for k in EXECUTION})
     return dataclasses.replace(recipe, model=model)
 
 
