@@ -175,18 +175,25 @@ def _project(x, kernel, base, n_in: int):
 
 
 def _quantize(kernel: jax.Array, lead: int, n_in: int, qtype: str) -> qarray.QArray:
-    """Per output channel (and per layer), in blocks of QUANT_BLOCK along the last input axis."""
-    axis = lead + n_in - 1
-    size = kernel.shape[axis]
+    """Per output channel (and per layer), in blocks of QUANT_BLOCK along the last input axis.
+
+    A stacked kernel is quantised one layer at a time (lax.map), so the float32 working copy is one
+    layer's, not the stack's: for Llama 3.1 8B's MLP that is 235 MB instead of 7.5 GB."""
+    axis = n_in - 1  # within one layer
+    size = kernel.shape[lead + axis]
     tile = QUANT_BLOCK if size % QUANT_BLOCK == 0 else size
-    channelwise = tuple(i for i in range(kernel.ndim) if i != axis)
-    return qarray.quantize_api(
-        kernel.astype(jnp.float32),
-        jnp.int8 if qtype == "int8" else "nf4",
-        channelwise_axes=channelwise,
-        tiled_axes={axis: tile},
-        scale_dtype=jnp.bfloat16 if qtype == "nf4" else jnp.float32,
-    )
+    channelwise = tuple(i for i in range(kernel.ndim - lead) if i != axis)
+
+    def one(k):
+        return qarray.quantize_api(
+            k.astype(jnp.float32),
+            jnp.int8 if qtype == "int8" else "nf4",
+            channelwise_axes=channelwise,
+            tiled_axes={axis: tile},
+            scale_dtype=jnp.bfloat16 if qtype == "nf4" else jnp.float32,
+        )
+
+    return jax.jit(lambda k: jax.lax.map(one, k) if lead else one(k))(kernel)
 
 
 def _dotted(path) -> str:

@@ -116,6 +116,27 @@ def resolve_batch_size(recipe: Recipe, mesh) -> Recipe:
     return dataclasses.replace(recipe, train=dataclasses.replace(t, batch_size=batch))
 
 
+def say_memory(recipe: Recipe) -> None:
+    """The planner's per-device memory estimate (lm.plan), before anything is loaded: a fine-tune on
+    one GPU should learn that it does not fit before its base has been read."""
+    from lm.plan import estimate
+
+    p = estimate(recipe, devices=jax.device_count())
+    m = p.memory
+
+    def size(n: float) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    by_remat = ", ".join(f"{k} {size(v)}" for k, v in m.activations_by_remat.items())
+    base = recipe.lora.base_dtype if recipe.lora.rank else recipe.model.param_dtype
+    say(
+        f"memory estimate per device ({p.hardware}): parameters {size(m.params)} (base in {base}), optimizer "
+        f"{size(m.optimizer)}, gradients {size(m.gradients)}, activations + logits "
+        f"{size(m.activations + max(m.working, m.logits))} (remat={recipe.model.remat}; by policy: {by_remat}); "
+        f"total {size(m.total)} of {size(p.capacity_bytes)}" + ("" if p.fits else " -> DOES NOT FIT; see launch.plan")
+    )
+
+
 def eval_loss(model, batches, mesh, rules) -> float:
     total, weight = 0.0, 0.0
     for local in batches:
@@ -137,6 +158,8 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     t, m = recipe.train, recipe.model
     check_resumable(run_dir, recipe)
     check_divisible(recipe.logical_dims(), mesh, rules)
+    if recipe.init.from_ or recipe.lora.rank:
+        say_memory(recipe)
     data_dir, tokenizer = prepare_data(recipe, run_dir)
 
     pid, nproc = jax.process_index(), jax.process_count()
