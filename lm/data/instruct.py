@@ -24,6 +24,7 @@ import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 
+from lm.data.tokenizer import DEFAULT_CHAT_TEMPLATE
 from lm.errors import UserError
 
 FORMATS = ("auto", "text", "completion", "chat")
@@ -107,7 +108,8 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[in
 
 def encode_chat(messages: list[dict], tokenizer) -> Example:
     full, spans = assistant_spans(messages, tokenizer)
-    default = getattr(tokenizer, "chat_template", None) is None  # no end-of-turn token: add EOS ourselves
+    # The documented default template has no end-of-turn token: add the EOS after each reply ourselves.
+    default = getattr(tokenizer, "chat_template", None) in (None, DEFAULT_CHAT_TEMPLATE)
     ids, mask, at = [], [], 0
     for start, end in spans:
         piece = _encode(tokenizer, full[at:start])
