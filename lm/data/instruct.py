@@ -170,7 +170,11 @@ def first_record_format(path) -> str | None:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    return record_format(json.loads(line), f"{path}:{number}")
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     raise UserError(f"{path}:{number} is not valid JSON") from None
+                # Anything but chat or prompt/completion is text, read from data.text_field.
+                if isinstance(record, dict) and ("messages" in record or "prompt" in record or "completion" in record):
+                    return record_format(record, f"{path}:{number}")
+                return "text"
     return None
