@@ -5,8 +5,8 @@
   python -m launch.convert (--run-dir DIR | --checkpoint DIR) --hf-out DIR   export: safetensors, config.json,
                                                                          generation_config.json, tokenizer files
                                                                          (a LoRA run: adapters merged)
-  python -m launch.convert --run-dir LORA_RUN --hf-out DIR --adapter-only    the adapter in PEFT's format
-                                                                         (adapter_model.safetensors, adapter_config.json)
+  python -m launch.convert --run-dir LORA_RUN --hf-out DIR --adapter-only    the adapter in PEFT's format:
+                                                                         adapter_model.safetensors + adapter_config.json
 """
 
 import argparse

@@ -142,7 +142,8 @@ def test_exports_merged_and_adapter_give_our_logits(lora_run, setup, tmp_path):
 
         out = run_cli("launch.convert", "--run-dir", str(run), "--hf-out", str(tmp_path / "adapter"), "--adapter-only")
         assert out.returncode == 0, out.stderr[-2000:]
-        assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+        files = {p.name for p in (tmp_path / "adapter").iterdir()}
+        assert files == {"adapter_model.safetensors", "adapter_config.json"}
         hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         adapted = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
         np.testing.assert_allclose(adapted(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)

@@ -177,7 +177,8 @@ def test_changing_a_prompt_token_changes_no_loss_term_at_a_prompt_position(tmp_p
     model = tiny_model(load_tokenizer(folder).vocab_size)
     terms, weights = per_token_losses(model, batch)
     # A prompt token: input j of the first row whose own target weight and whose predecessor's are 0.
-    row, j = 0, next(j for j in range(2, L) if weights[0, j] == 0 and weights[0, j - 1] == 0 and batch["segment_ids"][0, j])
+    row = 0
+    j = next(j for j in range(2, L) if weights[0, j] == 0 and weights[0, j - 1] == 0 and batch["segment_ids"][0, j])
     changed = {k: v.copy() for k, v in batch.items()}
     changed["tokens"][row, j] = (batch["tokens"][row, j] + 1) % 300
     changed["targets"][row, j - 1] = changed["tokens"][row, j]

@@ -22,7 +22,8 @@ def main():
     with out.open("w") as f:
         for i in range(args.n):
             a, b, op = rng.randint(0, 12), rng.randint(0, 12), rng.choice(sorted(ops))
-            messages = [{"role": "system", "content": "You are a calculator. Answer in one line."}] if i % 4 == 0 else []
+            system = [{"role": "system", "content": "You are a calculator. Answer in one line."}]
+            messages = system if i % 4 == 0 else []
             messages += [
                 {"role": "user", "content": f"What is {a} {op} {b}?"},
                 {"role": "assistant", "content": f"{a} {op} {b} is {ops[op](a, b)}."},

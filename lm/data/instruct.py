@@ -51,7 +51,9 @@ def record_format(record: dict, where: str) -> str:
         return "completion"
     if "text" in record:
         return "text"
-    raise UserError(f"{where} has none of the fields 'text', 'prompt'/'completion' or 'messages' (has {sorted(record)})")
+    raise UserError(
+        f"{where} has none of the fields 'text', 'prompt'/'completion' or 'messages' (has {sorted(record)})"
+    )
 
 
 def encode_record(record: dict, fmt: str, tokenizer, where: str = "record") -> Example:
@@ -61,7 +63,9 @@ def encode_record(record: dict, fmt: str, tokenizer, where: str = "record") -> E
     if fmt == "completion":
         prompt, completion = record.get("prompt"), record.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
-            raise UserError(f"{where} needs string 'prompt' and non-empty 'completion' fields for data.format=completion")
+            raise UserError(
+                f"{where} needs string 'prompt' and non-empty 'completion' fields for data.format=completion"
+            )
         p, c = _encode(tokenizer, prompt), _encode(tokenizer, completion) + [tokenizer.eos_id]
         return Example(p + c, [0] * len(p) + [1] * len(c))
     text = record.get("text")

@@ -95,7 +95,8 @@ def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, T
             multihost_utils.sync_global_devices("prepare_data")
             prepare_corpus(inputs, data_dir, **kwargs)
     # Instruction/chat data keeps the model's own tokenizer files in tokenizer/ (lm.data.prepare).
-    tokenizer = load_tokenizer(data_dir / "tokenizer" if (data_dir / "tokenizer").is_dir() else data_dir / "tokenizer.model")
+    hf_files = data_dir / "tokenizer"
+    tokenizer = load_tokenizer(hf_files if hf_files.is_dir() else data_dir / "tokenizer.model")
     for what, vocab in [(f"tokenizer {tokenizer.path}", tokenizer.vocab_size)] + [
         (f"token file {data_dir / split}", TokenFile(data_dir / split).vocab_size) for split in ("train", "eval")
     ]:
@@ -176,14 +177,14 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, optimizer.wrt)))
         base = base_identity(recipe) if recipe.lora.rank else None
         say(
-            f"model: {n_params / 1e6:.2f}M {'adapter ' if recipe.lora.rank else ''}parameters; "
-            f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; {nproc} process(es)"
+            f"model: {n_params / 1e6:.2f}M {'adapter ' if recipe.lora.rank else ''}parameters; mesh "
+            f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; {nproc} process(es)"
         )
         if recipe.lora.rank:
             saved = sum(x.nbytes for x in jax.tree.leaves((nnx.state(model, nnx.LoRAParam), nnx.state(optimizer))))
             say(
-                f"LoRA rank {recipe.lora.rank} on a {recipe.lora.base_dtype} base from {recipe.init.from_ or 'random init'}; "
-                f"a checkpoint holds the adapter and its optimizer state ({saved / 2**20:.1f} MiB), not the base"
+                f"LoRA rank {recipe.lora.rank} on a {recipe.lora.base_dtype} base from "
+                f"{recipe.init.from_ or 'random init'}; a checkpoint holds the adapter and its optimizer state ({saved / 2**20:.1f} MiB), not the base"
             )
 
         def same_run(step: int, meta: dict) -> None:

@@ -68,7 +68,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
             jnp.zeros((), jnp.float32),
             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
         )
-        (loss_sum, weight, grads), _ = jax.lax.scan(body, zeros, (_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
+        xs = (_microbatches(batch, grad_accum), jnp.arange(grad_accum))
+        (loss_sum, weight, grads), _ = jax.lax.scan(body, zeros, xs)
 
     weight = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
