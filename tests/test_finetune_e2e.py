@@ -119,6 +119,17 @@ def test_chat_generation_uses_base_plus_adapter(lora_run):
     assert row["tokens"], row
 
 
+def test_score_takes_the_chat_file_and_scores_the_replies(lora_run, setup):
+    run, _ = lora_run
+    root, base, chat = setup
+    tuned = run_cli("launch.score", "--run-dir", str(run), "--input", str(chat), "--json")
+    before = run_cli("launch.score", "--hf", str(base), "--input", str(chat), "--json")
+    assert tuned.returncode == 0 and before.returncode == 0, tuned.stderr[-2000:] + before.stderr[-2000:]
+    tuned, before = json.loads(tuned.stdout.splitlines()[-1]), json.loads(before.stdout.splitlines()[-1])
+    assert tuned["tokens"] == before["tokens"] and tuned["documents"] == 200
+    assert tuned["mean_nll"] < before["mean_nll"] - 0.3
+
+
 def our_logits(run, tokens):
     from lm.inference import load_run
 

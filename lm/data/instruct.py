@@ -182,3 +182,18 @@ def first_record_format(path) -> str | None:
                     return record_format(record, f"{path}:{number}")
                 return "text"
     return None
+
+
+def iter_records(files) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each non-blank line of JSONL files."""
+    from pathlib import Path
+
+    from lm.data.corpus import jsonl_lines
+
+    for path in map(Path, files):
+        for lineno, line in jsonl_lines(path):
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where} is not valid JSON ({e.msg}); each line must be one JSON object") from None

@@ -181,21 +181,9 @@ def _instruct_format(files: list[Path], format: str) -> bool:
     return True
 
 
-def _records(files: list[Path]):
-    from lm.data.corpus import jsonl_lines
-
-    for path in files:
-        for lineno, line in jsonl_lines(path):
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where} is not valid JSON ({e.msg}); each line must be one JSON object") from None
-
-
 def _prepare_instruct(files, inputs, out_dir: Path, tokenizer_path, format, seq_len, eval_fraction, seed) -> dict:
     """Instruction/chat records -> train/eval token files with masks, split per record by hash."""
-    from lm.data.instruct import Stats, encode_records
+    from lm.data.instruct import Stats, encode_records, iter_records
     from lm.data.tokenizer import load_tokenizer
     from lm.data.tokens import write_examples
 
@@ -234,7 +222,7 @@ def _prepare_instruct(files, inputs, out_dir: Path, tokenizer_path, format, seq_
     is_eval = held_out_mask(scores, eval_fraction)
     stats = {}
     for name, want in (("train", False), ("eval", True)):
-        records = (r for r, held in zip(_records(files), is_eval) if held == want)
+        records = (r for r, held in zip(iter_records(files), is_eval) if held == want)
         stats[name] = Stats()
         write_examples(encode_records(records, format, tokenizer, seq_len, stats[name]), tokenizer, out_dir, name)
     meta = {
