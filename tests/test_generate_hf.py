@@ -44,8 +44,9 @@ def models(tmp_path_factory):
 
 def transformers_greedy(folder, ids: list[int], n: int) -> list[int]:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    new = out[0, len(ids) :].tolist()
+    ids = torch.tensor([ids])  # an explicit mask: with none, transformers masks every id equal to pad_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    new = out[0, ids.shape[1] :].tolist()
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos)
     ends = [i for i, t in enumerate(new) if t in eos]

@@ -1,5 +1,8 @@
 """Our Tokenizer against transformers.AutoTokenizer on tokenizers the tests train themselves."""
 
+import json
+import shutil
+
 import pytest
 
 from lm.data import Tokenizer, train_tokenizer
@@ -57,12 +60,58 @@ def test_encode_decode_equal_autotokenizer(folders, name):
     assert_same_as_transformers(ours, theirs)
 
 
+@pytest.mark.parametrize("name", ["llama3_bpe", "gpt2_bpe", "llama2_spm"])
+def test_decode_of_random_ids_equals_autotokenizer(folders, name):
+    """What an untrained model emits: special ids, partial UTF-8 byte runs, pieces in any order."""
+    import numpy as np
+
+    ours = load_tokenizer(folders[name])
+    theirs = transformers.AutoTokenizer.from_pretrained(folders[name])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.integers(0, ours.vocab_size, rng.integers(1, 40)).tolist()
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), ids
+
+
 def test_bos_rule_follows_transformers(folders):
     assert load_tokenizer(folders["llama3_bpe"]).encode("x")[0] == load_tokenizer(folders["llama3_bpe"]).bos_id
     assert load_tokenizer(folders["llama2_spm"]).add_bos
     assert not load_tokenizer(folders["gpt2_bpe"]).add_bos
     forced = load_tokenizer(folders["gpt2_bpe"]).encode("x", add_bos=True)
     assert forced[0] == load_tokenizer(folders["gpt2_bpe"]).bos_id and len(forced) == 2
+
+
+def test_add_bos_token_next_to_a_tokenizer_json_is_ignored_like_transformers(folders, tmp_path):
+    """transformers drops add_bos_token when tokenizer.json exists: its post-processor alone decides."""
+    folder = tmp_path / "no_post_processor"
+    shutil.copytree(folders["llama3_bpe"], folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    assert_same_as_transformers(load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder))
+    assert not load_tokenizer(folder).add_bos
+
+
+def test_llama2_style_tokenizer_json_is_read_as_llama_tokenizer_reads_it(folders, tmp_path):
+    """Llama 2's tokenizer.json normalizes with Prepend("▁"); transformers' LlamaTokenizer replaces that with
+    its Metaspace rule (no "▁" after a special token, none before a leading space): so must we."""
+    folder = tmp_path / "llama2_json"
+    transformers.AutoTokenizer.from_pretrained(folders["llama2_spm"]).save_pretrained(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ],
+    }
+    spec["pre_tokenizer"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    assert type(theirs).__name__ == "LlamaTokenizer"
+    assert_same_as_transformers(load_tokenizer(folder), theirs)
 
 
 def test_every_eos_of_generation_config_is_a_stop_id(folders):

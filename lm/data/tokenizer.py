@@ -59,6 +59,7 @@ _CLASS_DEFAULTS = {
     "LlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
     "GemmaTokenizer": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
     "GPT2Tokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    "Qwen2Tokenizer": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
 }
 
 
@@ -91,6 +92,7 @@ class Tokenizer:
         self._hf_json = None  # a tokenizers.Tokenizer
         self._sp = None
         self._prepend = "never"  # transformers' Metaspace prepend scheme for a sentencepiece HF folder
+        self._specials: dict[str, str] = {}  # bos_token, eos_token, ... as strings (chat templates use them)
         if path.is_dir():
             if (path / "tokenizer.json").is_file():
                 self.kind = "tokenizers"
@@ -120,11 +122,15 @@ class Tokenizer:
 
     def _load_own_spm(self, file: Path) -> None:
         self._sp = _load_spm(file)
+        self._vocab_size = self._sp.get_piece_size()
         self.bos_id = _or_none(self._sp.bos_id())
         self.eos_id = _or_none(self._sp.eos_id())
         self.pad_id = _or_none(self._sp.pad_id())
         self.stop_ids = (self.eos_id,) if self.eos_id is not None else ()
         self.files = [file]
+        named = (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))
+        self._specials = {k: self._sp.id_to_piece(i) for k, i in named if i is not None}
+        self._specials["unk_token"] = self._sp.id_to_piece(self._sp.unk_id())
 
     def _load_hf(self, folder: Path) -> None:
         config = _read_json(folder / "tokenizer_config.json")
@@ -163,12 +169,11 @@ class Tokenizer:
         if (folder / "chat_template.jinja").is_file():  # the file wins over the config entry, as in transformers
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         self.chat_template = template if isinstance(template, str) else None
-        self._config = config
         self._specials = specials
 
     def _load_tokenizer_json(self, folder: Path, config: dict, specials: dict) -> None:
+        from tokenizers import AddedToken
         from tokenizers import Tokenizer as JsonTokenizer
-        from tokenizers import processors
 
         try:
             tok = JsonTokenizer.from_file(str(folder / "tokenizer.json"))
@@ -177,25 +182,17 @@ class Tokenizer:
         tok.no_padding()
         tok.no_truncation()
         tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        if _class_name(config) == "LlamaTokenizer" and not _byte_level(folder / "tokenizer.json"):
+            _as_llama_tokenizer(tok, config)
         # transformers registers the named special tokens as added tokens when tokenizer.json lacks them.
         present = {t.content for t in tok.get_added_tokens_decoder().values()}
-        from tokenizers import AddedToken
-
         missing = [v for v in specials.values() if v not in present and tok.token_to_id(v) is not None]
         if missing:
             tok.add_special_tokens([AddedToken(v, special=True, normalized=False) for v in missing])
-        if tok.post_processor is None:
-            # transformers then builds "[bos] $A [eos]" from add_bos_token/add_eos_token (both off by default);
-            # with a post-processor in tokenizer.json, those config keys are ignored.
-            bos, eos = specials.get("bos_token"), specials.get("eos_token")
-            add_bos = bool(config.get("add_bos_token")) and bos is not None
-            add_eos = bool(config.get("add_eos_token")) and eos is not None
-            single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
-            tok.post_processor = processors.TemplateProcessing(
-                single=single,
-                special_tokens=[(t, tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on],
-            )
+        # add_bos_token/add_eos_token in tokenizer_config.json are ignored next to a tokenizer.json (transformers
+        # drops them): its post-processor alone decides, and without one nothing is added.
         self._hf_json = tok
+        self._vocab_size = max(tok.get_vocab_size(with_added_tokens=True), max(tok.get_vocab().values()) + 1)
         self._special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         probe = tok.encode("", add_special_tokens=True).ids
         bos = specials.get("bos_token")
@@ -214,10 +211,10 @@ class Tokenizer:
         proto.normalizer_spec.add_dummy_prefix = False
         proto.normalizer_spec.remove_extra_whitespaces = False
         self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        add_prefix_space = config.get("add_prefix_space")
-        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
-        legacy = bool(config.get("legacy", False))
-        self._prepend = ("always" if legacy else "first") if add_prefix_space else "never"
+        self._vocab_size = self._sp.get_piece_size()
+        self._prepend = _prepend_scheme(config)
+        if _class_name(config).startswith("Gemma"):  # GemmaTokenizer adds no "▁" prefix
+            self._prepend = "never"
         # Control (3), unknown (2) and user-defined (4) pieces are added tokens; only the first two are special.
         added = {
             p.piece: _Added(p.piece, i, special=p.type in (2, 3))
@@ -298,21 +295,24 @@ class Tokenizer:
             return self._sp.decode(ids)
         if self.kind == "tokenizers":
             return self._hf_json.decode(ids, skip_special_tokens=True)
-        # Added tokens are cut out of the text on the way in, so they go back as their text on the way out.
-        added = {t.id: t.content for t in self._added if not t.special}
-        text, run = [], []
+        # transformers' decoder for these: "▁" -> " ", runs of <0xNN> bytes -> UTF-8 (a run that is not
+        # valid UTF-8 gives one U+FFFD per byte), joined, then one leading space stripped.
+        pieces, run = [], bytearray()
         for i in ids:
             if i in self._special_ids:
                 continue
-            if i in added:
-                text.append(self._sp.decode(run))
-                text.append(added[i])
-                run = []
-            else:
-                run.append(i)
-        text.append(self._sp.decode(run))
-        out = "".join(text)
-        if self._prepend != "never" and out.startswith(" "):  # transformers' Strip(left=1) decoder
+            piece = self._sp.id_to_piece(i)
+            if self._sp.is_byte(i):
+                run.append(int(piece[3:5], 16))
+                continue
+            if run:
+                pieces.append(_utf8_or_replacement(run))
+                run = bytearray()
+            pieces.append(piece.replace("▁", " "))
+        if run:
+            pieces.append(_utf8_or_replacement(run))
+        out = "".join(pieces)
+        if self._prepend != "never" and out.startswith(" "):
             out = out[1:]
         return out
 
@@ -343,13 +343,6 @@ class Tokenizer:
         if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise UserError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
         template = chat_template or self.chat_template or DEFAULT_CHAT_TEMPLATE
-        names = {k: v for k, v in getattr(self, "_specials", {}).items()}
-        if self.kind == "sentencepiece":
-            names = {
-                k: self._sp.id_to_piece(i)
-                for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))
-                if i is not None
-            } | {"unk_token": self._sp.id_to_piece(self._sp.unk_id())}
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         import jinja2
 
@@ -359,7 +352,7 @@ class Tokenizer:
                 tools=None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
-                **{**names, **kwargs},
+                **{**self._specials, **kwargs},
             )
         except jinja2.exceptions.TemplateError as e:
             raise UserError(f"the chat template refused this conversation: {e}") from None
@@ -402,10 +395,7 @@ class Tokenizer:
             "model_max_length": 1_000_000_000,
             "chat_template": self.chat_template or DEFAULT_CHAT_TEMPLATE,
         }
-        for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
-            if i is not None:
-                config[name] = self._sp.id_to_piece(i)
-        config["unk_token"] = self._sp.id_to_piece(self._sp.unk_id())
+        config.update(self._specials)
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
         return [out / "tokenizer.model", out / "tokenizer_config.json"]
 
@@ -430,6 +420,37 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, where: str) -> None
 # ---- helpers -----------------------------------------------------------------------------------------
 
 
+def _class_name(config: dict) -> str:
+    return str(config.get("tokenizer_class") or "").removesuffix("Fast")
+
+
+def _byte_level(tokenizer_json: Path) -> bool:
+    """transformers' test for a Llama 3 style file declared as LlamaTokenizer (then used as it is)."""
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    return "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+
+
+def _as_llama_tokenizer(tok, config: dict) -> None:
+    """What transformers' LlamaTokenizer keeps of a sentencepiece-style tokenizer.json: the vocabulary, merges,
+    added tokens and post-processor. Its own normalizer (none), Metaspace pre-tokenizer and decoder replace
+    the file's (Llama 2's Prepend("▁") normalizer, say, which also prefixes text after a special token)."""
+    from tokenizers import decoders, pre_tokenizers
+
+    scheme = _prepend_scheme(config)
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + [decoders.Strip(content=" ", left=1)] * (scheme != "never"))
+
+
+def _prepend_scheme(config: dict) -> str:
+    """transformers' `_get_prepend_scheme`: where Metaspace puts the "▁" that stands for a leading space."""
+    add_prefix_space = config.get("add_prefix_space")
+    if add_prefix_space is not None and not add_prefix_space:
+        return "never"
+    return "always" if config.get("legacy", False) else "first"
+
+
 def _has_hf_config(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("tokenizer_config.json", "special_tokens_map.json"))
 
@@ -449,6 +470,13 @@ def _content(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _utf8_or_replacement(data: bytearray) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(data)
 
 
 def _or_none(i: int) -> int | None:
