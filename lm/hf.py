@@ -70,11 +70,11 @@ OUT = Transform(
 CONV_OUT = Transform(
     lambda w, c: (w.reshape(c.n_heads, c.dim_per_head, c.d_model),), lambda a, c: a[0].reshape(-1, c.d_model)
 )
-FUSED_QKV = Transform(
+QKV = Transform(
     lambda w, c: tuple(p.reshape(c.d_model, c.n_heads, c.dim_per_head) for p in np.split(w, 3, axis=1)),
     lambda a, c: np.concatenate([x.reshape(c.d_model, -1) for x in a], axis=1),
 )
-FUSED_QKV_BIAS = Transform(
+QKV_BIAS = Transform(
     lambda w, c: tuple(p.reshape(c.n_heads, c.dim_per_head) for p in np.split(w, 3)),
     lambda a, c: np.concatenate([x.reshape(-1) for x in a]),
 )
@@ -137,8 +137,8 @@ GPT2 = (
     Rule("transformer.ln_f.weight", ("final_norm.scale",)),
     Rule("transformer.ln_f.bias", ("final_norm.bias",)),
     Rule("lm_head.weight", ("lm_head.kernel",), LINEAR),
-    Rule("transformer.h.{i}.attn.c_attn.weight", ("attn.query.kernel", "attn.key.kernel", "attn.value.kernel"), FUSED_QKV),
-    Rule("transformer.h.{i}.attn.c_attn.bias", ("attn.query.bias", "attn.key.bias", "attn.value.bias"), FUSED_QKV_BIAS),
+    Rule("transformer.h.{i}.attn.c_attn.weight", ("attn.query.kernel", "attn.key.kernel", "attn.value.kernel"), QKV),
+    Rule("transformer.h.{i}.attn.c_attn.bias", ("attn.query.bias", "attn.key.bias", "attn.value.bias"), QKV_BIAS),
 ) + _layer(
     "transformer.h.{i}.",
     {
@@ -185,7 +185,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def config_from_hf(folder, **overrides) -> ModelConfig:
     """The ModelConfig that config.json describes (transformers 5.x `rope_parameters` or 4.x
     `rope_theta`/`rope_scaling`); overrides set execution options such as scan_layers or dtype."""
-    path = pathlib.Path(folder) / "config.json"
+    path = pathlib.Path(folder).expanduser() / "config.json"
     if not path.is_file():
         raise UserError(
             f"{folder} is not a Hugging Face model folder (no config.json); pass the folder that holds "
@@ -195,7 +195,11 @@ def config_from_hf(folder, **overrides) -> ModelConfig:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-    return dataclasses.replace(_from_hf(hf, path), **overrides)
+    try:
+        cfg = _from_hf(hf, path)
+    except KeyError as e:
+        raise UserError(f"{path} lacks {e.args[0]!r}, which its model_type needs; is the file complete?") from None
+    return dataclasses.replace(cfg, **overrides)
 
 
 def _from_hf(hf: dict, where) -> ModelConfig:
@@ -234,7 +238,9 @@ def _from_hf(hf: dict, where) -> ModelConfig:
     if model_type == "gemma" and activation == "gelu":
         activation = "gelu_pytorch_tanh"  # legacy Gemma configs; transformers makes the same substitution
     if activation != family.activation:
-        raise UserError(f"{where}: hidden_act={activation!r} is not supported for {model_type}; expected {family.activation!r}")
+        raise UserError(
+            f"{where}: hidden_act={activation!r} is not supported for {model_type}; expected {family.activation!r}"
+        )
     gemma = model_type in ("gemma", "gemma2")
     attention_bias = hf.get("attention_bias", False)
     n_layers = hf["num_hidden_layers"]
@@ -289,7 +295,8 @@ def _rope(hf: dict, where) -> dict:
     if rope_type not in ("default", "linear", "llama3"):
         raise UserError(f"{where}: rope_type={rope_type!r} is not supported; supported: default, linear, llama3")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UserError(f"{where}: partial_rotary_factor={params['partial_rotary_factor']} is not supported; supported: 1.0")
+        factor = params["partial_rotary_factor"]
+        raise UserError(f"{where}: partial_rotary_factor={factor} is not supported; supported: 1.0")
     out = dict(rope_type=rope_type, rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10_000.0))))
     if rope_type != "default":
         out["rope_scaling"] = float(params["factor"])
@@ -399,26 +406,43 @@ def config_to_hf(cfg: ModelConfig, extra: dict | None = None) -> dict:
                 out["max_window_layers"] = sliding.index(True) if any(sliding) else cfg.n_layers
         if model_type == "gemma2":
             out.update(
-                query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.dim_per_head,
+                query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.dim_per_head),  # an int in HF
                 attn_logit_softcapping=cfg.attn_softcap,
                 final_logit_softcapping=cfg.final_softcap,
             )
     out.update(tie_word_embeddings=cfg.tie_embeddings, dtype=cfg.param_dtype, use_cache=True, **(extra or {}))
     # Exact by construction: the config we write must read back as the model we have.
-    back = _from_hf(out, "export")
-    execution = {"dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "init_std"}
+    want, back = _canonical(cfg), _canonical(_from_hf(out, "export"))
     differ = [
         f"{f.name}={getattr(cfg, f.name)!r}"
         for f in dataclasses.fields(cfg)
-        if f.name not in execution and getattr(back, f.name) != getattr(cfg, f.name)
-        and not (f.name == "head_dim" and back.dim_per_head == cfg.dim_per_head)
-        and not (f.name == "query_pre_attn_scalar" and (back.query_pre_attn_scalar or cfg.dim_per_head) == (cfg.query_pre_attn_scalar or cfg.dim_per_head))
-        and not (f.name.startswith("rope_") and cfg.positions == "learned")
-        and not (f.name == "rope_type" and {back.rope_type, cfg.rope_type} <= {"default", "linear"})
+        if getattr(want, f.name) != getattr(back, f.name)
     ]
     if differ:
         raise UserError(f"the model cannot be written as a Hugging Face {model_type} checkpoint: {', '.join(differ)}")
     return out
+
+
+def _int_if_whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+def _canonical(cfg: ModelConfig) -> ModelConfig:
+    """cfg with the fields that do not change the numbers reset, and equivalent spellings made one."""
+    defaults = ModelConfig()
+    execution = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "init_std")
+    cfg = dataclasses.replace(cfg, head_dim=cfg.dim_per_head, **{k: getattr(defaults, k) for k in execution})
+    if cfg.query_pre_attn_scalar is None:  # the default scale is head_dim ** -0.5
+        cfg = dataclasses.replace(cfg, query_pre_attn_scalar=float(cfg.dim_per_head))
+    if cfg.rope_type == "default":  # default is linear scaling by rope_scaling (1: none)
+        cfg = dataclasses.replace(cfg, rope_type="linear")
+    rope = ("rope_theta", "rope_scaling", "rope_type") if cfg.positions == "learned" else ()
+    if cfg.rope_type != "llama3":
+        rope += ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
+    cfg = dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in rope})
+    if not any(cfg.sliding_layers):
+        cfg = dataclasses.replace(cfg, sliding_window=None, sliding_window_first=0, sliding_window_every=1)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,10 +499,13 @@ class _Checkpoint:
                     raise UserError(f"{folder} lacks shard {file}, which {index.name} lists; download it again")
             self.files = {name: folder / file for name, file in weight_map.items()}
         elif (folder / "model.safetensors").is_file():
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(folder / "model.safetensors", framework="numpy") as f:
-                self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
+            try:
+                with safe_open(folder / "model.safetensors", framework="numpy") as f:
+                    self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"{folder / 'model.safetensors'} is not a readable safetensors file ({e})") from None
         else:
             raise UserError(f"{folder} holds no model.safetensors or model.safetensors.index.json")
 
@@ -491,6 +518,20 @@ class _Checkpoint:
                 return f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise UserError(f"cannot read tensor {name} from {self.files[name]}: {e}") from None
+
+
+def _fit(hf: np.ndarray, rule: Rule, want: list, cfg: ModelConfig, what: str) -> tuple[np.ndarray, ...]:
+    """Our arrays from one HF tensor, or a UserError when its shape does not fit the model."""
+    try:
+        ours = rule.transform.load(hf, cfg)
+    except ValueError:  # a reshape that cannot work
+        ours = None
+    if ours is None or [x.shape for x in ours] != [tuple(w) for w in want]:
+        raise UserError(
+            f"{what} has shape {list(hf.shape)}, which does not fit the model config.json describes "
+            f"({', '.join(str(list(w)) for w in want)}); the checkpoint and config disagree"
+        )
+    return ours
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -514,9 +555,10 @@ def load_hf(
     mesh/rules: where to place the parameters (default: one device).
     """
     from sharding.mesh import make_mesh
+    from sharding.partition import check_divisible
     from sharding.rules import logical_rules
 
-    folder = pathlib.Path(folder)
+    folder = pathlib.Path(folder).expanduser()
     overrides = dict(scan_layers=scan_layers)
     if dtype is not None:
         overrides["dtype"] = dtype
@@ -529,6 +571,7 @@ def load_hf(
 
         mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     rules = logical_rules() if rules is None else rules
+    check_divisible(cfg.logical_dims(), mesh, rules)  # an indivisible dimension would be silently replicated
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -541,27 +584,17 @@ def load_hf(
             for name, layer in _names(rule, cfg.n_layers):
                 if name not in checkpoint.files:
                     raise UserError(f"{folder}: tensor {name} is missing; the checkpoint does not match config.json")
-                hf = checkpoint.read(name)
                 used.add(name)
                 targets = [_target(p, layer, cfg.scan_layers) for p in paths]
                 stacked = cfg.scan_layers and layer is not None
                 want = [params[t].shape[1:] if stacked else params[t].shape for t in targets]
-                try:
-                    ours = rule.transform.load(hf, cfg)
-                except ValueError:
-                    ours = None
-                if ours is None or [x.shape for x in ours] != [tuple(w) for w in want]:
-                    raise UserError(
-                        f"{folder}: tensor {name} has shape {list(hf.shape)}, which does not fit the model "
-                        f"config.json describes ({', '.join(str(list(w)) for w in want)}); the checkpoint and config disagree"
-                    )
-                for target, x in zip(targets, ours):
+                for target, x in zip(targets, _fit(checkpoint.read(name), rule, want, cfg, f"{folder}: tensor {name}")):
                     var, sharding = params[target], shardings[target]
                     x = np.asarray(x, dtype=var.dtype)
                     if not stacked:
                         values[target] = jax.device_put(x, sharding)
                         continue
-                    if target not in values:
+                    if target not in values:  # the stack is allocated on the devices, then filled layer by layer
                         values[target] = jax.jit(lambda v=var: jnp.zeros(v.shape, v.dtype), out_shardings=sharding)()
                     layer_sharding = NamedSharding(mesh, P(*sharding.spec[1:]))
                     values[target] = _set_layer(values[target], jax.device_put(x, layer_sharding), layer)

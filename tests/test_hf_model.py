@@ -74,18 +74,18 @@ def _tensors(folder) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_bf16_checkpoint_keeps_its_exact_bits(tmp_path, family):
-    save_hf_checkpoint(family, tmp_path / "in", dtype="bfloat16")
+@pytest.mark.parametrize("family, dtype", [("llama", "bfloat16"), ("gemma2", "bfloat16"), ("qwen2", "float16")])
+def test_half_precision_checkpoint_keeps_its_exact_bits(tmp_path, family, dtype):
+    save_hf_checkpoint(family, tmp_path / "in", dtype=dtype)
     model = load_hf(tmp_path / "in")
-    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(dtype)}
     save_hf(model, tmp_path / "out")
     original, exported = _tensors(tmp_path / "in"), _tensors(tmp_path / "out")
     assert original.keys() == exported.keys()
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype
         assert np.array_equal(exported[name].view(np.uint16), tensor.view(np.uint16)), name
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == dtype
 
 
 def test_sharded_index_checkpoint_imports_and_exports_sharded(tmp_path):
@@ -211,4 +211,48 @@ def test_folder_that_is_not_a_model_is_refused(tmp_path):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(build_hf("gpt2").config.to_dict()))
     with pytest.raises(UserError, match="holds no model.safetensors"):
+        load_hf(tmp_path)
+
+
+HF_PRESETS = (
+    "llama3_2_1b",
+    "llama3_1_8b",
+    "mistral_7b",
+    "qwen2_5_0_5b",
+    "qwen3_0_6b",
+    "gemma_2b",
+    "gemma2_2b",
+    "gpt2_124m",
+)
+
+
+@pytest.mark.parametrize("name", HF_PRESETS)
+def test_family_presets_write_a_config_that_reads_back_the_same(name):
+    """config_to_hf checks the read-back itself; transformers must also accept the file."""
+    import transformers
+
+    from lm.config import preset
+    from lm.hf import config_to_hf
+
+    written = config_to_hf(preset(name))
+    config = transformers.AutoConfig.for_model(**written)
+    assert type(config).__name__.lower().startswith(written["model_type"].replace("_", ""))
+
+
+def test_option_without_a_hugging_face_equivalent_is_refused_on_export(tiny_cfg, tmp_path):
+    import dataclasses
+
+    from lm.model import Transformer
+
+    cfg = dataclasses.replace(tiny_cfg, n_layers=3, sliding_window=4, sliding_window_every=2)  # Mistral: all layers
+    with pytest.raises(UserError, match="mistral checkpoint: .*sliding_window_every=2"):
+        save_hf(Transformer(cfg, rngs=nnx.Rngs(0)), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_truncated_safetensors_file_is_refused(tmp_path):
+    save_hf_checkpoint("gpt2", tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="model.safetensors"):
         load_hf(tmp_path)

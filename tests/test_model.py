@@ -48,6 +48,21 @@ FAMILIES = {
     ),
     "qwen2": dict(qkv_bias=True),
     "qwen3": dict(qk_norm=True, head_dim=32),
+    "mistral": dict(sliding_window=8),
+    # Every Gemma 2 option at once; windows on alternating layers, shorter than the test sequences.
+    "gemma2": dict(
+        norm="rms_plus_one",
+        mlp="geglu",
+        scale_embeddings=True,
+        post_norms=True,
+        head_dim=24,
+        query_pre_attn_scalar=20.0,
+        attn_softcap=5.0,
+        final_softcap=8.0,
+        sliding_window=8,
+        sliding_window_every=2,
+        tie_embeddings=True,
+    ),
 }
 
 
