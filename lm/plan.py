@@ -143,6 +143,17 @@ class Plan:
     notes: tuple[str, ...] = ()
     compiled: dict | None = None  # XLA's memory analysis, where the devices exist
 
+    def summary(self) -> str:
+        """One line for a training log: the estimate per device and whether it fits."""
+        m, gib = self.memory, 2**30
+        return (
+            f"memory estimate per device: {m.total / gib:.2f} GiB of {self.capacity_bytes / gib:.2f} GiB usable on "
+            f"{self.device} (parameters {m.params / gib:.2f}, optimizer {m.optimizer / gib:.2f}, gradients "
+            f"{m.gradients / gib:.2f}, activations and working copies {(m.temporaries - m.gradients) / gib:.2f} "
+            f"with remat={self.remat})"
+            + ("" if self.fits else f"; does not fit: at most {self.max_rows_per_device[self.remat]} rows per device")
+        )
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["memory"].update(
