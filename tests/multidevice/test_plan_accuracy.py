@@ -62,3 +62,20 @@ def test_activation_estimate_matches_xla_memory_analysis(shape, remat):
     plan = estimate(recipe, devices=8)
     xla = compile_memory(recipe)["temp_bytes"]
     assert abs(plan.memory.temporaries - xla) <= 0.25 * xla, (plan.memory, xla)
+
+
+def test_cli_prints_xla_memory_analysis_beside_the_estimate_when_the_devices_exist(tmp_path, capsys):
+    import json
+
+    from launch.plan import main
+
+    out = tmp_path / "plan.json"
+    main(["--recipe", "stdlib_tiny", "--devices", "8", "--set", "train.seq_len=64", "--json", str(out)])
+    printed = capsys.readouterr().out
+    plan = json.loads(out.read_text())
+    assert plan["n_devices"] == 8 and plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert "XLA memory analysis" in printed
+    compiled = plan["compiled"]
+    # Arguments are the sharded parameters, optimizer state and batch: the estimate's state plus a few KiB.
+    assert abs(compiled["argument_bytes"] - plan["memory"]["state"]) <= 0.05 * compiled["argument_bytes"]
+    assert abs(compiled["temp_bytes"] - plan["memory"]["temporaries"]) <= 0.25 * compiled["temp_bytes"]
