@@ -79,3 +79,16 @@ def test_cli_prints_xla_memory_analysis_beside_the_estimate_when_the_devices_exi
     # Arguments are the sharded parameters, optimizer state and batch: the estimate's state plus a few KiB.
     assert abs(compiled["argument_bytes"] - plan["memory"]["state"]) <= 0.05 * compiled["argument_bytes"]
     assert abs(compiled["temp_bytes"] - plan["memory"]["temporaries"]) <= 0.25 * compiled["temp_bytes"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["train.batch_size=32", "train.grad_accum=2", "model.remat=full"], ["mesh.fsdp=4", "mesh.tensor=2"]],
+    ids=["grad_accum", "tensor"],
+)
+def test_activation_estimate_holds_with_grad_accum_and_tensor_parallelism(extra):
+    name, overrides = SHAPES["small"]
+    recipe = load_recipe(name, overrides + ["mesh.fsdp=8"] + extra)
+    plan = estimate(recipe, devices=8)
+    xla = compile_memory(recipe)["temp_bytes"]
+    assert abs(plan.memory.temporaries - xla) <= 0.25 * xla, (plan.memory, xla)
