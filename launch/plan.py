@@ -48,6 +48,7 @@ def report(plan, recipe) -> str:
     lines = [
         f"recipe {plan.recipe} on {plan.hardware}: {plan.n_devices} x {plan.device}"
         + (f" in {plan.slices} slices" if plan.slices > 1 else ""),
+        *([f"about: {recipe.description}"] if recipe.description else []),
         f"parameters: {plan.params:,} ({plan.params_non_embedding:,} non-embedding, {plan.params_embedding:,} "
         f"embedding{', tied head' if m.tie_embeddings else ''})"
         + (f"; trainable {plan.trainable_params:,}" if plan.trainable_params != plan.params else ""),
