@@ -203,7 +203,10 @@ def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, i
             f"plan with --topology '<slice> x{n_slices}' or set them to {topo.slices}"
         )
     if n_slices == 1 and topo.slices > 1:
-        notes.append(f"{topo.name} has {topo.slices} slices but the mesh has no DCN axis: every axis crosses DCN")
+        notes.append(
+            f"{topo.name} has {topo.slices} slices but the mesh has no DCN axis, so some ICI axes cross slices and "
+            f"their collectives are timed too fast; set mesh.dcn_data={topo.slices}"
+        )
     ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices)
     shape = tuple(i * dcn[a] for i, a in zip(ici, AXES))
     return AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES)), dcn, notes
