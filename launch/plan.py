@@ -1,5 +1,7 @@
-"""Plan a recipe before launch: python -m launch.plan --recipe NAME [--set k=v ...]
-[--devices N | --topology v5p-128 | --gpu 'h100-80gb x8'] [--json OUT]
+"""Plan a recipe before launch: its sharding, memory per device, whether it fits, and its step time.
+
+python -m launch.plan --recipe NAME [--set k=v ...] [--devices N | --topology v5p-128 | --gpu 'h100-80gb x8']
+[--json OUT]
 
 Prints parameters, FLOPs, the mesh and each parameter's sharding, memory per device, whether it
 fits, the largest batch that does, and the predicted step time. Exit 1 when it does not fit, 2 on
@@ -15,16 +17,23 @@ from launch.cli import ArgumentParser, main_guard
 
 def parse(argv=None):
     p = ArgumentParser(prog="python -m launch.plan", description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", required=True)
+    p.add_argument("--recipe", help="recipe name or .py file (required unless --calibrate)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--devices", type=int, help="this many devices of this machine's kind")
     where.add_argument("--topology", help="a TPU slice (v5e-256, v5p-128, 'v6e-256 x2') or any named topology")
     where.add_argument("--gpu", help="GPUs, e.g. 'h100-80gb x8', 'a100-80gb x8', 'l4-24gb'")
-    p.add_argument("--mfu", type=float, help="assumed MFU for the step time (default: the device's, e.g. 0.5 on TPU)")
+    p.add_argument("--mfu", type=float, help="assumed MFU for the step time (default: the device's; 0.5 on TPU)")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (default: data sheet; CPU: measured)")
     p.add_argument("--json", help="write the whole plan here")
     p.add_argument("--no-compile", action="store_true", help="skip XLA's memory analysis even where devices exist")
+    p.add_argument(
+        "--calibrate",
+        nargs="*",
+        metavar="REMAT",
+        help="refit the activation coefficients (lm.plan KEPT, WORKING) to this CPU's XLA for these remat "
+        "policies (default: all) and print them; takes minutes",
+    )
     return p.parse_args(argv)
 
 
@@ -39,11 +48,13 @@ def report(plan, recipe) -> str:
     lines = [
         f"recipe {plan.recipe} on {plan.hardware}: {plan.n_devices} x {plan.device}"
         + (f" in {plan.slices} slices" if plan.slices > 1 else ""),
+        *([f"about: {recipe.description}"] if recipe.description else []),
         f"parameters: {plan.params:,} ({plan.params_non_embedding:,} non-embedding, {plan.params_embedding:,} "
         f"embedding{', tied head' if m.tie_embeddings else ''})"
         + (f"; trainable {plan.trainable_params:,}" if plan.trainable_params != plan.params else ""),
         f"FLOPs per token: {plan.flops_per_token / 1e9:.3f} GFLOP (6N + 12*L*T*H*D at seq {recipe.train.seq_len}); "
-        f"{plan.tokens_per_step:,} tokens per step ({plan.batch_size} x {recipe.train.seq_len}, grad_accum {plan.grad_accum})",
+        f"{plan.tokens_per_step:,} tokens per step ({plan.batch_size} x {recipe.train.seq_len}, "
+        f"grad_accum {plan.grad_accum})",
         f"mesh: {plan.mesh}" + (f" (DCN part {plan.dcn})" if any(v > 1 for v in plan.dcn.values()) else "")
         + f"; {plan.rows_per_device:g} rows per device per microbatch",
         "sharding (per device):",
@@ -92,6 +103,15 @@ def main(argv=None):
     from lm.errors import UserError
     from lm.recipe import load_recipe
 
+    if args.calibrate is not None:
+        for remat in args.calibrate or planner.REMATS:
+            if remat not in planner.REMATS:
+                raise UserError(f"--calibrate {remat!r}: choose remat policies from {list(planner.REMATS)}")
+            kept, working, error = planner.fit_activation_terms(remat)
+            print(f"{remat}: KEPT {kept}, WORKING {working}; largest fit error {100 * error:.1f}%", flush=True)
+        return
+    if not args.recipe:
+        raise UserError("--recipe is required (or --calibrate)")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.devices is not None and args.devices <= 0:
         raise UserError(f"--devices={args.devices} must be positive")
@@ -118,7 +138,11 @@ def main(argv=None):
             f"error: {plan.recipe} needs {mib(plan.memory.total)} per device but {plan.hardware} has "
             f"{mib(plan.capacity_bytes)} usable; at most {plan.max_rows_per_device[plan.remat]} rows per device fit "
             f"with remat={plan.remat}"
-            + (f"; try model.remat={plan.chosen_remat}" if plan.chosen_remat else "; use more devices or a smaller batch"),
+            + (
+                f"; try model.remat={plan.chosen_remat}"
+                if plan.chosen_remat
+                else "; use more devices or a smaller batch"
+            ),
             file=sys.stderr,
         )
         sys.exit(1)

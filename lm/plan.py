@@ -19,7 +19,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from lm.config import ModelConfig
 from lm.errors import UserError
-from lm.hardware import DEVICES, Topology, device_for_kind, topology
+from lm.hardware import Topology, device_for_kind, topology
 from lm.recipe import Recipe
 from sharding.mesh import AXES, resolve_shape
 from sharding.partition import check_divisible
@@ -40,13 +40,13 @@ REMATS = ("none", "dots", "dots_no_batch", "full")
 KEPT = {
     "none": (14.0, 8.0, 1.0, 6.0, 2.0),
     "dots": (0.0, 0.0, 1.53, 1.98, 0.98),
-    "dots_no_batch": (0.0, 0.0, 1.53, 1.98, 0.0),
+    "dots_no_batch": (0.0, 0.0, 1.21, 1.91, 0.0),
     "full": (0.0, 0.9, 0.02, 0.0, 0.01),
 }
 WORKING = {
     "none": (3.0, 3.25, 1.0, 5.0, 2.27),
     "dots": (0.0, 0.0, 2.01, 6.78, 1.81),
-    "dots_no_batch": (0.0, 0.0, 2.01, 6.78, 1.81),
+    "dots_no_batch": (0.0, 0.0, 1.57, 5.59, 1.84),
     "full": (1047.5, 9.55, 0.95, 8.0, 2.0),
 }
 # Float32 logits per token (x vocab / tensor): the logits and their gradient. They are freed before the
@@ -143,6 +143,17 @@ class Plan:
     notes: tuple[str, ...] = ()
     compiled: dict | None = None  # XLA's memory analysis, where the devices exist
 
+    def summary(self) -> str:
+        """One line for a training log: the estimate per device and whether it fits."""
+        m, gib = self.memory, 2**30
+        return (
+            f"memory estimate per device: {m.total / gib:.2f} GiB of {self.capacity_bytes / gib:.2f} GiB usable on "
+            f"{self.device} (parameters {m.params / gib:.2f}, optimizer {m.optimizer / gib:.2f}, gradients "
+            f"{m.gradients / gib:.2f}, activations and working copies {(m.temporaries - m.gradients) / gib:.2f} "
+            f"with remat={self.remat})"
+            + ("" if self.fits else f"; does not fit: at most {self.max_rows_per_device[self.remat]} rows per device")
+        )
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["memory"].update(
@@ -192,7 +203,10 @@ def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, i
             f"plan with --topology '<slice> x{n_slices}' or set them to {topo.slices}"
         )
     if n_slices == 1 and topo.slices > 1:
-        notes.append(f"{topo.name} has {topo.slices} slices but the mesh has no DCN axis: every axis crosses DCN")
+        notes.append(
+            f"{topo.name} has {topo.slices} slices but the mesh has no DCN axis, so some ICI axes cross slices and "
+            f"their collectives are timed too fast; set mesh.dcn_data={topo.slices}"
+        )
     ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices)
     shape = tuple(i * dcn[a] for i, a in zip(ici, AXES))
     return AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES)), dcn, notes
@@ -303,10 +317,13 @@ def _per_token(c, model: ModelConfig, seq_len: int, tensor: int) -> float:
     tp_mlp = tensor if model.d_ff % tensor == 0 else 1
     # Flash attention (splash, cuDNN) never materializes the [seq, seq] scores: O(seq) memory, not O(seq^2).
     scores = h * seq_len / tp_heads if model.attention_impl == "xla" else 0.0
-    return c[0] + c[1] * model.d_model + c[2] * (2 * h + 2 * kv) * hd / tp_heads + c[3] * model.d_ff / tp_mlp + c[4] * scores
+    qkvo = (2 * h + 2 * kv) * hd / tp_heads
+    return c[0] + c[1] * model.d_model + c[2] * qkvo + c[3] * model.d_ff / tp_mlp + c[4] * scores
 
 
-def activation_bytes(model: ModelConfig, rows: float, seq_len: int, remat: str, tensor: int, act_bytes: int) -> tuple[int, int]:
+def activation_bytes(
+    model: ModelConfig, rows: float, seq_len: int, remat: str, tensor: int, act_bytes: int
+) -> tuple[int, int]:
     """(kept by all layers, working set of one layer) in bytes per device, for `rows` sequences of one
     microbatch: rows * seq_len * act_bytes * (n_layers * KEPT[remat] . x, WORKING[remat] . x) where
     x = (1, d_model, (2H + 2Hkv) * head_dim / tp, d_ff / tp, H * seq_len / tp)."""
@@ -332,8 +349,15 @@ def kv_cache_bytes(model: ModelConfig, length: int, tensor: int, act_bytes: int)
 
 
 def step_time(
-    recipe: Recipe, topo: Topology, mesh_shape, dcn, remat: str, weight_bytes: float, grad_bytes: float, act_bytes: int,
-    mfu: float | None, peak_tflops: float | None,
+    recipe: Recipe,
+    topo: Topology,
+    mesh_shape: dict[str, int],
+    dcn: dict[str, int],
+    weight_bytes: float,
+    grad_bytes: float,
+    act_bytes: int,
+    mfu: float | None = None,
+    peak_tflops: float | None = None,
 ) -> StepTime:
     """FLOPs at an MFU, plus collectives at the interconnect's bandwidth.
 
@@ -348,7 +372,7 @@ def step_time(
     # `full`, the attention score matmuls under `dots_no_batch`, nothing that is a matmul under `dots`.
     attn_fwd = 4 * m.n_layers * t.seq_len * m.n_heads * m.dim_per_head * tokens
     layer_fwd = 2 * (m.n_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)) * tokens + attn_fwd
-    recompute = {"none": 0.0, "dots": 0.0, "dots_no_batch": attn_fwd, "full": layer_fwd}[remat]
+    recompute = {"none": 0.0, "dots": 0.0, "dots_no_batch": attn_fwd, "full": layer_fwd}[m.remat]
     peak, source = (peak_tflops, "given") if peak_tflops else _peak(dev)
     mfu = mfu or dev.mfu
     n = topo.n_devices
@@ -363,17 +387,31 @@ def step_time(
     da_ici, da_dcn = mesh_shape["data"] // dcn["data"], dcn["data"]
     # Per microbatch: gather the weights for the forward and again for the backward, reduce-scatter
     # the gradients (float32) back to their shards.
-    fsdp_ici = k * (2 * ring(fs_ici, weight_bytes, dev.ici_bytes_per_s) + ring(fs_ici, grad_bytes * fs_ici, dev.ici_bytes_per_s))
-    fsdp_dcn = k * (2 * ring(fs_dcn, weight_bytes, dev.dcn_bytes_per_s) + ring(fs_dcn, grad_bytes * fs_dcn, dev.dcn_bytes_per_s))
+    def fsdp(size, bandwidth):
+        return k * (2 * ring(size, weight_bytes, bandwidth) + ring(size, grad_bytes * size, bandwidth))
+
+    fsdp_ici, fsdp_dcn = fsdp(fs_ici, dev.ici_bytes_per_s), fsdp(fs_dcn, dev.dcn_bytes_per_s)
     data_s = ring(da_ici, grad_bytes, dev.ici_bytes_per_s, reduce=True)
     dcn_s = fsdp_dcn + ring(da_dcn, grad_bytes, dev.dcn_bytes_per_s, reduce=True)
     rows = t.batch_size / k / (mesh_shape["data"] * mesh_shape["fsdp"])
     tp = mesh_shape["tensor"]
     # Megatron-style: two all-reduces of [rows, seq, d_model] per layer forward, two backward.
-    tensor_s = k * m.n_layers * 4 * ring(tp, rows * t.seq_len * m.d_model * act_bytes, dev.ici_bytes_per_s, reduce=True)
+    activation = rows * t.seq_len * m.d_model * act_bytes
+    tensor_s = k * m.n_layers * 4 * ring(tp, activation, dev.ici_bytes_per_s, reduce=True)
     step_s = max(compute_s, fsdp_ici + data_s + dcn_s) + tensor_s
     return StepTime(
-        flops, flops + recompute, peak, source, mfu, compute_s, fsdp_ici, data_s, tensor_s, dcn_s, step_s, tokens / step_s
+        flops_per_step=flops,
+        hardware_flops_per_step=flops + recompute,
+        peak_tflops=peak,
+        peak_source=source,
+        mfu=mfu,
+        compute_s=compute_s,
+        fsdp_s=fsdp_ici,
+        data_s=data_s,
+        tensor_s=tensor_s,
+        dcn_s=dcn_s,
+        step_s=step_s,
+        tokens_per_s=tokens / step_s,
     )
 
 
@@ -411,7 +449,8 @@ def estimate(
     embedding += m.max_seq_len * m.d_model if m.positions == "learned" else 0
     param_bytes = sum(g.bytes_per_device for g in groups)
     opt_bytes = sum(g.bytes_per_device for g in opt_groups)
-    grad_bytes = param_bytes * (2 if t.grad_accum > 1 else 1)  # float32 accumulator beside each microbatch's
+    grad_copies = 2 if t.grad_accum > 1 else 1  # the float32 accumulator beside each microbatch's gradients
+    grad_bytes = param_bytes * grad_copies
     trainable = n_params
     # Weights as the step gathers them: one full copy split only by tensor, in the compute dtype.
     gathered_copy = n_params * act_bytes / tp
@@ -419,16 +458,20 @@ def estimate(
     if lora is not None and getattr(lora, "rank", 0) > 0:
         base = _bytes(getattr(lora, "base_dtype", "bfloat16"))
         trainable, adapter_bytes = lora_adapter_params(groups, lora, mesh_shape)
-        param_bytes = int(sum(g.bytes_per_device / jnp.dtype(g.dtype).itemsize * base for g in groups)) + adapter_bytes
-        opt_bytes, grad_bytes = 2 * adapter_bytes, adapter_bytes * (2 if t.grad_accum > 1 else 1)
-        notes.append(f"LoRA rank {lora.rank}: base weights in {getattr(lora, 'base_dtype', 'bfloat16')}, "
-                     "Adam state and gradients for the adapters only")
-    fsdp = mesh_shape["fsdp"]
-    n_layers = m.n_layers
-    # FSDP gathers one layer's weights at a time (twice in flight: the one in use and the next).
-    gathered = 0 if fsdp == 1 else int(2 * gathered_copy / n_layers)
-    if fsdp > 1:  # the lookup gathers the table's width, so its gradient is formed whole before the reduce-scatter
-        gathered += int(m.vocab_size * m.d_model * jnp.dtype(m.param_dtype).itemsize / (tp if m.vocab_size % tp == 0 else 1))
+        param_bytes = int(sum(g.bytes_per_device / jnp.dtype(g.dtype).itemsize * base for g in groups))
+        param_bytes += adapter_bytes
+        opt_bytes, grad_bytes = 2 * adapter_bytes, adapter_bytes * grad_copies
+        notes.append(
+            f"LoRA rank {lora.rank}: base weights in {getattr(lora, 'base_dtype', 'bfloat16')}, "
+            "Adam state and gradients for the adapters only"
+        )
+    gathered = 0
+    if mesh_shape["fsdp"] > 1:
+        # FSDP gathers one layer's weights at a time (two in flight: the one in use and the next);
+        # the lookup gathers the table's width, so its gradient is formed whole before the reduce-scatter.
+        vocab_tp = tp if m.vocab_size % tp == 0 else 1
+        gathered = int(2 * gathered_copy / m.n_layers)
+        gathered += int(m.vocab_size * m.d_model * jnp.dtype(m.param_dtype).itemsize / vocab_tp)
 
     rows = t.batch_size / t.grad_accum / (mesh_shape["data"] * mesh_shape["fsdp"])
     logits = logits_bytes(m, rows, t.seq_len, tp)
@@ -450,11 +493,12 @@ def estimate(
     max_rows = {}
     for r in REMATS:
         kept, working = activation_bytes(m, 1, t.seq_len, r, tp, act_bytes)  # all linear in the rows
-        max_rows[r] = max(0, int((capacity - fixed) // (kept + max(working, logits_bytes(m, 1, t.seq_len, tp)))))
+        per_row = kept + max(working, logits_bytes(m, 1, t.seq_len, tp))
+        max_rows[r] = max(0, int((capacity - fixed) // per_row))
     chosen = next((r for r in REMATS if fixed + by_remat[r] <= capacity), None)
 
-    step = step_time(recipe, topo, mesh_shape, dcn, m.remat, gathered_copy, memory.gradients / (2 if t.grad_accum > 1 else 1),
-                     act_bytes, mfu, peak_tflops)
+    grad_shard = grad_bytes / grad_copies
+    step = step_time(recipe, topo, mesh_shape, dcn, gathered_copy, grad_shard, act_bytes, mfu, peak_tflops)
     return Plan(
         recipe=recipe.name,
         hardware=topo.name,
@@ -489,9 +533,9 @@ def estimate(
 # XLA's own account, where the devices exist
 
 
-def compile_memory(recipe: Recipe) -> dict:
-    """AOT-compile the train step on this machine's devices with abstract inputs (no arrays are
-    allocated) and return XLA's memory analysis, in bytes per device."""
+def compile_memory(recipe: Recipe, devices=None) -> dict:
+    """AOT-compile the train step on this machine's devices (or `devices`) with abstract inputs (no
+    arrays are allocated) and return XLA's memory analysis, in bytes per device."""
     from lm.model import Transformer
     from lm.train.loop import resolve_batch_size
     from lm.train.optimizer import make_optimizer
@@ -499,7 +543,7 @@ def compile_memory(recipe: Recipe) -> dict:
     from sharding.mesh import make_mesh
     from sharding.partition import batch_sharding
 
-    mesh, rules = make_mesh(recipe.mesh), logical_rules(recipe.mesh.rules)
+    mesh, rules = make_mesh(recipe.mesh, devices), logical_rules(recipe.mesh.rules)
     recipe = resolve_batch_size(recipe, mesh)
     t = recipe.train
     check_divisible(recipe.logical_dims(), mesh, rules)
@@ -523,7 +567,9 @@ def compile_memory(recipe: Recipe) -> dict:
         "output_bytes": int(a.output_size_in_bytes),
         "alias_bytes": int(a.alias_size_in_bytes),
         "temp_bytes": int(a.temp_size_in_bytes),
-        "total_bytes": int(a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes),
+        "total_bytes": int(
+            a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes
+        ),
     }
 
 
@@ -533,3 +579,49 @@ def can_compile(plan: Plan) -> bool:
     dev = device_for_kind(local.device_kind)
     same_kind = (dev.name if dev else "cpu") == plan.device
     return same_kind and jax.device_count() == plan.n_devices and plan.slices == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Refitting KEPT and WORKING
+
+# Around this shape, one dimension at a time; each at 2 and 4 layers so that what every layer keeps
+# separates from the one layer's working set.
+CALIBRATION_BASE = ModelConfig(
+    vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512, max_seq_len=256
+)
+CALIBRATION_VARIANTS = {
+    "base": ({}, 128),
+    "d_model": ({"d_model": 256}, 128),
+    "d_ff": ({"d_ff": 1024}, 128),
+    "heads": ({"n_heads": 8, "n_kv_heads": 8}, 128),
+    "kv_heads": ({"n_kv_heads": 2}, 128),
+    "seq_len": ({}, 256),
+}
+
+
+def fit_activation_terms(remat: str, rows: tuple[int, int] = (4, 8)) -> tuple[tuple, tuple, float]:
+    """Refit (KEPT[remat], WORKING[remat]) on one float32 CPU device: the slope of XLA's temp bytes
+    in the batch, per token, as non-negative least squares over the variants. Returns the two
+    coefficient tuples and the largest relative error of the fit. Takes ~24 compiles (minutes)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    from lm.recipe import MeshConfig, TrainConfig
+
+    features, targets = [], []
+    for overrides, seq_len in CALIBRATION_VARIANTS.values():
+        for layers in (2, 4):
+            cfg = dataclasses.replace(CALIBRATION_BASE, **overrides, n_layers=layers, remat=remat, dtype="float32")
+            temp = []
+            for r in rows:
+                recipe = Recipe(model=cfg, mesh=MeshConfig(fsdp=1), train=TrainConfig(batch_size=r, seq_len=seq_len))
+                temp.append(compile_memory(recipe, devices=jax.devices()[:1])["temp_bytes"])
+            per_token = (temp[1] - temp[0]) / (rows[1] - rows[0]) / seq_len / 4
+            qkvo = (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.dim_per_head
+            x = np.array([1.0, cfg.d_model, qkvo, cfg.d_ff, cfg.n_heads * seq_len])
+            features.append(np.concatenate([layers * x, x]))
+            targets.append(per_token)
+    a, b = np.array(features), np.array(targets)
+    coef, _ = nnls(a, b)
+    error = float(np.max(np.abs(a @ coef / b - 1)))
+    return tuple(np.round(coef[:5], 2).tolist()), tuple(np.round(coef[5:], 2).tolist()), error

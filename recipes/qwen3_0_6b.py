@@ -18,5 +18,7 @@ def recipe():
         mesh=MeshConfig(data=1, fsdp=-1),
         data=prepared("data/pretrain"),
         optimizer=LLAMA_OPTIMIZER,
-        train=TrainConfig(steps=50_000, batch_size=256, grad_accum=8, seq_len=4096, eval_every=1000, sample_prompt="The"),
+        train=TrainConfig(
+            steps=50_000, batch_size=256, grad_accum=8, seq_len=4096, eval_every=1000, sample_prompt="The"
+        ),
     )

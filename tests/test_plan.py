@@ -98,7 +98,8 @@ def test_every_divisibility_problem_is_listed_as_trainings_error(tmp_path):
         (["--topology", "v9z-12"], "unknown topology"),
         (["--devices", "0"], "must be positive"),
         (["--mfu", "1.5"], "out of range"),
-        (["--set", "mesh.fsdp=3"], "do not divide"),
+        (["--set", "mesh.fsdp=3"], "mesh data*fsdp*tensor = 1*3*1"),
+        (["--devices", "4", "--set", "mesh.data=3"], "do not divide the 4 devices"),
         (["--topology", "v5p-128", "--set", "mesh.dcn_data=2"], "slices requested"),
     ],
 )
@@ -134,7 +135,7 @@ def test_fsdp_and_tensor_communication_follow_ring_collectives():
 def test_remat_choice_is_the_least_recompute_that_fits():
     recipe = load_recipe("gpt2_124m", ["train.grad_accum=4"])  # 128 rows per microbatch on one GPU
     plan = estimate(recipe, "a100-80gb")
-    assert not plan.fits
+    assert not plan.fits and "does not fit" in plan.summary()
     fits = {
         r: plan.memory.state + plan.memory.gradients + plan.memory.gathered + a <= plan.capacity_bytes
         for r, a in plan.memory.activations_by_remat.items()
