@@ -160,6 +160,15 @@ def test_exports_merged_and_adapter_give_our_logits(lora_run, setup, tmp_path):
         np.testing.assert_allclose(adapted(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)
 
 
+def test_init_from_a_lora_run_starts_from_its_merged_weights(lora_run, setup, tmp_path):
+    run, _ = lora_run
+    root, base, chat = setup
+    out = run_cli(*train_args(tmp_path / "full", run, chat, "lora.rank=0", "train.steps=2", "train.eval_every=2"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Same held-out batches: the new run's untrained eval is the LoRA run's final one (merged = unmerged).
+    assert abs(rows(tmp_path / "full")[0]["eval_loss"] - rows(run)[24]["eval_loss"]) < 1e-4
+
+
 def test_killed_finetune_resumes_bit_for_bit(setup, lora_run):
     root, base, chat = setup
     straight, _ = lora_run
