@@ -4,6 +4,9 @@
                                                                          checkpoints/0 (weights only)
   python -m launch.convert (--run-dir DIR | --checkpoint DIR) --hf-out DIR   export: safetensors, config.json,
                                                                          generation_config.json, tokenizer files
+                                                                         (a LoRA run: adapters merged)
+  python -m launch.convert --run-dir LORA_RUN --hf-out DIR --adapter-only    the adapter in PEFT's format:
+                                                                         adapter_model.safetensors + adapter_config.json
 """
 
 import argparse
@@ -43,7 +46,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--max-shard-gb", type=float, default=5.0, help="export: largest safetensors file before splitting (GB)"
     )
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="export a LoRA run's adapter alone, in PEFT's format, instead of the merged model",
+    )
     args = p.parse_args(argv)
+    if args.adapter_only and not args.hf_out:
+        p.error("--adapter-only goes with --run-dir/--checkpoint and --hf-out")
     if args.hf_in and not args.out:
         p.error("--hf-in needs --out RUN_DIR")
     if not args.hf_in and not args.hf_out:
@@ -92,7 +102,9 @@ def import_hf(hf_in: pathlib.Path, out: pathlib.Path) -> None:
     print(f"imported {hf_in} ({cfg.n_params:,} parameters) into {out}")
 
 
-def export_hf(run_dir, checkpoint, hf_out: pathlib.Path, max_shard_bytes: int) -> None:
+def export_hf(run_dir, checkpoint, hf_out: pathlib.Path, max_shard_bytes: int, adapter_only: bool = False) -> None:
+    from lm import lora
+    from lm.errors import UserError
     from lm.hf import save_hf
     from lm.inference import load_run
     from lm.train.checkpoint import find_checkpoint
@@ -100,6 +112,15 @@ def export_hf(run_dir, checkpoint, hf_out: pathlib.Path, max_shard_bytes: int) -
     _fresh(hf_out, "--hf-out")
     _, step, run = find_checkpoint(run_dir, checkpoint)
     recipe, model, tokenizer, _, _ = load_run(run_dir, checkpoint, need_tokenizer=False)
+    if adapter_only:
+        if not recipe.lora.rank:
+            raise UserError(f"--adapter-only needs a LoRA run (lora.rank > 0), but {run} trained every parameter")
+        c = recipe.lora
+        spec = lora.LoraSpec(rank=c.rank, alpha=c.alpha, targets=c.targets, base_dtype=c.base_dtype)
+        lora.save_peft(model, spec, hf_out, base_model_name_or_path=recipe.init.from_)
+        print(f"exported the rank-{c.rank} adapter of step {step} of {run} to {hf_out} (base: {recipe.init.from_})")
+        return
+    lora.merge(model)  # a LoRA run: fold the adapters into the base; no-op otherwise
     ids = {}
     if tokenizer is not None:
         ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_id") for k in ("bos", "eos", "pad")}
@@ -118,7 +139,9 @@ def main(argv=None):
     if args.hf_in:
         import_hf(pathlib.Path(args.hf_in), pathlib.Path(args.out))
     else:
-        export_hf(args.run_dir, args.checkpoint, pathlib.Path(args.hf_out), int(args.max_shard_gb * 2**30))
+        export_hf(
+            args.run_dir, args.checkpoint, pathlib.Path(args.hf_out), int(args.max_shard_gb * 2**30), args.adapter_only
+        )
 
 
 if __name__ == "__main__":

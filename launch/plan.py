@@ -1,5 +1,7 @@
-"""Plan a recipe before launch: python -m launch.plan --recipe NAME [--set k=v ...]
-[--devices N | --topology v5p-128 | --gpu 'h100-80gb x8'] [--json OUT]
+"""Plan a recipe before launch: its sharding, memory per device, whether it fits, and its step time.
+
+python -m launch.plan --recipe NAME [--set k=v ...] [--devices N | --topology v5p-128 | --gpu 'h100-80gb x8']
+[--json OUT]
 
 Prints parameters, FLOPs, the mesh and each parameter's sharding, memory per device, whether it
 fits, the largest batch that does, and the predicted step time. Exit 1 when it does not fit, 2 on
@@ -15,7 +17,7 @@ from launch.cli import ArgumentParser, main_guard
 
 def parse(argv=None):
     p = ArgumentParser(prog="python -m launch.plan", description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", required=True)
+    p.add_argument("--recipe", help="recipe name or .py file (required unless --calibrate)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--devices", type=int, help="this many devices of this machine's kind")
@@ -25,6 +27,13 @@ def parse(argv=None):
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (default: data sheet; CPU: measured)")
     p.add_argument("--json", help="write the whole plan here")
     p.add_argument("--no-compile", action="store_true", help="skip XLA's memory analysis even where devices exist")
+    p.add_argument(
+        "--calibrate",
+        nargs="*",
+        metavar="REMAT",
+        help="refit the activation coefficients (lm.plan KEPT, WORKING) to this CPU's XLA for these remat "
+        "policies (default: all) and print them; takes minutes",
+    )
     return p.parse_args(argv)
 
 
@@ -39,6 +48,7 @@ def report(plan, recipe) -> str:
     lines = [
         f"recipe {plan.recipe} on {plan.hardware}: {plan.n_devices} x {plan.device}"
         + (f" in {plan.slices} slices" if plan.slices > 1 else ""),
+        *([f"about: {recipe.description}"] if recipe.description else []),
         f"parameters: {plan.params:,} ({plan.params_non_embedding:,} non-embedding, {plan.params_embedding:,} "
         f"embedding{', tied head' if m.tie_embeddings else ''})"
         + (f"; trainable {plan.trainable_params:,}" if plan.trainable_params != plan.params else ""),
@@ -93,6 +103,15 @@ def main(argv=None):
     from lm.errors import UserError
     from lm.recipe import load_recipe
 
+    if args.calibrate is not None:
+        for remat in args.calibrate or planner.REMATS:
+            if remat not in planner.REMATS:
+                raise UserError(f"--calibrate {remat!r}: choose remat policies from {list(planner.REMATS)}")
+            kept, working, error = planner.fit_activation_terms(remat)
+            print(f"{remat}: KEPT {kept}, WORKING {working}; largest fit error {100 * error:.1f}%", flush=True)
+        return
+    if not args.recipe:
+        raise UserError("--recipe is required (or --calibrate)")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.devices is not None and args.devices <= 0:
         raise UserError(f"--devices={args.devices} must be positive")

@@ -20,7 +20,11 @@ def parse(argv=None) -> argparse.Namespace:
     src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/300")
     src.add_argument("--hf", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--input", help="a .txt file (one document) or a .jsonl file (one document per 'text' field)")
+    data.add_argument(
+        "--input",
+        help="a .txt file (one document), a .jsonl file (one document per 'text' field), or chat/instruction "
+        "JSONL ('messages' or 'prompt'/'completion': only the replies are scored)",
+    )
     data.add_argument("--token-ids", help="a .npy int array [batch, length] of token ids (no tokenizer needed)")
     p.add_argument("--dump-logits", help="write float32 logits [batch, length, vocab] to this .npy (with --token-ids)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
@@ -58,7 +62,8 @@ def main(argv=None):
 
     from lm.data.corpus import iter_documents
     from lm.errors import UserError
-    from lm.evaluate import check_token_ids, logits_of, score_texts, score_token_ids
+    from lm.data.instruct import first_record_format, iter_records
+    from lm.evaluate import check_token_ids, logits_of, score_examples, score_texts, score_token_ids
     from lm.inference import load_model
 
     if args.input and not pathlib.Path(args.input).is_file():
@@ -76,6 +81,10 @@ def main(argv=None):
                 )
                 logits_of(loaded.model, ids, batch_size=args.batch_size, out=out)
                 out.flush()
+        elif args.input.endswith((".jsonl", ".jsonl.gz")) and first_record_format(args.input) != "text":
+            # Instruction/chat data: the loss on the completions or assistant turns, as fine-tuning evaluates.
+            records = iter_records([args.input])
+            score = score_examples(loaded.model, loaded.tokenizer, records, batch_size=args.batch_size)
         else:
             score = score_texts(
                 loaded.model, loaded.tokenizer, iter_documents([args.input]), batch_size=args.batch_size

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from lm.errors import UserError
+from lm.lora import adapters
 from lm.sampling import Sampling, apply_repetition_penalty, sample
 from sharding.partition import place
 
@@ -215,12 +216,13 @@ def generate(
     if sampling.repetition_penalty != 1.0:
         seen = seen.at[jnp.arange(batch)[:, None], tokens].set(tokens != 0)
 
-    if use_cache and cfg.scan_layers and jax.default_backend() == "cpu":
+    if use_cache and cfg.scan_layers and jax.default_backend() == "cpu" and not adapters(model):
         # XLA:CPU copies a dynamic slice of the weight stack before each matmul (seen in its HLO).
         # Accelerators are left alone: there a second copy of the parameters costs scarce memory,
-        # and their compilers can fuse the slice into the matmul (not checked here).
+        # and their compilers can fuse the slice into the matmul (not checked here). A LoRA model
+        # (adapters, a quantised base) decodes as it is: the twin is rebuilt from the plain config.
         model = unstacked(model)
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
     start = time.perf_counter()
     c = {
         "pos": lengths_arr,
@@ -232,7 +234,7 @@ def generate(
     if use_cache:
         clone = nnx.merge(graphdef, params)
         clone.init_cache(batch, cache_len, cache_dtype or cfg.compute_dtype)
-        dgraph, _, cache = nnx.split(clone, nnx.Param, nnx.Cache)
+        dgraph, _, cache = nnx.split(clone, nnx.Not(nnx.Cache), nnx.Cache)
         cache = place(cache)  # under a mesh: kv heads split like the parameters
         cache, first = _prefill(dgraph, params, cache, jnp.asarray(tokens), lengths_arr, key, seen, sampling=sampling)
         c["cache"] = cache

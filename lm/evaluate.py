@@ -90,7 +90,7 @@ def _rows(rows: list[np.ndarray], weights: list[np.ndarray], context: int, batch
 
 
 def _score_rows(model, items: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int) -> tuple[float, int]:
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
     context = model.cfg.max_seq_len
     total, count, batch = 0.0, 0, []
 
@@ -136,6 +136,24 @@ def score_texts(model, tokenizer, texts: Iterable[str], *, batch_size: int = 8) 
     return Score(count, total, stats["documents"], stats["bytes"])
 
 
+def score_examples(model, tokenizer, records, *, fmt: str = "auto", batch_size: int = 8) -> Score:
+    """Score instruction or chat records ((where, record) pairs) on their trained tokens only: the
+    completion and its EOS, or the assistant turns, as the fine-tuning eval does. An example longer
+    than the context is truncated by lm.data.instruct's rule."""
+    from lm.data.instruct import Stats, encode_records
+
+    stats = Stats()
+
+    def items():
+        for ex in encode_records(records, fmt, tokenizer, model.cfg.max_seq_len, stats):
+            yield np.asarray(ex.ids, np.int32), np.asarray(ex.mask, np.float32)
+
+    total, count = _score_rows(model, items(), batch_size)
+    if count == 0:
+        raise UserError("the input holds no trained tokens to score (no completion or assistant turn)")
+    return Score(count, total, stats.examples, None)
+
+
 def check_token_ids(ids: np.ndarray, vocab_size: int, context: int, where: str) -> np.ndarray:
     """An int array [batch, length] (or [length]) of ids the model can embed, no longer than its context."""
     if not np.issubdtype(ids.dtype, np.integer):
@@ -164,7 +182,7 @@ def score_token_ids(model, ids: np.ndarray, *, batch_size: int = 8) -> Score:
 def logits_of(model, ids: np.ndarray, *, batch_size: int = 8, out: np.ndarray | None = None) -> np.ndarray:
     """float32 logits [batch, length, vocab] for ids [batch, length], computed batch_size rows at a time
     into `out` (e.g. a memory-mapped .npy) or a new array."""
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
     if out is None:
         out = np.empty((*ids.shape, model.cfg.vocab_size), np.float32)
     for i in range(0, len(ids), batch_size):

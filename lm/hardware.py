@@ -37,9 +37,9 @@ DEVICES: dict[str, Device] = {
         # Cloud TPU: v5e and v6e tables on cloud.google.com/tpu/docs/v6e; v5p on .../v5p. DCN per chip
         # is the host's NICs over its chips (v5e 2x100 Gb/s, v6e 4x200 Gb/s per 8 chips; v5p 200 Gb/s per 4).
         Device("tpu-v4", ("TPU v4",), 32 * GB, 275.0, 1200 * GB, 300 * GB, 6.25 * GB, 0.5),
-        Device("tpu-v5e", ("TPU v5 lite", "TPU v5e"), 16 * GB, 197.0, 819 * GB, 200 * GB, 3.125 * GB, 0.5),
+        Device("tpu-v5e", ("TPU v5 lite", "TPU v5e"), 16 * GB, 197.0, 800 * GB, 200 * GB, 3.125 * GB, 0.5),
         Device("tpu-v5p", ("TPU v5p", "TPU v5"), 95 * GB, 459.0, 2765 * GB, 600 * GB, 6.25 * GB, 0.5),
-        Device("tpu-v6e", ("TPU v6 lite", "TPU v6e"), 32 * GB, 918.0, 1640 * GB, 400 * GB, 12.5 * GB, 0.5),
+        Device("tpu-v6e", ("TPU v6 lite", "TPU v6e"), 32 * GB, 918.0, 1600 * GB, 400 * GB, 12.5 * GB, 0.5),
         # NVIDIA SXM parts: NVLink 4 = 900 GB/s and NVLink 3 = 600 GB/s both directions together;
         # DCN = one 400 Gb/s (H100/H200) or 200 Gb/s (A100) InfiniBand NIC per GPU, as in DGX boxes.
         Device("h100-80gb", ("NVIDIA H100",), 80 * GB, 989.0, 3350 * GB, 450 * GB, 50 * GB, 0.4),

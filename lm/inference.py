@@ -16,7 +16,7 @@ from lm.model import Transformer
 from lm.recipe import CheckpointConfig, MeshConfig, Recipe
 from lm.train.checkpoint import Checkpointer, find_checkpoint
 from sharding.mesh import make_mesh
-from sharding.partition import check_divisible, create_sharded
+from sharding.partition import check_divisible
 from sharding.rules import logical_rules
 
 
@@ -75,17 +75,19 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, need_tokenizer: 
     mesh_ = inference_mesh(tensor)
     rules = logical_rules(recipe.mesh.rules)
     check_divisible(recipe.model.logical_dims(), mesh_, rules)
+    ckpt.close()
+    from lm.train.init import load_trained  # a LoRA run: its base (init.from) plus its adapters, unmerged
+
     with jax.set_mesh(mesh_), nnx.logical_axis_rules(rules):
-        model = create_sharded(lambda: Transformer(recipe.model, rngs=nnx.Rngs(0)), mesh_, rules)
         try:
-            ckpt.restore_params(step, model)
+            model = load_trained(recipe, folder, step, mesh_, rules)
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - shape mismatch, missing or truncated arrays
             raise UserError(
                 f"checkpoint {folder / str(step)} does not match the model in {run / 'recipe.json'}: "
                 f"{str(e).splitlines()[0][:200]}"
             ) from None
-        finally:
-            ckpt.close()
     return recipe, model, tokenizer, mesh_, rules
 
 

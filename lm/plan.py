@@ -143,6 +143,17 @@ class Plan:
     notes: tuple[str, ...] = ()
     compiled: dict | None = None  # XLA's memory analysis, where the devices exist
 
+    def summary(self) -> str:
+        """One line for a training log: the estimate per device and whether it fits."""
+        m, gib = self.memory, 2**30
+        return (
+            f"memory estimate per device: {m.total / gib:.2f} GiB of {self.capacity_bytes / gib:.2f} GiB usable on "
+            f"{self.device} (parameters {m.params / gib:.2f}, optimizer {m.optimizer / gib:.2f}, gradients "
+            f"{m.gradients / gib:.2f}, activations and working copies {(m.temporaries - m.gradients) / gib:.2f} "
+            f"with remat={self.remat})"
+            + ("" if self.fits else f"; does not fit: at most {self.max_rows_per_device[self.remat]} rows per device")
+        )
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["memory"].update(
@@ -192,7 +203,10 @@ def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, i
             f"plan with --topology '<slice> x{n_slices}' or set them to {topo.slices}"
         )
     if n_slices == 1 and topo.slices > 1:
-        notes.append(f"{topo.name} has {topo.slices} slices but the mesh has no DCN axis: every axis crosses DCN")
+        notes.append(
+            f"{topo.name} has {topo.slices} slices but the mesh has no DCN axis, so some ICI axes cross slices and "
+            f"their collectives are timed too fast; set mesh.dcn_data={topo.slices}"
+        )
     ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices)
     shape = tuple(i * dcn[a] for i, a in zip(ici, AXES))
     return AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES)), dcn, notes
@@ -521,9 +535,9 @@ def estimate(
 # XLA's own account, where the devices exist
 
 
-def compile_memory(recipe: Recipe) -> dict:
-    """AOT-compile the train step on this machine's devices with abstract inputs (no arrays are
-    allocated) and return XLA's memory analysis, in bytes per device."""
+def compile_memory(recipe: Recipe, devices=None) -> dict:
+    """AOT-compile the train step on this machine's devices (or `devices`) with abstract inputs (no
+    arrays are allocated) and return XLA's memory analysis, in bytes per device."""
     from lm.model import Transformer
     from lm.train.loop import resolve_batch_size
     from lm.train.optimizer import make_optimizer
@@ -531,7 +545,7 @@ def compile_memory(recipe: Recipe) -> dict:
     from sharding.mesh import make_mesh
     from sharding.partition import batch_sharding
 
-    mesh, rules = make_mesh(recipe.mesh), logical_rules(recipe.mesh.rules)
+    mesh, rules = make_mesh(recipe.mesh, devices), logical_rules(recipe.mesh.rules)
     recipe = resolve_batch_size(recipe, mesh)
     t = recipe.train
     check_divisible(recipe.logical_dims(), mesh, rules)
@@ -567,3 +581,49 @@ def can_compile(plan: Plan) -> bool:
     dev = device_for_kind(local.device_kind)
     same_kind = (dev.name if dev else "cpu") == plan.device
     return same_kind and jax.device_count() == plan.n_devices and plan.slices == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Refitting KEPT and WORKING
+
+# Around this shape, one dimension at a time; each at 2 and 4 layers so that what every layer keeps
+# separates from the one layer's working set.
+CALIBRATION_BASE = ModelConfig(
+    vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512, max_seq_len=256
+)
+CALIBRATION_VARIANTS = {
+    "base": ({}, 128),
+    "d_model": ({"d_model": 256}, 128),
+    "d_ff": ({"d_ff": 1024}, 128),
+    "heads": ({"n_heads": 8, "n_kv_heads": 8}, 128),
+    "kv_heads": ({"n_kv_heads": 2}, 128),
+    "seq_len": ({}, 256),
+}
+
+
+def fit_activation_terms(remat: str, rows: tuple[int, int] = (4, 8)) -> tuple[tuple, tuple, float]:
+    """Refit (KEPT[remat], WORKING[remat]) on one float32 CPU device: the slope of XLA's temp bytes
+    in the batch, per token, as non-negative least squares over the variants. Returns the two
+    coefficient tuples and the largest relative error of the fit. Takes ~24 compiles (minutes)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    from lm.recipe import MeshConfig, TrainConfig
+
+    features, targets = [], []
+    for overrides, seq_len in CALIBRATION_VARIANTS.values():
+        for layers in (2, 4):
+            cfg = dataclasses.replace(CALIBRATION_BASE, **overrides, n_layers=layers, remat=remat, dtype="float32")
+            temp = []
+            for r in rows:
+                recipe = Recipe(model=cfg, mesh=MeshConfig(fsdp=1), train=TrainConfig(batch_size=r, seq_len=seq_len))
+                temp.append(compile_memory(recipe, devices=jax.devices()[:1])["temp_bytes"])
+            per_token = (temp[1] - temp[0]) / (rows[1] - rows[0]) / seq_len / 4
+            qkvo = (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.dim_per_head
+            x = np.array([1.0, cfg.d_model, qkvo, cfg.d_ff, cfg.n_heads * seq_len])
+            features.append(np.concatenate([layers * x, x]))
+            targets.append(per_token)
+    a, b = np.array(features), np.array(targets)
+    coef, _ = nnls(a, b)
+    error = float(np.max(np.abs(a @ coef / b - 1)))
+    return tuple(np.round(coef[:5], 2).tolist()), tuple(np.round(coef[5:], 2).tolist()), error

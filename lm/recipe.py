@@ -61,6 +61,9 @@ class DataConfig:
     tokenizer: str | None = None  # an existing sentencepiece .model; None: train one
     eval_fraction: float = 0.02
     dir: str | None = None  # prepared data; None: <run_dir>/data
+    # auto: per jsonl line, `messages` -> chat, `prompt`/`completion` -> completion, else text.
+    # completion and chat train only on the completion / assistant tokens (lm.data.instruct).
+    format: Literal["auto", "text", "completion", "chat"] = "auto"
 
     def __post_init__(self):
         _check(
@@ -70,6 +73,44 @@ class DataConfig:
             "must be between 0 and 1 (exclusive), e.g. 0.02",
         )
         _check("data.text_field", self.text_field, bool(self.text_field), "must name a JSON field, e.g. text")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (lm.lora). rank 0 is a full fine-tune: every parameter trains."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank (as in PEFT)
+    targets: str = r".*(attn\.(query|key|value|out)|mlp\.(gate|up|down))"  # regex over module paths
+    dropout: float = 0.0
+    base_dtype: Literal["float32", "bfloat16", "int8", "nf4"] = "bfloat16"  # the frozen base; int8/nf4: QLoRA
+
+    def __post_init__(self):
+        import re
+
+        if self.rank < 0:
+            raise UserError(f"lora.rank={self.rank} must be >= 0 (0 means a full fine-tune)")
+        if self.alpha <= 0:
+            raise UserError(f"lora.alpha={self.alpha} must be positive; 2 x lora.rank is a common choice")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise UserError(f"lora.targets={self.targets!r} is not a valid regular expression ({e})") from None
+        if self.base_dtype not in ("float32", "bfloat16", "int8", "nf4"):
+            raise UserError(f"lora.base_dtype={self.base_dtype!r} is not one of float32, bfloat16, int8, nf4")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where the starting weights come from (the key is `init.from`; `from` is a Python keyword).
+
+    A Hugging Face folder, a run directory (its latest checkpoint) or a checkpoint step folder. The
+    model section then comes from that source and the optimizer starts fresh."""
+
+    from_: str | None = dataclasses.field(default=None, metadata={"key": "from"})
+    required: bool = False  # a fine-tuning recipe: training refuses to start without init.from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +174,14 @@ class TrainConfig:
     compilation_cache: str = "auto"  # persistent XLA cache dir; auto: <run_dir>/compile_cache; off: none
 
     def __post_init__(self):
+        _check("train.seed", self.seed, self.seed >= 0, "must be >= 0")
+        _check("train.sample_tokens", self.sample_tokens, self.sample_tokens >= 0, "must be >= 0 (0: no sample)")
+        _check(
+            "train.peak_tflops",
+            self.peak_tflops,
+            self.peak_tflops is None or (_finite(self.peak_tflops) and self.peak_tflops > 0),
+            "must be positive, or none to look it up from the device",
+        )
         if self.profile_steps and not _is_step_range(self.profile_steps):
             raise UserError(
                 f"train.profile_steps={self.profile_steps!r} must look like 'a:b' with 1 <= a <= b, e.g. 5:7"
@@ -146,16 +195,6 @@ class TrainConfig:
 def _is_step_range(text: str) -> bool:
     parts = text.split(":")
     return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and 1 <= int(parts[0]) <= int(parts[1])
-
-    def __post_init__(self):
-        _check("train.seed", self.seed, self.seed >= 0, "must be >= 0")
-        _check("train.sample_tokens", self.sample_tokens, self.sample_tokens >= 0, "must be >= 0 (0: no sample)")
-        _check(
-            "train.peak_tflops",
-            self.peak_tflops,
-            self.peak_tflops is None or (_finite(self.peak_tflops) and self.peak_tflops > 0),
-            "must be positive, or none to look it up from the device",
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,12 +240,15 @@ class Recipe:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    init: InitConfig = InitConfig()
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         t = self.train
         if t.batch_size % t.grad_accum:
             raise UserError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-        if t.seq_len > self.model.max_seq_len:
+        # With init.from the model section is only known once the source is read (lm.train.init).
+        if t.seq_len > self.model.max_seq_len and not self.init.from_:
             raise UserError(
                 f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower train.seq_len or raise model.max_seq_len"
@@ -250,7 +292,7 @@ class Recipe:
         return {**self.model.logical_dims(), "batch": (t.batch_size // t.grad_accum, "train.batch_size/grad_accum")}
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -261,9 +303,26 @@ class Recipe:
 # Overrides
 
 
+def _key(field: dataclasses.Field) -> str:
+    """The recipe key of a field: its name, unless that is a Python keyword (init.from)."""
+    return field.metadata.get("key", field.name)
+
+
 def _fields(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {_key(f): hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _to_dict(obj) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[_key(f)] = _to_dict(value) if dataclasses.is_dataclass(value) else _copy(value)
+    return out
+
+
+def _copy(value):
+    return tuple(_copy(v) for v in value) if isinstance(value, (tuple, list)) else value
 
 
 def all_keys(cls=Recipe, prefix: str = "") -> list[str]:
@@ -339,12 +398,13 @@ def _coerce(value, tp, key):
 
 def _build(cls, d: dict, prefix: str):
     fields = _fields(cls)
+    attrs = {_key(f): f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in d.items():
         if name not in fields:
             raise UserError(f"unknown recipe key {prefix}{name!r}")
         tp = fields[name]
-        kwargs[name] = (
+        kwargs[attrs[name]] = (
             _build(tp, value, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else _coerce(value, tp, prefix + name)
         )
     return cls(**kwargs)
@@ -444,6 +504,11 @@ def load_recipe(name_or_file: str, overrides: list[str] = ()) -> Recipe:
     if not hasattr(module, "recipe"):
         raise UserError(f"recipe {name_or_file} defines no recipe() function")
     try:
-        return apply_overrides(module.recipe(), list(overrides))
+        recipe = apply_overrides(module.recipe(), list(overrides))
     except TypeError as e:  # a frozen dataclass rejecting a value of the wrong kind
         raise UserError(f"invalid recipe {name_or_file}: {e}") from None
+    if recipe.init.from_:  # the model section comes from the starting weights
+        from lm.train.init import resolve
+
+        recipe = resolve(recipe, list(overrides))
+    return recipe

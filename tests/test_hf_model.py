@@ -74,18 +74,18 @@ def _tensors(folder) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_bf16_checkpoint_keeps_its_exact_bits(tmp_path, family):
-    save_hf_checkpoint(family, tmp_path / "in", dtype="bfloat16")
+@pytest.mark.parametrize("family, dtype", [("llama", "bfloat16"), ("gemma2", "bfloat16"), ("qwen2", "float16")])
+def test_half_precision_checkpoint_keeps_its_exact_bits(tmp_path, family, dtype):
+    save_hf_checkpoint(family, tmp_path / "in", dtype=dtype)
     model = load_hf(tmp_path / "in")
-    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(dtype)}
     save_hf(model, tmp_path / "out")
     original, exported = _tensors(tmp_path / "in"), _tensors(tmp_path / "out")
     assert original.keys() == exported.keys()
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype
         assert np.array_equal(exported[name].view(np.uint16), tensor.view(np.uint16)), name
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == dtype
 
 
 def test_sharded_index_checkpoint_imports_and_exports_sharded(tmp_path):

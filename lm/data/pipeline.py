@@ -51,6 +51,61 @@ class PackedWindows:
         }
 
 
+class PackedExamples:
+    """Windows of whole examples (instruction/chat data): consecutive examples are packed greedily, in
+    file order, into windows of seq_len tokens; the rest of a window is padding (segment 0, weight 0).
+
+    Unlike PackedWindows no example is split across windows, so a completion always sees its prompt.
+    The loss weights come from the token file's mask: weight t is 1 when token t + 1 is a training
+    target of the same example.
+    """
+
+    def __init__(self, token_file: TokenFile, seq_len: int):
+        self.path = token_file.path
+        self.seq_len = seq_len
+        self._file: TokenFile | None = token_file
+        starts = token_file.doc_starts
+        lengths = np.diff(np.append(starts, token_file.n_tokens))
+        windows, first, used = [], 0, 0
+        for doc, n in enumerate(lengths.tolist()):
+            n = min(n, seq_len)  # an example longer than a window (data prepared for a longer seq_len) is cut
+            if used + n > seq_len:
+                windows.append((first, doc))
+                first, used = doc, 0
+            used += n
+        windows.append((first, len(lengths)))
+        self.windows = np.asarray(windows, dtype=np.int64)  # [n_windows, 2]: first and end document
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} out of range [0, {len(self)})")
+        if self._file is None:
+            self._file = TokenFile(self.path)
+        f, length = self._file, self.seq_len
+        starts = np.append(f.doc_starts, f.n_tokens)
+        first, end = self.windows[index]
+        pieces = [np.arange(starts[d], min(starts[d + 1], starts[d] + length)) for d in range(first, end)]
+        offsets = np.concatenate(pieces)
+        n = len(offsets)
+        doc = np.repeat(np.arange(end - first), [len(p) for p in pieces])
+        tokens = np.asarray(f.tokens[offsets], dtype=np.int32)
+        mask = np.asarray(f.mask[offsets], dtype=np.float32)
+        out = {k: np.zeros(length, np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+        out["weights"] = np.zeros(length, np.float32)
+        out["tokens"][:n] = tokens
+        out["targets"][: n - 1] = tokens[1:]
+        out["segment_ids"][:n] = doc + 1
+        out["positions"][:n] = offsets - starts[first + doc]
+        out["weights"][: n - 1] = mask[1:] * (doc[1:] == doc[:-1])
+        return out
+
+
 def make_dataset(
     token_file: TokenFile | str | os.PathLike,
     seq_len: int,
@@ -79,7 +134,7 @@ def make_dataset(
     if not 0 <= seed < 2**32:
         raise UserError(f"seed={seed} must be in [0, 2**32); use e.g. train.seed=0")
     token_file = token_file if isinstance(token_file, TokenFile) else TokenFile(token_file)
-    source = PackedWindows(token_file, seq_len)
+    source = (PackedWindows if token_file.mask is None else PackedExamples)(token_file, seq_len)
     if len(source) < global_batch_size:
         needed = global_batch_size * seq_len + 1
         raise UserError(

@@ -90,8 +90,13 @@ def prepare_corpus(
     eval_fraction: float = 0.02,
     seed: int = 0,
     workers: int = 2,
+    format: str = "auto",
+    seq_len: int | None = None,
 ) -> dict:
-    """Prepare `out_dir` for training; `inputs=None`, or 'stdlib' among them, means the stdlib `.py` files."""
+    """Prepare `out_dir` for training; `inputs=None`, or 'stdlib' among them, means the stdlib `.py` files.
+
+    JSONL with `prompt`/`completion` or chat `messages` (format auto, completion or chat) becomes
+    token files with a loss mask (lm.data.instruct); examples are truncated to `seq_len`."""
     started = time.perf_counter()
     check_eval_fraction(eval_fraction)
     inputs = [str(i) for i in inputs or [STDLIB]]
@@ -99,6 +104,9 @@ def prepare_corpus(
     files = (stdlib_files() if STDLIB in inputs else []) + (expand_inputs(patterns) if patterns else [])
     if not files:
         raise UserError("found no standard library .py files; pass --input PATH_OR_GLOB instead")
+    # A Hugging Face tokenizer (a folder) always takes the record path: it encodes JSONL records.
+    if _instruct_format(files, format) or (tokenizer_path and Path(tokenizer_path).is_dir()):
+        return _prepare_instruct(files, inputs, Path(out_dir), tokenizer_path, format, seq_len, eval_fraction, seed)
     args = {
         "format": FORMAT,
         "inputs": inputs,
@@ -155,7 +163,93 @@ def prepare_corpus(
     return {**meta, "cached": False}
 
 
-def _reusable(meta_path: Path, args: dict) -> dict | None:
+def _instruct_format(files: list[Path], format: str) -> bool:
+    """Whether the inputs are instruction/chat records (then every input must be JSONL)."""
+    from lm.data.instruct import FORMATS, first_record_format
+
+    if format not in FORMATS:
+        raise UserError(f"data.format={format!r} is not one of {list(FORMATS)}")
+    if format == "text" or not any(is_jsonl(f) for f in files):
+        if format in ("completion", "chat"):
+            raise UserError(f"data.format={format} needs .jsonl inputs with one record per line")
+        return False
+    if format == "auto" and all(first_record_format(f) in ("text", None) for f in files if is_jsonl(f)):
+        return False
+    plain = [f for f in files if not is_jsonl(f)]
+    if plain:
+        raise UserError(f"instruction/chat data must be .jsonl only, but the inputs include {plain[0]}")
+    return True
+
+
+def _prepare_instruct(files, inputs, out_dir: Path, tokenizer_path, format, seq_len, eval_fraction, seed) -> dict:
+    """Instruction/chat records -> train/eval token files with masks, split per record by hash."""
+    from lm.data.instruct import Stats, encode_records, iter_records
+    from lm.data.tokenizer import load_tokenizer
+    from lm.data.tokens import write_examples
+
+    started = time.perf_counter()
+    plain = [f for f in files if not is_jsonl(f)]
+    if plain:
+        raise UserError(
+            f"with a Hugging Face tokenizer or instruction/chat data the inputs must be .jsonl (one record per "
+            f"line: text, prompt/completion or messages), but they include {plain[0]}"
+        )
+    if tokenizer_path is None:
+        raise UserError(
+            "instruction/chat data needs the model's tokenizer: set init.from (its tokenizer is used) or data.tokenizer"
+        )
+    if not seq_len:
+        raise UserError("instruction/chat data needs train.seq_len to truncate examples to")
+    tokenizer = load_tokenizer(tokenizer_path)
+    args = {
+        "format": FORMAT,
+        "data_format": format,
+        "inputs": inputs,
+        "fingerprint": _fingerprint(files),
+        "tokenizer": tokenizer.sha256,
+        "eval_fraction": eval_fraction,
+        "seq_len": seq_len,
+        "seed": seed,
+    }
+    meta_path = out_dir / "meta.json"
+    if (cached := _reusable(meta_path, args, masked=True)) is not None:
+        return {**cached, "cached": True}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    scores = np.fromiter((hash_score(k, seed) for k in document_keys(files)), dtype=np.float64)
+    _need_two(len(scores), "records")
+    is_eval = held_out_mask(scores, eval_fraction)
+    stats = {}
+    for name, want in (("train", False), ("eval", True)):
+        records = (r for r, held in zip(iter_records(files), is_eval) if held == want)
+        stats[name] = Stats()
+        write_examples(encode_records(records, format, tokenizer, seq_len, stats[name]), tokenizer, out_dir, name)
+    meta = {
+        "args": args,
+        "sources": inputs,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": tokenizer.sha256,
+        "seed": seed,
+        "eval_fraction": eval_fraction,
+        "splits": {
+            name: {
+                "n_examples": st.examples,
+                "truncated": st.truncated,
+                "trained_tokens": st.trained_tokens,
+                "formats": st.formats,
+            }
+            for name, st in stats.items()
+        },
+        "seconds": {"total": round(time.perf_counter() - started, 2)},
+    }
+    tmp = meta_path.with_name("meta.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, meta_path)
+    return {**meta, "cached": False}
+
+
+def _reusable(meta_path: Path, args: dict, masked: bool = False) -> dict | None:
     """The existing meta if it was made from the same arguments and all its files are there."""
     if not meta_path.is_file():
         return None
@@ -164,7 +258,8 @@ def _reusable(meta_path: Path, args: dict) -> dict | None:
     except json.JSONDecodeError:
         return None
     out = meta_path.parent
-    needed = ["tokenizer.model"] + [f"{s}{ext}" for s in ("train", "eval") for ext in (".bin", ".idx.npy", ".json")]
+    exts = (".bin", ".idx.npy", ".json") + ((".mask.bin",) if masked else ())
+    needed = ([] if masked else ["tokenizer.model"]) + [f"{s}{ext}" for s in ("train", "eval") for ext in exts]
     if meta.get("args") != args or not all((out / n).is_file() for n in needed):
         return None
     return meta

@@ -130,6 +130,47 @@ def write_tokens(
     return TokenFile(base)
 
 
+def write_examples(examples: Iterable, tokenizer: Tokenizer, out_dir: str | os.PathLike, name: str) -> TokenFile:
+    """Write pre-encoded examples (lm.data.instruct.Example: ids ending in EOS, and a loss mask) as a
+    token file plus `{name}.mask.bin`, one uint8 per token: 1 where that token is a training target."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / name
+    final = [_path(base, ext) for ext in (".bin", ".mask.bin", ".idx.npy", ".json")]
+    tmp = [p.with_name(p.name + ".tmp") for p in final]
+    final[3].unlink(missing_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    lengths = array("q")
+    try:
+        with open(tmp[0], "wb") as ids_out, open(tmp[1], "wb") as mask_out:
+            for example in examples:
+                np.asarray(example.ids, dtype=dtype).tofile(ids_out)
+                np.asarray(example.mask, dtype=np.uint8).tofile(mask_out)
+                lengths.append(len(example.ids))
+        if not lengths:
+            raise UserError(f"corpus {name!r} holds no examples; check --input")
+        doc_lengths = np.frombuffer(lengths, dtype=np.int64)
+        with open(tmp[2], "wb") as f:
+            np.save(f, np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64))
+        index = {
+            "format": FORMAT,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "n_tokens": int(doc_lengths.sum()),
+            "n_docs": len(doc_lengths),
+            "n_bytes": 0,
+            "masked": True,
+        }
+        tmp[3].write_text(json.dumps(index, indent=1) + "\n")
+        for t, dest in zip(tmp, final):  # the .json goes last
+            os.replace(t, dest)
+    finally:
+        for t in tmp:
+            t.unlink(missing_ok=True)
+    return TokenFile(base)
+
+
 def _path(base: Path, ext: str) -> Path:
     return base.with_name(base.name + ext)
 
@@ -158,6 +199,10 @@ class TokenFile:
             raise UserError(f"{bin_path} is missing or the wrong size for {index_path}; run prepare again")
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
         self.doc_starts: np.ndarray = np.load(_path(base, ".idx.npy"))
+        # Instruction/chat data (lm.data.instruct): 1 where a token is a training target, else None.
+        self.mask = None
+        if index.get("masked"):
+            self.mask = np.memmap(_path(base, ".mask.bin"), dtype=np.uint8, mode="r", shape=(self.n_tokens,))
 
     def __len__(self) -> int:
         return self.n_tokens

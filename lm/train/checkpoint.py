@@ -167,6 +167,12 @@ def _surfaced_by_us(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and "/orbax/" in record.pathname)
 
 
+def saved_params(model):
+    """What a checkpoint holds of the model: every Param, or for a LoRA run only the adapters (the
+    frozen base is named by its path and fingerprint in `meta` instead, see lm.train.init)."""
+    return nnx.LoRAParam if jax.tree.leaves(nnx.state(model, nnx.LoRAParam)) else nnx.Param
+
+
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
         absl_log = logging.getLogger("absl")
@@ -190,7 +196,7 @@ class Checkpointer:
 
     def save(self, step: int, model, optimizer, data_iter, meta: dict, *, force: bool = False) -> bool:
         args = ocp.args.Composite(
-            model=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
+            model=ocp.args.StandardSave(nnx.state(model, saved_params(model))),
             optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
             data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave({**meta, "step": step}),
@@ -260,7 +266,7 @@ class Checkpointer:
         consumed (lm.data.pipeline), so when another number of processes saved this step, any of
         their states continues the same global batch sequence on this process count.
         """
-        model_state, opt_state = nnx.state(model, nnx.Param), nnx.state(optimizer)
+        model_state, opt_state = nnx.state(model, saved_params(model)), nnx.state(optimizer)
         data_dir = self.directory / str(step) / "data"
         own = (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists()
         items = dict(
@@ -294,7 +300,10 @@ class Checkpointer:
     def restore_params(self, step: int, model) -> None:
         """Load only the parameters (generation and export need nothing else)."""
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(nnx.state(model, nnx.Param))))
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(_abstract(nnx.state(model, saved_params(model))))
+            ),
         )
         nnx.update(model, restored["model"])
 

@@ -21,21 +21,22 @@ from tqdm import tqdm
 
 from lm.attention import resolve_attention_impl
 from lm.data import TokenFile, Tokenizer, make_dataset, prepare_corpus
-from lm.data.prepare import file_sha256
+from lm.data.tokenizer import load_tokenizer
 from lm.decode import generate
 from lm.errors import UserError
 from lm.model import Transformer
 from lm.recipe import SAFE_TO_CHANGE, Recipe, diff_recipes
 from lm.sampling import Sampling
 from lm.train.checkpoint import Checkpointer, check_writable, has_checkpoints, kept_steps
-from lm.train.faults import NonFiniteGuard, Preemption, agreed
-from lm.train.metrics import MetricsLog, peak_tflops_per_device
 from lm.train.compile_cache import use_compilation_cache
-from lm.train.optimizer import learning_rate, make_optimizer
+from lm.train.faults import NonFiniteGuard, Preemption, agreed
+from lm.train.init import base_identity, build, resolve, source_tokenizer
+from lm.train.metrics import MetricsLog, peak_tflops_per_device
+from lm.train.optimizer import learning_rate
 from lm.train.profile import StepProfiler
 from lm.train.step import eval_step, train_step
 from sharding.mesh import make_mesh
-from sharding.partition import check_divisible, create_sharded, put_batch
+from sharding.partition import check_divisible, put_batch
 from sharding.rules import logical_rules
 
 
@@ -71,17 +72,21 @@ def write_run_files(run_dir: pathlib.Path, recipe: Recipe, tokenizer: Tokenizer)
         tmp = run_dir / "recipe.json.tmp"
         tmp.write_text(json.dumps(recipe.to_dict(), indent=2))
         os.replace(tmp, run_dir / "recipe.json")  # a kill mid-write never leaves a truncated recipe
-        if tokenizer.path.resolve() != (run_dir / "tokenizer.model").resolve():
+        if tokenizer.kind != "sentencepiece":  # a Hugging Face tokenizer (fine-tuning an imported model)
+            tokenizer.save_pretrained(run_dir)
+        elif tokenizer.path.resolve() != (run_dir / "tokenizer.model").resolve():
             shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
 
 
 def prepare_data(recipe: Recipe, run_dir: pathlib.Path) -> tuple[pathlib.Path, Tokenizer]:
     data_dir = pathlib.Path(recipe.data.dir) if recipe.data.dir else run_dir / "data"
     kwargs = dict(
-        tokenizer_path=recipe.data.tokenizer,
+        tokenizer_path=recipe.data.tokenizer or source_tokenizer(recipe),
         vocab_size=recipe.model.vocab_size,
         text_field=recipe.data.text_field,
         eval_fraction=recipe.data.eval_fraction,
+        format=recipe.data.format,
+        seq_len=recipe.train.seq_len,
     )
     inputs = list(recipe.data.inputs) or None
     # A prepared folder named by data.dir (e.g. from launch.prepare) is used as it is; the run's own
@@ -106,7 +111,9 @@ def _check_prepared(recipe: Recipe, data_dir: pathlib.Path) -> None:
 
 
 def _check_vocab(recipe: Recipe, data_dir: pathlib.Path) -> Tokenizer:
-    tokenizer = Tokenizer(data_dir / "tokenizer.model")
+    # Instruction/chat data keeps the model's own tokenizer files in tokenizer/ (lm.data.prepare).
+    hf_files = data_dir / "tokenizer"
+    tokenizer = load_tokenizer(hf_files if hf_files.is_dir() else data_dir / "tokenizer.model")
     for what, vocab in [(f"tokenizer {tokenizer.path}", tokenizer.vocab_size)] + [
         (f"token file {data_dir / split}", TokenFile(data_dir / split).vocab_size) for split in ("train", "eval")
     ]:
@@ -125,6 +132,27 @@ def resolve_batch_size(recipe: Recipe, mesh) -> Recipe:
         return recipe
     batch = t.per_device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
     return dataclasses.replace(recipe, train=dataclasses.replace(t, batch_size=batch))
+
+
+def say_memory(recipe: Recipe) -> None:
+    """The planner's per-device memory estimate (lm.plan), before anything is loaded: a fine-tune on
+    one GPU should learn that it does not fit before its base has been read."""
+    from lm.plan import estimate
+
+    p = estimate(recipe, devices=jax.device_count())
+    m = p.memory
+
+    def size(n: float) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    by_remat = ", ".join(f"{k} {size(v)}" for k, v in m.activations_by_remat.items())
+    base = recipe.lora.base_dtype if recipe.lora.rank else recipe.model.param_dtype
+    say(
+        f"memory estimate per device ({p.hardware}): parameters {size(m.params)} (base in {base}), optimizer "
+        f"{size(m.optimizer)}, gradients {size(m.gradients)}, activations + logits "
+        f"{size(m.activations + max(m.working, m.logits))} (remat={recipe.model.remat}; by policy: {by_remat}); "
+        f"total {size(m.total)} of {size(p.capacity_bytes)}" + ("" if p.fits else " -> DOES NOT FIT; see launch.plan")
+    )
 
 
 def split_rows(local: dict, k: int) -> list[dict]:
@@ -170,14 +198,21 @@ class Outcome:
 def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     """Train (or resume) the run in run_dir. Returns a summary of the last metrics and the sample."""
     run_dir = pathlib.Path(run_dir)
+    if recipe.init.required and not recipe.init.from_:
+        raise UserError(
+            f"recipe {recipe.name} fine-tunes a pretrained model: pass --set init.from=DIR (a Hugging Face folder "
+            "from `huggingface-cli download`, a run directory or a checkpoint step)"
+        )
     mesh, rules = make_mesh(recipe.mesh), logical_rules(recipe.mesh.rules)
-    recipe = resolve_batch_size(recipe, mesh)
+    recipe = resolve_batch_size(resolve(recipe), mesh)  # resolve: the model section of init.from
     t, m = recipe.train, recipe.model
     agreed(check_resumable, run_dir, recipe)
     check_divisible(recipe.logical_dims(), mesh, rules)
     agreed(check_writable, checkpoint_dir(recipe, run_dir))
     say("attention: %s (%s)" % resolve_attention_impl(m, jax.default_backend(), t.seq_len))
     use_compilation_cache(t.compilation_cache, run_dir)
+    if recipe.init.from_ or recipe.lora.rank:
+        say_memory(recipe)
     data_dir, tokenizer = prepare_data(recipe, run_dir)
 
     pid, nproc = jax.process_index(), jax.process_count()
@@ -186,20 +221,23 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
         TokenFile(data_dir / "eval"), t.seq_len, t.batch_size, t.seed, pid, nproc, shuffle=False, num_epochs=1
     )
     eval_batches = [b for _, b in zip(range(t.eval_batches), eval_ds)]
-    tokenizer_sha = file_sha256(tokenizer.path)
+    tokenizer_sha = tokenizer.sha256
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
 
-        def make():
-            model = Transformer(m, rngs=nnx.Rngs(params=t.seed))
-            return model, make_optimizer(model, recipe.optimizer, t.steps, t.max_bad_steps)
-
-        model, optimizer = create_sharded(make, mesh, rules)
-        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        model, optimizer = build(recipe, mesh, rules)
+        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, optimizer.wrt)))
+        base = base_identity(recipe) if recipe.lora.rank else None
         say(
-            f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)} over {jax.device_count()} "
-            f"{jax.devices()[0].platform} devices; {nproc} process(es)"
+            f"model: {n_params / 1e6:.2f}M {'adapter ' if recipe.lora.rank else ''}parameters; mesh "
+            f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; {nproc} process(es)"
         )
+        if recipe.lora.rank:
+            saved = sum(x.nbytes for x in jax.tree.leaves((nnx.state(model, nnx.LoRAParam), nnx.state(optimizer))))
+            say(
+                f"LoRA rank {recipe.lora.rank} on a {recipe.lora.base_dtype} base from "
+                f"{recipe.init.from_ or 'random init'}; a checkpoint holds the adapter and its optimizer state ({saved / 2**20:.1f} MiB), not the base"
+            )
 
         def same_run(step: int, meta: dict) -> None:
             saved = meta.get("recipe", {}).get("model", {})
@@ -212,6 +250,11 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
                 raise UserError(
                     f"checkpoint {step} in {ckpt.directory} belongs to another model ({'; '.join(changed)}); "
                     "use a new --run-dir"
+                )
+            if base and meta.get("base") and meta["base"]["fingerprint"] != base["fingerprint"]:
+                raise UserError(
+                    f"checkpoint {step} holds a LoRA adapter for the base {meta['base']['weights']}, but the files of "
+                    f"init.from={recipe.init.from_} have changed since; restore that base or use a new --run-dir"
                 )
             if meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
                 raise UserError(
@@ -228,8 +271,11 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
             "recipe": recipe.to_dict(),
             "seed": t.seed,
             "tokenizer_sha256": tokenizer_sha,
-            "tokenizer_model": base64.b64encode(tokenizer.path.read_bytes()).decode(),
         }
+        if tokenizer.kind == "sentencepiece":
+            meta["tokenizer_model"] = base64.b64encode(tokenizer.path.read_bytes()).decode()
+        if base:
+            meta["base"] = base
         log = MetricsLog(
             run_dir, recipe.to_dict(), wandb_mode=recipe.logging.wandb, project=recipe.logging.project, enabled=pid == 0
         )

@@ -23,7 +23,7 @@ def _decay_mask(params):
     # (as in GPT-2 and Llama). Decided by name because stacked layers make ndim misleading.
     def decays(path, _):
         names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-        return any(n in ("kernel", "embedding") for n in names)
+        return any(n in ("kernel", "embedding", "lora_a", "lora_b") for n in names)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -42,5 +42,9 @@ def make_tx(cfg: OptimizerConfig, total_steps: int, max_bad_steps: int = 0) -> o
     return optax.apply_if_finite(optax.chain(clip, adamw), max_bad_steps)
 
 
-def make_optimizer(model: nnx.Module, cfg: OptimizerConfig, total_steps: int, max_bad_steps: int = 0) -> nnx.Optimizer:
-    return nnx.Optimizer(model, make_tx(cfg, total_steps, max_bad_steps), wrt=nnx.Param)
+def make_optimizer(
+    model: nnx.Module, cfg: OptimizerConfig, total_steps: int, max_bad_steps: int = 0, wrt=nnx.Param
+) -> nnx.Optimizer:
+    """`wrt` selects what is trained: every Param, or only nnx.LoRAParam for a LoRA run (the frozen
+    base then has no Adam state at all)."""
+    return nnx.Optimizer(model, make_tx(cfg, total_steps, max_bad_steps), wrt=wrt)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lm.lora import dropout_key
 from lm.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from sharding.rules import logical_constraint
 
@@ -60,13 +61,21 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
     """One optimizer step on a global batch, optionally as `grad_accum` microbatches.
 
     Gradients of summed losses are accumulated in float32 and divided once by the total token
-    weight, so the update equals the single-big-batch update.
+    weight, so the update equals the single-big-batch update. Only the optimizer's `wrt`
+    parameters (all Params, or just the LoRA adapters) are differentiated; the rest is constant.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+    # Plain arrays, so that merging makes fresh Variables inside the gradient trace: nnx.scan refuses
+    # Variables of an enclosing trace, and a LoRA run's frozen base weights live in `rest`.
+    frozen = nnx.as_pure(rest)
 
-    def sums_and_grads(mb):
+    # LoRA dropout (if any) draws from the step number: a resumed run draws the same masks.
+    step_key = jax.random.fold_in(jax.random.key(0), optimizer.step[...])
+
+    def sums_and_grads(mb, i=0):
         def loss(p):
-            return _loss_sums(nnx.merge(graphdef, compute_params(p, model.cfg.compute_dtype), rest), mb)
+            with dropout_key(jax.random.fold_in(step_key, i)):
+                return _loss_sums(nnx.merge(graphdef, compute_params(p, model.cfg.compute_dtype), frozen), mb)
 
         (loss_sum, weight), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return loss_sum, weight, grads
@@ -75,8 +84,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
         loss_sum, weight, grads = sums_and_grads(batch)
     else:
 
-        def body(acc, mb):
-            loss_sum, weight, grads = sums_and_grads(mb)
+        def body(acc, mb_i):
+            loss_sum, weight, grads = sums_and_grads(*mb_i)
             return jax.tree.map(jnp.add, acc, (loss_sum, weight, grads)), None
 
         zeros = (
@@ -84,7 +93,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
             jnp.zeros((), jnp.float32),
             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
         )
-        (loss_sum, weight, grads), _ = jax.lax.scan(body, zeros, _microbatches(batch, grad_accum))
+        xs = (_microbatches(batch, grad_accum), jnp.arange(grad_accum))
+        (loss_sum, weight, grads), _ = jax.lax.scan(body, zeros, xs)
 
     weight = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
@@ -93,7 +103,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
     return {
         "loss": loss_sum / weight,
         "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(nnx.state(model, nnx.Param)),
+        "param_norm": optax.tree.norm(nnx.state(model, optimizer.wrt)),
     }
 
 

@@ -62,3 +62,33 @@ def test_activation_estimate_matches_xla_memory_analysis(shape, remat):
     plan = estimate(recipe, devices=8)
     xla = compile_memory(recipe)["temp_bytes"]
     assert abs(plan.memory.temporaries - xla) <= 0.25 * xla, (plan.memory, xla)
+
+
+def test_cli_prints_xla_memory_analysis_beside_the_estimate_when_the_devices_exist(tmp_path, capsys):
+    import json
+
+    from launch.plan import main
+
+    out = tmp_path / "plan.json"
+    main(["--recipe", "stdlib_tiny", "--devices", "8", "--set", "train.seq_len=64", "--json", str(out)])
+    printed = capsys.readouterr().out
+    plan = json.loads(out.read_text())
+    assert plan["n_devices"] == 8 and plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert "XLA memory analysis" in printed
+    compiled = plan["compiled"]
+    # Arguments are the sharded parameters, optimizer state and batch: the estimate's state plus a few KiB.
+    assert abs(compiled["argument_bytes"] - plan["memory"]["state"]) <= 0.05 * compiled["argument_bytes"]
+    assert abs(compiled["temp_bytes"] - plan["memory"]["temporaries"]) <= 0.25 * compiled["temp_bytes"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["train.batch_size=32", "train.grad_accum=2", "model.remat=full"], ["mesh.fsdp=4", "mesh.tensor=2"]],
+    ids=["grad_accum", "tensor"],
+)
+def test_activation_estimate_holds_with_grad_accum_and_tensor_parallelism(extra):
+    name, overrides = SHAPES["small"]
+    recipe = load_recipe(name, overrides + ["mesh.fsdp=8"] + extra)
+    plan = estimate(recipe, devices=8)
+    xla = compile_memory(recipe)["temp_bytes"]
+    assert abs(plan.memory.temporaries - xla) <= 0.25 * xla, (plan.memory, xla)

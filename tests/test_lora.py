@@ -1,0 +1,230 @@
+"""LoRA and QLoRA (lm.lora): exactness of a fresh adapter and of merging, what trains, what is frozen."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm import lora
+from lm.config import ModelConfig
+from lm.errors import UserError
+from lm.model import Transformer
+from lm.recipe import OptimizerConfig
+from lm.train.optimizer import make_optimizer
+from lm.train.step import train_step
+
+CFG = ModelConfig(
+    vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64, dtype="float32"
+)
+
+
+def model(scan=True, **kw):
+    with nnx.use_eager_sharding(False):
+        return Transformer(dataclasses.replace(CFG, scan_layers=scan, **kw), rngs=nnx.Rngs(0))
+
+
+def inputs(batch=2, length=16, seed=1):
+    tokens = jax.random.randint(jax.random.key(seed), (batch, length), 0, CFG.vocab_size)
+    return tokens, jnp.broadcast_to(jnp.arange(length), (batch, length))
+
+
+def batch(seed=1, batch=4, length=16):
+    tokens = np.asarray(jax.random.randint(jax.random.key(seed), (batch, length + 1), 0, 32))
+    return {
+        "tokens": jnp.asarray(tokens[:, :-1]),
+        "targets": jnp.asarray(tokens[:, 1:]),
+        "positions": jnp.broadcast_to(jnp.arange(length), (batch, length)),
+        "segment_ids": jnp.ones((batch, length), jnp.int32),
+        "weights": jnp.ones((batch, length), jnp.float32),
+    }
+
+
+def spec(base_dtype="float32", **kw):
+    return lora.LoraSpec(rank=4, alpha=8.0, base_dtype=base_dtype, **kw)
+
+
+def perturb(m, scale=0.05):
+    """Give the adapters non-zero B (a fresh one is exactly zero) so merging has something to fold."""
+    state = nnx.state(m, nnx.LoRAParam)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    nnx.update(m, jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+@pytest.mark.parametrize("extra", [{}, {"qkv_bias": True, "mlp_bias": True}], ids=["nobias", "bias"])
+def test_fresh_adapter_leaves_logits_unchanged(scan, extra):
+    m = model(scan, **extra)
+    tokens, positions = inputs()
+    before = m(tokens, positions)
+    paths = lora.apply(m, spec())
+    assert len(paths) == 7 * (1 if scan else CFG.n_layers)
+    np.testing.assert_array_equal(np.asarray(m(tokens, positions)), np.asarray(before))
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_merge_then_forward_equals_adapter_forward(scan):
+    m = model(scan, qkv_bias=True)
+    tokens, positions = inputs()
+    lora.apply(m, spec())
+    perturb(m)
+    adapted = np.asarray(m(tokens, positions))
+    lora.merge(m)
+    assert not lora.adapters(m) and not jax.tree.leaves(nnx.state(m, nnx.LoRAParam))
+    merged = np.asarray(m(tokens, positions))
+    assert np.abs(adapted - merged).max() < 1e-5
+    # The adapter really moved the outputs, so the comparison above is not trivially true.
+    assert np.abs(adapted - np.asarray(model(scan, qkv_bias=True)(tokens, positions))).max() > 1e-2
+
+
+def test_adapter_delta_equals_the_low_rank_product_computed_by_hand():
+    m = model(scan=False)
+    lora.apply(m, spec(targets=r"blocks\.0\.attn\.query"))
+    perturb(m)
+    q = m.blocks[0].attn.query
+    x = jax.random.normal(jax.random.key(3), (2, 5, CFG.d_model))
+    a, b, w = np.asarray(q.lora_a[...]), np.asarray(q.lora_b[...]), np.asarray(q.base.kernel[...])
+    expected = np.einsum("bld,dhk->blhk", x, w) + 2.0 * np.einsum("bld,dr,rhk->blhk", x, a, b)
+    np.testing.assert_allclose(np.asarray(q(x)), expected, atol=1e-5)
+
+
+def test_training_changes_only_the_adapters():
+    m = model()
+    lora.apply(m, spec())
+    frozen_before = jax.tree.map(np.asarray, nnx.state(m, lora.FROZEN))
+    adapters_before = jax.tree.map(np.asarray, nnx.state(m, nnx.LoRAParam))
+    opt = make_optimizer(m, OptimizerConfig(lr=1e-2, warmup_steps=0), 10, wrt=nnx.LoRAParam)
+    # Adam state exists for the adapters only: no moments for any frozen weight.
+    n_adapter = sum(x.size for x in jax.tree.leaves(adapters_before))
+    n_moments = sum(x.size for x in jax.tree.leaves(nnx.state(opt)) if x.ndim > 0)
+    assert n_moments == 2 * n_adapter
+    losses = [float(train_step(m, opt, batch(seed=0))["loss"]) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(nnx.state(m, lora.FROZEN))):
+        np.testing.assert_array_equal(before, np.asarray(after))  # the base is bit-identical
+    changed = [
+        not np.array_equal(b, np.asarray(a))
+        for b, a in zip(jax.tree.leaves(adapters_before), jax.tree.leaves(nnx.state(m, nnx.LoRAParam)))
+    ]
+    assert all(changed)
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "int8"])
+def test_qlora_base_is_quantised_and_its_loss_falls(qtype):
+    m = model()
+    tokens, positions = inputs()
+    full = np.asarray(m(tokens, positions))
+    lora.apply(m, spec(base_dtype=qtype))
+    q = m.blocks.mlp.up
+    assert q.qvalue.dtype == (jnp.uint4 if qtype == "nf4" else jnp.int8) and q.base.kernel is None
+    # The quantised base moves the logits by the quantisation error only.
+    error = np.abs(np.asarray(m(tokens, positions)) - full).max()
+    assert 0 < error < (0.2 if qtype == "nf4" else 0.02)
+    # The frozen rest (norms, embeddings) is stored in bfloat16.
+    assert m.embed.embedding.dtype == jnp.bfloat16
+    quantised = jax.tree.map(np.asarray, nnx.state(m, lora.Quantized))
+    opt = make_optimizer(m, OptimizerConfig(lr=1e-2, warmup_steps=0), 10, wrt=nnx.LoRAParam)
+    losses = [float(train_step(m, opt, batch(seed=0))["loss"]) for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.05
+    for before, after in zip(jax.tree.leaves(quantised), jax.tree.leaves(nnx.state(m, lora.Quantized))):
+        np.testing.assert_array_equal(before, np.asarray(after))
+
+
+def test_adapters_are_named_like_their_base_weights():
+    m = model()
+    lora.apply(m, spec())
+    names = {
+        ".".join(map(str, p)): v.get_metadata()["out_sharding"]
+        for p, v in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam))
+    }
+    assert names["blocks.attn.query.lora_a"] == ("layers", "embed", None)
+    assert names["blocks.attn.query.lora_b"] == ("layers", None, "heads", "head_dim")
+    assert names["blocks.attn.key.lora_b"] == ("layers", None, "kv_heads", "head_dim")
+    assert names["blocks.attn.out.lora_a"] == ("layers", "heads", "head_dim", None)
+    assert names["blocks.attn.out.lora_b"] == ("layers", None, "embed")
+    assert names["blocks.mlp.down.lora_a"] == ("layers", "mlp", None)
+
+
+def test_targets_regex_selects_modules_and_rejects_no_match():
+    m = model()
+    assert lora.apply(m, spec(targets=r".*attn\.(query|value)")) == ["blocks.attn.query", "blocks.attn.value"]
+    with pytest.raises(UserError, match="matches no projection"):
+        lora.apply(model(), spec(targets=r"nothing"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Against peft and transformers, on a tiny random Llama the test saves itself
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from hf_builders import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("hf") / "llama", None, vocab_size=256)
+
+
+def adapted_llama(folder):
+    from lm.hf import load_hf
+
+    model = load_hf(folder, dtype="float32", param_dtype="float32")
+    lora.apply(model, spec())
+    perturb(model)
+    return model
+
+
+def torch_logits(hf_model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return hf_model(torch.as_tensor(np.array(tokens))).logits.float().numpy()
+
+
+def test_peft_applied_to_the_base_gives_our_logits(hf_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    model = adapted_llama(hf_llama)
+    tokens, positions = inputs()
+    ours = np.asarray(model(tokens, positions))
+    lora.save_peft(model, spec(), tmp_path / "adapter", base_model_name_or_path=str(hf_llama))
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype="float32")
+    theirs = torch_logits(peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval(), tokens)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    plain = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype="float32"), tokens)
+    assert np.abs(theirs - plain).max() > 1e-2  # the adapter mattered
+
+
+def test_merged_export_loads_in_transformers_with_our_logits(hf_llama, tmp_path):
+    import transformers
+
+    from lm.hf import save_hf
+
+    model = adapted_llama(hf_llama)
+    tokens, positions = inputs()
+    ours = np.asarray(model(tokens, positions))
+    save_hf(lora.merge(model), tmp_path / "merged")
+    theirs = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), tokens)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_dropout_acts_in_training_steps_only_and_is_reproducible():
+    m = model()
+    lora.apply(m, spec(dropout=0.5))
+    perturb(m)
+    tokens, positions = inputs()
+    plain = np.asarray(m(tokens, positions))  # no key set: eval and decode never drop
+    with lora.dropout_key(jax.random.key(1)):
+        a = np.asarray(m(tokens, positions))
+    with lora.dropout_key(jax.random.key(1)):
+        b = np.asarray(m(tokens, positions))
+    with lora.dropout_key(jax.random.key(2)):
+        c = np.asarray(m(tokens, positions))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - plain).max() > 1e-3 and np.abs(a - c).max() > 1e-3
+    opt = make_optimizer(m, OptimizerConfig(lr=1e-2, warmup_steps=0), 10, wrt=nnx.LoRAParam)
+    losses = [float(train_step(m, opt, batch(seed=0))["loss"]) for _ in range(4)]
+    assert losses[-1] < losses[0]
