@@ -210,10 +210,10 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path) -> dict:
     check_divisible(recipe.logical_dims(), mesh, rules)
     agreed(check_writable, checkpoint_dir(recipe, run_dir))
     say("attention: %s (%s)" % resolve_attention_impl(m, jax.default_backend(), t.seq_len))
-    use_compilation_cache(t.compilation_cache, run_dir)
     if recipe.init.from_ or recipe.lora.rank:
         say_memory(recipe)
     data_dir, tokenizer = prepare_data(recipe, run_dir)
+    use_compilation_cache(t.compilation_cache, run_dir)  # after every input check: bad input writes nothing
 
     pid, nproc = jax.process_index(), jax.process_count()
     train_iter = iter(make_dataset(TokenFile(data_dir / "train"), t.seq_len, t.batch_size, t.seed, pid, nproc))
