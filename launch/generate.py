@@ -98,8 +98,10 @@ def main(argv=None):
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     loaded = load_model(args.run_dir, args.checkpoint, args.hf, tensor=args.tensor)
     model, tokenizer = loaded.model, loaded.tokenizer
-    impl, why = resolve_attention_impl(model.cfg, jax.default_backend(), model.cfg.max_seq_len, packed=False)
-    print(f"attention: {impl} ({why})", file=sys.stderr)
+    # Reported with the speeds at the end, so that bad input still gets exactly one line.
+    attention = "attention %s (%s)" % resolve_attention_impl(
+        model.cfg, jax.default_backend(), model.cfg.max_seq_len, packed=False
+    )
 
     def run(prompts: list[str], stream: bool):
         texts = prompts
@@ -124,7 +126,7 @@ def main(argv=None):
         return [dataclasses.replace(c, prompt=p) for c, p in zip(completions, prompts)], gen
 
     if args.interactive:
-        print(f"{loaded.name}: type a prompt, end with an empty line; Ctrl-D quits.", file=sys.stderr)
+        print(f"{loaded.name} ({attention}): type a prompt, end with an empty line; Ctrl-D quits.", file=sys.stderr)
         while True:
             lines = []
             for line in sys.stdin:
@@ -165,7 +167,8 @@ def main(argv=None):
         print()
     print(
         f"[prefill {rows[-1]['prefill_tokens_per_s']:,.0f} tokens/s, decode {rows[-1]['decode_tokens_per_s']:,.0f} "
-        f"tokens/s, kv-cache {args.kv_cache}; the first batch includes compilation, see launch.bench decode]",
+        f"tokens/s, kv-cache {args.kv_cache}, {attention}; the first batch includes compilation, "
+        "see launch.bench decode]",
         file=sys.stderr,
     )
     if args.output:
