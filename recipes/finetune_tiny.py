@@ -20,6 +20,8 @@ from lm.recipe import (
 def recipe() -> Recipe:
     return Recipe(
         name="finetune_tiny",
+        hardware="cpu",
+        description="a chat or instruction JSONL (data.inputs) on a small model the user or the tests make",
         init=InitConfig(required=True),  # the model section comes from init.from
         lora=LoraConfig(rank=8, alpha=16.0, base_dtype="float32"),  # float32: CPU matmuls in bf16 are slow
         data=DataConfig(format="auto", eval_fraction=0.1),
