@@ -16,6 +16,17 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _quiet_shutdown() -> None:
+    """The error line stays the last thing printed: background threads that are still winding down
+    (orbax's writers after a failed save, say) can print tracebacks while the interpreter exits,
+    and they would say nothing the line did not. Exit handlers still run; only their output goes."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def main_guard(fn):
     """Run a CLI main: bad input becomes `error: <one line>` on stderr and exit code 2."""
 
@@ -29,6 +40,8 @@ def main_guard(fn):
             multi = jax is not None and jax.distributed.is_initialized()
             who = f"[process {jax.process_index()}/{jax.process_count()}] " if multi else ""
             print(f"error: {who}{e}", file=sys.stderr)
+            if argv is None:  # a real process (tests call main(argv) in-process and keep their stderr)
+                _quiet_shutdown()
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

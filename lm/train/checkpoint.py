@@ -19,6 +19,7 @@ import json
 import logging
 import pathlib
 import sys
+import threading
 import time
 import traceback
 
@@ -178,6 +179,7 @@ class Checkpointer:
         absl_log = logging.getLogger("absl")
         if _surfaced_by_us not in absl_log.filters:
             absl_log.addFilter(_surfaced_by_us)
+        _quiet_orbax_background()
         self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, keep_period=cfg.keep_period, enable_async_checkpointing=cfg.async_save, create=True
@@ -377,6 +379,31 @@ def _quiet_orbax_coroutines(previous):
             previous(unraisable)
 
     return hook
+
+
+_QUIETED = []
+
+
+def _quiet_orbax_background() -> None:
+    """Orbax's background writer reports a failed save itself, with tracebacks, through the asyncio
+    logger, the thread hook, the unraisable hook and (from tensorstore's callbacks) sys.excepthook,
+    often while training goes on. `_save_errors` raises that failure as one line at the next step,
+    so those copies are dropped. Installed once per process; errors from elsewhere pass through."""
+    if _QUIETED:
+        return
+    _QUIETED.append(True)
+
+    def from_orbax(tb) -> bool:
+        frames = traceback.extract_tb(tb) if tb else []
+        return any(name in f.filename for name in ("orbax", "asyncio") for f in frames)
+
+    logging.getLogger("asyncio").addFilter(
+        lambda record: record.levelno < logging.ERROR or "orbax" not in record.getMessage()
+    )
+    previous_thread_hook, previous_hook = threading.excepthook, sys.excepthook
+    threading.excepthook = lambda args: None if from_orbax(args.exc_traceback) else previous_thread_hook(args)
+    sys.excepthook = lambda kind, value, tb: None if from_orbax(tb) else previous_hook(kind, value, tb)
+    sys.unraisablehook = _quiet_orbax_coroutines(sys.unraisablehook)
 
 
 def _first_line(text: str) -> str:
