@@ -325,7 +325,7 @@ class Checkpointer:
         is not raised twice."""
         try:
             self.manager.close()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - re-raised below as one line unless this failure was already reported
             if not self.failed:
                 with _save_errors(self, self.saving):
                     raise
