@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm.attention import CACHE_LENGTH_AXIS
 from lm.errors import UserError
 from lm.lora import adapters
 from lm.sampling import Sampling, apply_repetition_penalty, sample
@@ -133,8 +134,8 @@ def _decode_body(graphdef, sampling, eos_id: tuple[int, ...], use_cache, c):
 
 
 def _cache_window(cache, window: int):
-    """Cache arrays [..., cache_length, kv_heads, head_dim] cut to their first `window` slots."""
-    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, window, axis=x.ndim - 3), cache)
+    """Cache arrays [..., kv_heads, cache_length, head_dim] cut to their first `window` slots."""
+    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, window, axis=x.ndim + CACHE_LENGTH_AXIS), cache)
 
 
 @functools.partial(
@@ -160,7 +161,7 @@ def _decode_chunk(graphdef, params, c, until, *, sampling, eos_id, use_cache, wi
     del c["params"]
     if full is not None:
         c["cache"] = jax.tree.map(
-            lambda f, w: jax.lax.dynamic_update_slice_in_dim(f, w, 0, axis=f.ndim - 3), full, c["cache"]
+            lambda f, w: jax.lax.dynamic_update_slice_in_dim(f, w, 0, axis=f.ndim + CACHE_LENGTH_AXIS), full, c["cache"]
         )
     return c
 

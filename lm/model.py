@@ -175,7 +175,7 @@ class Transformer(nnx.Module):
         return x
 
     def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
-        """Allocate every layer's KV cache: [layers, batch, max_length, kv_heads, head_dim] when scanned."""
+        """Allocate every layer's KV cache: [layers, batch, kv_heads, max_length, head_dim] when scanned."""
         if self.cfg.scan_layers:
 
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS)
