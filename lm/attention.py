@@ -84,27 +84,39 @@ def heads_major(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 1, 3)
 
 
-def attend(q, k, v, mask, *, scale=None, softcap=None):
+def attend(q, k, v, mask, *, scale=None, softcap=None, own=None):
     """Softmax attention on heads-major arrays, the form XLA's batched matmuls take without copies.
 
     q: [batch, kv_heads, group, q_len, head_dim] (GQA: the query heads of each kv head grouped, K/V
     never repeated); k, v: [batch, kv_heads, kv_len, head_dim]; mask: bool, broadcastable to
     [batch, 1, 1, q_len, kv_len]. Scores and softmax are float32, as in transformers' eager
     attention. Returns [batch, kv_heads, group, q_len, head_dim].
+    own: (k, v) [batch, kv_heads, q_len, head_dim] of the queries' own tokens, which each query
+    attends besides k/v. A decode step passes its token this way instead of reading it back from the
+    cache it is writing: a read after the write made XLA copy every layer's cache every step.
     """
     batch, kv_heads, group, q_len, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
-    # The group and query axes are merged for the two matmuls: 4-D batched matmuls run about 1.5x
-    # faster on XLA:CPU than the same ones with a separate group axis.
+
+    def capped(scores):
+        scores = scores * scale
+        return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+    # The group and query axes are merged for the matmuls and the softmax: with a separate group
+    # axis, XLA:CPU ran them about 1.5x slower.
     rows = (batch, kv_heads, group * q_len)
-    scores = jnp.einsum("bkxd,bksd->bkxs", q.reshape(*rows, head_dim), k, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, group, q_len, mask.shape[-1])).reshape(mask.shape[0], 1, group * q_len, -1)
+    scores = capped(jnp.einsum("bkxd,bksd->bkxs", q.reshape(*rows, head_dim), k, preferred_element_type=jnp.float32))
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, group, q_len, mask.shape[-1])).reshape(mask.shape[0], 1, *rows[2:], -1)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    if own is not None:
+        own_k, own_v = own
+        own_scores = jnp.einsum("bkgqd,bkqd->bkgq", q, own_k, preferred_element_type=jnp.float32)
+        scores = jnp.concatenate([scores, capped(own_scores).reshape(*rows, 1)], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkxs,bksd->bkxd", probs, v)
-    return out.reshape(batch, kv_heads, group, q_len, head_dim)
+    if own is None:
+        return jnp.einsum("bkxs,bksd->bkxd", probs, v).reshape(batch, kv_heads, group, q_len, head_dim)
+    out = jnp.einsum("bkxs,bksd->bkxd", probs[..., :-1], v).reshape(batch, kv_heads, group, q_len, head_dim)
+    return out + probs[..., -1].reshape(batch, kv_heads, group, q_len, 1) * own_v[:, :, None]
 
 
 def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
@@ -483,16 +495,18 @@ class Attention(nnx.MultiHeadAttention):
             if x.shape[1] != 1:
                 raise ValueError(f"decode mode takes one token per row, got length {x.shape[1]}")
             rows, at = jnp.arange(x.shape[0]), positions[:, 0]
-            # A position past the cache would be silently dropped; the decode loop checks lengths first.
-            self.cached_key[...] = self.cached_key[...].at[rows, :, at].set(k[:, 0].astype(self.cached_key.dtype))
-            self.cached_value[...] = self.cached_value[...].at[rows, :, at].set(v[:, 0].astype(self.cached_value.dtype))
-            k, v = self.cached_key[...].astype(q.dtype), self.cached_value[...].astype(q.dtype)
-            slots = jnp.arange(k.shape[2])[None, :]
-            mask = slots <= at[:, None]
+            cached_k, cached_v = self.cached_key[...], self.cached_value[...]
+            new_k, new_v = k[:, 0].astype(cached_k.dtype), v[:, 0].astype(cached_v.dtype)
+            slots = jnp.arange(cached_k.shape[2])[None, :]
+            mask = slots < at[:, None]  # the slots before this token; the token itself comes as `own`
             if sliding_window is not None:
                 mask = mask & (at[:, None] - slots < sliding_window)
-            out = attend(group_queries(q, self.num_kv_heads), k, v, mask[:, None, None, None], scale=scale,
-                         softcap=cfg.attn_softcap)  # fmt: skip
+            own = (new_k[:, :, None].astype(q.dtype), new_v[:, :, None].astype(q.dtype))
+            out = attend(group_queries(q, self.num_kv_heads), cached_k.astype(q.dtype), cached_v.astype(q.dtype),
+                         mask[:, None, None, None], scale=scale, softcap=cfg.attn_softcap, own=own)  # fmt: skip
+            # A position past the cache would be silently dropped; the decode loop checks lengths first.
+            self.cached_key[...] = cached_k.at[rows, :, at].set(new_k)
+            self.cached_value[...] = cached_v.at[rows, :, at].set(new_v)
             out = ungroup_queries(out)
         else:
             if mode == "prefill":

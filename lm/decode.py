@@ -6,8 +6,9 @@ two, so new prompt lengths rarely recompile. The loop runs on the device (`lax.w
 chunks: one chunk for throughput, small chunks when the caller streams tokens.
 
 Each chunk also has a static attention window, the filled part of the cache rounded up to a power
-of two: attention reads cache[:, :window] only, so a step's cost follows the context actually
-filled, not the allocated cache (which bounds prompt plus new tokens).
+of two or 1.5 times one (window_bucket): attention reads only the window's slots of the cache, so a
+step's cost follows the context actually filled, not the allocated cache (which bounds prompt plus
+new tokens).
 """
 
 import dataclasses
@@ -30,6 +31,14 @@ from sharding.partition import place
 def bucket(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= n (and >= minimum)."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def window_bucket(n: int, minimum: int) -> int:
+    """Smallest power of two or 1.5x a power of two that is >= n (and >= minimum): the decode loop's
+    attention windows. A step then attends at most 1.5x the filled context (at 513 tokens: 768, not
+    1,024), for two compilations per doubling instead of one."""
+    whole = bucket(n, minimum)
+    return whole * 3 // 4 if whole * 3 // 4 >= max(n, minimum) and whole % 4 == 0 else whole
 
 
 @dataclasses.dataclass
@@ -138,9 +147,6 @@ def _cache_window(cache, window: int):
     return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, window, axis=x.ndim + CACHE_LENGTH_AXIS), cache)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "sampling", "eos_id", "use_cache", "window"), donate_argnames=("c",)
-)
 def _decode_chunk(graphdef, params, c, until, *, sampling, eos_id, use_cache, window=None):
     """Decode until step == until or every row is done, all on the device.
 
@@ -164,6 +170,21 @@ def _decode_chunk(graphdef, params, c, until, *, sampling, eos_id, use_cache, wi
             lambda f, w: jax.lax.dynamic_update_slice_in_dim(f, w, 0, axis=f.ndim + CACHE_LENGTH_AXIS), full, c["cache"]
         )
     return c
+
+
+@functools.cache
+def _compiled_decode_chunk(backend: str):
+    """_decode_chunk jitted for `backend`. On CPU with XLA's region-analysis copy insertion: each
+    step reads every layer's cache and then writes one slot of it in place, and the default
+    analysis copied the cache twice per layer per step to be safe (ms/step grew with the window;
+    docs/benchmarks.md). The option is XLA:CPU's own and is given to CPU compilations only."""
+    options = {"xla_cpu_copy_insertion_use_region_analysis": True} if backend == "cpu" else None
+    return jax.jit(
+        _decode_chunk,
+        static_argnames=("graphdef", "sampling", "eos_id", "use_cache", "window"),
+        donate_argnames=("c",),
+        compiler_options=options,
+    )
 
 
 def check_lengths(prompt_lengths: Sequence[int], max_new_tokens: int, max_seq_len: int) -> None:
@@ -268,11 +289,11 @@ def generate(
         if use_cache:
             # Step s writes position lengths + s - 1: this chunk's first step needs longest + emitted
             # slots, and the chunk stops before a row would write past the window.
-            window = min(bucket(longest + emitted, minimum=min_window), cache_len)
+            window = min(window_bucket(longest + emitted, min_window), cache_len)
             if window < cache_len:
                 until = min(until, window - longest + 1)
             windows.append(window)
-        c = _decode_chunk(
+        c = _compiled_decode_chunk(jax.default_backend())(
             dgraph, params, c, jnp.int32(until), sampling=sampling, eos_id=eos_id, use_cache=use_cache, window=window
         )
         reached = int(c["step"])
