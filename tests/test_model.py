@@ -216,15 +216,13 @@ def _attention_reference(q, k, v, segment_ids, window=None, softcap=None):
     return np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
 
 
-@pytest.mark.parametrize(
-    "length, window, softcap", [(64, None, None), (256, None, None), (320, None, 30.0), (256, 48, None), (192, 100, None)]
-)
+@pytest.mark.parametrize("length, window, softcap", [(256, None, None), (320, None, 30.0), (256, 48, None)])
 def test_blocked_causal_attention_equals_the_whole_square(length, window, softcap):
     """Causal XLA attention skips the blocks above the diagonal (and, with a static window, before
     it); the result and its gradient equal the plain definition, with GQA and packed documents."""
     from lm.attention import causal_xla_attention, query_blocks
 
-    assert query_blocks(length) == {64: 1, 256: 4, 320: 5, 192: 3}[length]
+    assert [query_blocks(n) for n in (64, 100, 192, 256, 320, 4096)] == [1, 1, 3, 4, 5, 8]
     keys = jax.random.split(jax.random.key(length), 4)
     q = jax.random.normal(keys[0], (2, length, 4, 16))
     k, v = (jax.random.normal(key, (2, length, 2, 16)) for key in keys[1:3])
