@@ -58,15 +58,6 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-2).reshape(x.shape).astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array, sliding_window=None) -> jax.Array:
-    """Causal mask that also keeps packed documents apart. segment_ids: [batch, length], 0 = padding.
-    With a sliding window (an int, possibly traced), a query sees at most that many keys, itself included.
-
-    Returns bool [batch, 1, length, length] (broadcast over heads).
-    """
-    return _causal_mask(segment_ids, 0, segment_ids.shape[-1], 0, segment_ids.shape[-1], sliding_window)[:, None]
-
-
 def _causal_mask(segment_ids, q_lo: int, q_hi: int, kv_lo: int, kv_hi: int, sliding_window=None) -> jax.Array:
     """bool [batch, q_hi - q_lo, kv_hi - kv_lo]: the causal, same-document (and window) mask of
     queries [q_lo, q_hi) against keys [kv_lo, kv_hi) of one sequence."""
@@ -132,18 +123,6 @@ def ungroup_queries(out: jax.Array) -> jax.Array:
     """`attend`'s [batch, kv_heads, group, length, head_dim] -> [batch, length, heads, head_dim]."""
     batch, kv_heads, group, length, head_dim = out.shape
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, kv_heads * group, head_dim)
-
-
-def xla_attention(q, k, v, *, mask, scale=None, softcap=None):
-    """Attention with an explicit mask, and the options no kernel has (a custom scale, soft-capping).
-
-    q: [batch, q_len, heads, head_dim], k/v: [batch, kv_len, kv_heads, head_dim], mask: bool
-    [batch, 1, q_len, kv_len].
-    """
-    out = attend(
-        group_queries(q, k.shape[2]), heads_major(k), heads_major(v), mask[:, :, None], scale=scale, softcap=softcap
-    )
-    return ungroup_queries(out)
 
 
 def query_blocks(length: int) -> int:
@@ -340,9 +319,7 @@ def dot_product_attention(
     q,
     k,
     v,
-    mask=None,
     impl: str = "xla",
-    causal: bool = True,
     segment_ids=None,
     *,
     packed: bool = True,
@@ -351,24 +328,19 @@ def dot_product_attention(
     scale: float | None = None,
     max_segments: int = 32,
 ):
-    """Attention dispatcher. q: [batch, q_len, heads, head_dim], k/v: [batch, kv_len, kv_heads, head_dim].
+    """Causal self-attention over one sequence, by the chosen kernel. q: [batch, length, heads,
+    head_dim], k/v: [batch, length, kv_heads, head_dim].
 
-    causal=True: self-attention over one sequence (q_len == kv_len); `segment_ids` [batch, length]
-      keep packed documents apart (0 = padding) and `mask` must be None: each kernel gets causality,
-      documents and the window in its own form, and only the XLA fallback builds a [T, T] mask.
-      packed=False promises one right-padded document per row (prefill), which cuDNN takes as lengths.
-    causal=False: `mask` (bool, broadcastable to [batch, heads, q_len, kv_len]) is the whole story,
-      e.g. a decode step over the cache; always XLA.
+    segment_ids [batch, length] keep packed documents apart (0 = padding): each kernel gets
+    causality, documents and the window in its own form, never a dense [T, T] mask.
+    packed=False promises one right-padded document per row (prefill), which cuDNN takes as lengths.
     sliding_window: each query sees itself and the W-1 keys before it (Mistral/Gemma); an int, or a
       traced per-layer value (then XLA). softcap: Gemma 2's tanh cap on the scaled logits.
     scale: logit scale, default head_dim ** -0.5.
     max_segments: documents per packed row that cuDNN can keep apart (model.max_segments).
     impl: model.attention_impl; `auto` picks by jax.default_backend() at trace time.
+    A decode step (one query over the cache) calls `attend` directly.
     """
-    if not causal:
-        return xla_attention(q, k, v, mask=mask, scale=scale, softcap=softcap)
-    if mask is not None:
-        raise ValueError("causal attention takes segment_ids, not a dense mask")
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     chosen, _ = choose_attention_impl(
@@ -519,7 +491,7 @@ class Attention(nnx.MultiHeadAttention):
                     heads_major(v).astype(self.cached_value.dtype)
                 )
             out = dot_product_attention(
-                q, k, v, None, cfg.attention_impl, causal=True, segment_ids=segment_ids, packed=mode == "train",
+                q, k, v, cfg.attention_impl, segment_ids=segment_ids, packed=mode == "train",
                 max_segments=cfg.max_segments, sliding_window=sliding_window, softcap=cfg.attn_softcap, scale=scale,
             )  # fmt: skip
         out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))

@@ -341,7 +341,7 @@ def logits_bytes(model: ModelConfig, rows: float, seq_len: int, tensor: int) -> 
 
 
 def kv_cache_bytes(model: ModelConfig, length: int, tensor: int, act_bytes: int) -> int:
-    """One sequence's KV cache over every layer: 2 x [layers, length, kv_heads, head_dim]."""
+    """One sequence's KV cache over every layer: 2 x [layers, kv_heads, length, head_dim]."""
     tp = tensor if model.n_kv_heads % tensor == 0 else 1
     return int(2 * model.n_layers * length * model.n_kv_heads / tp * model.dim_per_head * act_bytes)
 

@@ -159,7 +159,7 @@ def test_interpreted_splash_matches_xla_with_gqa_padding_window_and_softcap(leng
 
     def attend(impl):
         def f(q, k, v):
-            out = dot_product_attention(q, k, v, None, impl, segment_ids=segment_ids, sliding_window=window, softcap=softcap)
+            out = dot_product_attention(q, k, v, impl, segment_ids=segment_ids, sliding_window=window, softcap=softcap)
             return jnp.where(segment_ids[..., None, None] != 0, out, 0)  # padding rows are don't-care
 
         return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)

@@ -237,10 +237,18 @@ def test_blocked_causal_attention_equals_the_whole_square(length, window, softca
     def loss(fn, q, k, v):
         return (fn(q, k, v) * weight).sum()
 
-    from lm.attention import attention_mask, xla_attention
-
-    def whole(q, k, v):
-        return xla_attention(q, k, v, mask=attention_mask(segment_ids, window), softcap=softcap)
+    def whole(q, k, v):  # the same definition in jnp, one [T, T] square, K/V repeated per head
+        group = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+        if softcap:
+            scores = softcap * jnp.tanh(scores / softcap)
+        t = jnp.arange(length)
+        mask = (t[:, None] >= t[None, :])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if window:
+            mask &= (t[:, None] - t[None, :] < window)[None]
+        probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -1e30), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
     def blocked(q, k, v):
         return causal_xla_attention(q, k, v, segment_ids, sliding_window=window, softcap=softcap)
