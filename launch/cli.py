@@ -1,6 +1,7 @@
 """What every entry point shares: one-line errors for bad input, quiet start-up, and huge-page malloc."""
 
 import argparse
+import faulthandler
 import functools
 import os
 import sys
@@ -57,6 +58,7 @@ def main_guard(fn):
     def wrapper(argv=None):
         if argv is None:
             _with_huge_pages()
+            faulthandler.enable()  # a crash in native code prints every thread's Python stack
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         try:
             return fn(argv)

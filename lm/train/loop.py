@@ -332,7 +332,7 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> Outcome:
     maxtext_ratio = m.flops_per_token(t.seq_len, "maxtext") / m.flops_per_token(t.seq_len)
     peak, peak_source = peak_tflops_per_device(t.peak_tflops)
     say(f"MFU: 6N + 12*L*T*H*D FLOPs per token (PaLM), peak {peak:.2f} TFLOP/s per device from {peak_source}")
-    profiler = StepProfiler(t.profile_range, run.log.path.parent / "profile")
+    profiler = StepProfiler(t.profile_range, run.log.path.parent / "profile", settle=ckpt.wait)
 
     def evaluate(step: int) -> dict:
         el = eval_loss(run.model, run.eval_batches, run.mesh, run.rules, t.grad_accum)
