@@ -60,9 +60,11 @@ def _microbatches(batch, k: int):
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_accum: int = 1) -> dict:
     """One optimizer step on a global batch, optionally as `grad_accum` microbatches.
 
-    Gradients of summed losses are accumulated in float32 and divided once by the total token
-    weight, so the update equals the single-big-batch update. Only the optimizer's `wrt`
-    parameters (all Params, or just the LoRA adapters) are differentiated; the rest is constant.
+    The batch's total token weight is known before the forward pass, so each microbatch
+    differentiates its summed loss divided by that total: the gradients come out as the batch mean
+    (accumulated in float32), equal to the single-big-batch update, with no separate pass over
+    them to divide. Only the optimizer's `wrt` parameters (all Params, or just the LoRA adapters)
+    are differentiated; the rest is constant.
     """
     graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
     # Plain arrays, so that merging makes fresh Variables inside the gradient trace: nnx.scan refuses
@@ -71,37 +73,32 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
 
     # LoRA dropout (if any) draws from the step number: a resumed run draws the same masks.
     step_key = jax.random.fold_in(jax.random.key(0), optimizer.step[...])
+    total_weight = jnp.maximum(batch["weights"].sum(dtype=jnp.float32), 1.0)
 
-    def sums_and_grads(mb, i=0):
+    def mean_and_grads(mb, i=0):
         def loss(p):
             with dropout_key(jax.random.fold_in(step_key, i)):
-                return _loss_sums(nnx.merge(graphdef, compute_params(p, model.cfg.compute_dtype), frozen), mb)
+                model_i = nnx.merge(graphdef, compute_params(p, model.cfg.compute_dtype), frozen)
+                return _loss_sums(model_i, mb)[0] / total_weight
 
-        (loss_sum, weight), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        return loss_sum, weight, grads
+        return jax.value_and_grad(loss)(params)
 
     if grad_accum == 1:
-        loss_sum, weight, grads = sums_and_grads(batch)
+        loss, grads = mean_and_grads(batch)
     else:
 
         def body(acc, mb_i):
-            loss_sum, weight, grads = sums_and_grads(*mb_i)
-            return jax.tree.map(jnp.add, acc, (loss_sum, weight, grads)), None
+            return jax.tree.map(jnp.add, acc, mean_and_grads(*mb_i)), None
 
-        zeros = (
-            jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32),
-            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-        )
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
         xs = (_microbatches(batch, grad_accum), jnp.arange(grad_accum))
-        (loss_sum, weight, grads), _ = jax.lax.scan(body, zeros, xs)
+        (loss, grads), _ = jax.lax.scan(body, zeros, xs)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
-    weight = jnp.maximum(weight, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return {
-        "loss": loss_sum / weight,
+        "loss": loss,
         "grad_norm": grad_norm,
         "param_norm": optax.tree.norm(nnx.state(model, optimizer.wrt)),
     }
