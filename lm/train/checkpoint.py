@@ -395,7 +395,7 @@ def _quiet_orbax_background() -> None:
 
     def from_orbax(tb) -> bool:
         frames = traceback.extract_tb(tb) if tb else []
-        return any(name in f.filename for name in ("orbax", "asyncio") for f in frames)
+        return any("orbax" in f.filename for f in frames)
 
     logging.getLogger("asyncio").addFilter(
         lambda record: record.levelno < logging.ERROR or "orbax" not in record.getMessage()
