@@ -60,15 +60,20 @@ class Generation:
 
 
 def unstacked(model: nnx.Module) -> nnx.Module:
-    """The same model with its layers as a list of Blocks (scan_layers=False), sharing nothing.
+    """The same model with its layers as a list of Blocks (scan_layers=False) and an untied head,
+    sharing nothing.
 
     The cached loop decodes with this twin: inside a layer scan every step would slice (copy) each
     layer's weights out of the stack, doubling the bytes a memory-bound decode step moves. Separate
-    per-layer arrays are read in place, and so are separate per-layer caches.
+    per-layer arrays are read in place, and so are separate per-layer caches. A tied head is copied
+    as [d_model, vocab]: XLA:CPU's matmul with the embedding table transposed ([vocab, d_model]
+    contracted on its last axis) reads it at 60-75% of the speed (docs/benchmarks.md).
     """
-    cfg = dataclasses.replace(model.cfg, scan_layers=False)
+    cfg = dataclasses.replace(model.cfg, scan_layers=False, tie_embeddings=False)
     twin = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0)))
     source = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    if model.cfg.tie_embeddings:
+        source[("lm_head", "kernel")] = nnx.Param(model.head())
     target = nnx.state(twin, nnx.Param)
     for path, var in nnx.to_flat_state(target):
         stacked = path[0] == "blocks"
@@ -238,7 +243,7 @@ def generate(
     if sampling.repetition_penalty != 1.0:
         seen = seen.at[jnp.arange(batch)[:, None], tokens].set(tokens != 0)
 
-    if use_cache and cfg.scan_layers and jax.default_backend() == "cpu" and not adapters(model):
+    if use_cache and (cfg.scan_layers or cfg.tie_embeddings) and jax.default_backend() == "cpu" and not adapters(model):
         # XLA:CPU copies a dynamic slice of the weight stack before each matmul (seen in its HLO).
         # Accelerators are left alone: there a second copy of the parameters costs scarce memory,
         # and their compilers can fuse the slice into the matmul (not checked here). A LoRA model
