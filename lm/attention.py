@@ -100,7 +100,8 @@ def attend(q, k, v, mask, *, scale=None, softcap=None, own=None):
     # axis, XLA:CPU ran them about 1.5x slower.
     rows = (batch, kv_heads, group * q_len)
     scores = capped(jnp.einsum("bkxd,bksd->bkxs", q.reshape(*rows, head_dim), k, preferred_element_type=jnp.float32))
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, group, q_len, mask.shape[-1])).reshape(mask.shape[0], 1, *rows[2:], -1)
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, group, q_len, mask.shape[-1]))
+    mask = mask.reshape(mask.shape[0], 1, *rows[2:], -1)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     if own is not None:
         own_k, own_v = own
@@ -244,7 +245,9 @@ def resolve_attention_impl(
     impl = cfg.attention_impl
     needs = {"cudnn": "gpu", "splash": "tpu"}
     if impl in needs and platform != needs[impl]:
-        hint = " (or splash_interpret to run the Pallas kernel interpreted, slowly, for tests)" if impl == "splash" else ""
+        hint = ""
+        if impl == "splash":
+            hint = " (or splash_interpret to run the Pallas kernel interpreted, slowly, for tests)"
         raise UserError(
             f"model.attention_impl={impl} needs a {needs[impl].upper()}, but this run is on {platform}; "
             f"use model.attention_impl=auto or xla{hint}"
@@ -490,7 +493,9 @@ class Attention(nnx.MultiHeadAttention):
         else:
             if mode == "prefill":
                 length = x.shape[1]
-                self.cached_key[...] = self.cached_key[...].at[:, :, :length].set(heads_major(k).astype(self.cached_key.dtype))
+                self.cached_key[...] = self.cached_key[...].at[:, :, :length].set(
+                    heads_major(k).astype(self.cached_key.dtype)
+                )
                 self.cached_value[...] = self.cached_value[...].at[:, :, :length].set(
                     heads_major(v).astype(self.cached_value.dtype)
                 )

@@ -244,7 +244,8 @@ def generate(
         seen = seen.at[jnp.arange(batch)[:, None], tokens].set(tokens != 0)
 
     if use_cache and (cfg.scan_layers or cfg.tie_embeddings) and jax.default_backend() == "cpu" and not adapters(model):
-        # XLA:CPU copies a dynamic slice of the weight stack before each matmul (seen in its HLO).
+        # XLA:CPU copies a dynamic slice of the weight stack before each matmul (seen in its HLO),
+        # and reads a tied head (the embedding transposed) slower than a [d_model, vocab] copy.
         # Accelerators are left alone: there a second copy of the parameters costs scarce memory,
         # and their compilers can fuse the slice into the matmul (not checked here). A LoRA model
         # (adapters, a quantised base) decodes as it is: the twin is rebuilt from the plain config.

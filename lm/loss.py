@@ -10,8 +10,8 @@ from sharding.rules import logical_constraint
 def cross_entropy_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Sum of weighted negative log-likelihoods and the sum of weights.
 
-    Returning sums (not a mean) lets gradient accumulation divide once by the whole batch's weight,
-    so k microbatches give exactly the gradient of one big batch.
+    Returning sums (not a mean) lets the train step divide every microbatch by the whole batch's
+    weight, so k microbatches give exactly the gradient of one big batch.
     logits: [batch, length, vocab] float32; targets: int [batch, length]; weights: [batch, length].
     """
     logits = logits.astype(jnp.float32)
