@@ -198,22 +198,24 @@ def test_splash_attention_matches_xla_with_segments(tiny_cfg):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def _attention_reference(q, k, v, segment_ids, window=None, softcap=None):
-    """Whole-square softmax attention in numpy, K/V repeated per query head: the definition."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+def _attention_reference(q, k, v, segment_ids, window=None, softcap=None, xp=np):
+    """Whole-square softmax attention, K/V repeated per query head: the definition. With xp=np it
+    runs in float64 numpy; with xp=jnp it is differentiable, for checking gradients."""
+    if xp is np:
+        q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     group = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    k, v = xp.repeat(k, group, axis=2), xp.repeat(v, group, axis=2)
+    scores = xp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
     if softcap:
-        scores = softcap * np.tanh(scores / softcap)
-    t = np.arange(q.shape[1])
-    seg = np.asarray(segment_ids)
+        scores = softcap * xp.tanh(scores / softcap)
+    t = xp.arange(q.shape[1])
+    seg = xp.asarray(segment_ids)
     mask = (t[:, None] >= t[None, :])[None] & (seg[:, :, None] == seg[:, None, :])
     if window:
         mask &= (t[:, None] - t[None, :] < window)[None]
-    scores = np.where(mask[:, None], scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    return np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
+    scores = xp.where(mask[:, None], scores, -xp.inf)
+    probs = xp.exp(scores - scores.max(-1, keepdims=True))
+    return xp.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
 
 
 @pytest.mark.parametrize("length, window, softcap", [(256, None, None), (320, None, 30.0), (256, 48, None)])
@@ -237,18 +239,8 @@ def test_blocked_causal_attention_equals_the_whole_square(length, window, softca
     def loss(fn, q, k, v):
         return (fn(q, k, v) * weight).sum()
 
-    def whole(q, k, v):  # the same definition in jnp, one [T, T] square, K/V repeated per head
-        group = q.shape[2] // k.shape[2]
-        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-        if softcap:
-            scores = softcap * jnp.tanh(scores / softcap)
-        t = jnp.arange(length)
-        mask = (t[:, None] >= t[None, :])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        if window:
-            mask &= (t[:, None] - t[None, :] < window)[None]
-        probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -1e30), axis=-1)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    def whole(q, k, v):
+        return _attention_reference(q, k, v, segment_ids, window, softcap, xp=jnp)
 
     def blocked(q, k, v):
         return causal_xla_attention(q, k, v, segment_ids, sliding_window=window, softcap=softcap)
