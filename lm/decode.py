@@ -59,7 +59,7 @@ class Generation:
         return len(self.tokens) * self.decode_steps / max(self.decode_seconds, 1e-9)
 
 
-def unstacked(model: nnx.Module) -> nnx.Module:
+def decode_twin(model: nnx.Module) -> nnx.Module:
     """The same model with its layers as a list of Blocks (scan_layers=False) and an untied head,
     sharing nothing.
 
@@ -249,7 +249,7 @@ def generate(
         # Accelerators are left alone: there a second copy of the parameters costs scarce memory,
         # and their compilers can fuse the slice into the matmul (not checked here). A LoRA model
         # (adapters, a quantised base) decodes as it is: the twin is rebuilt from the plain config.
-        model = unstacked(model)
+        model = decode_twin(model)
     graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
     start = time.perf_counter()
     c = {
