@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 RUN_DIR ?= runs/stdlib_tiny
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-tree test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m launch.train --recipe stdlib_tiny --run-dir $(RUN_DIR)
 
+# The model, decode, train-step, LoRA and Hugging Face tests, run again in NNX tree mode.
+TREE_TESTS ?= tests/model tests/kernels tests/infer/test_decode.py tests/test_loss.py tests/test_lora.py \
+	tests/hf/test_hf_model.py tests/train/test_loop.py
+
 # Exit status 5 (pytest collected no tests) fails here like any other failure.
 test: $(STAMP)
 	$(PY) -m pytest -q
+	NNX_LM_TREE_MODE=1 $(PY) -m pytest -q $(TREE_TESTS)
+
+# Only the tree-mode pass.
+test-tree: $(STAMP)
+	NNX_LM_TREE_MODE=1 $(PY) -m pytest -q $(TREE_TESTS)
 
 # Skips the slow end-to-end and multi-device tests (CI runs everything).
 test-fast: $(STAMP)

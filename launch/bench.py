@@ -10,7 +10,8 @@ import platform
 import subprocess
 import sys
 
-from launch.cli import ArgumentParser, main_guard
+from launch.cli import ArgumentParser, load_recipe, main_guard
+from lm.errors import UserError
 
 TABLE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -77,11 +78,10 @@ def main(argv=None):
     import flax
     import jax
 
-    from lm import benchmark
-    from lm.errors import UserError
-    from lm.recipe import MeshConfig, load_recipe
+    from lm import bench as benchmark
+    from lm.config import MeshConfig
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe, _ = load_recipe(args.recipe, args.overrides)
     if args.mode == "train":
         if args.meshes:
             shapes = []

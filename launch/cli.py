@@ -50,6 +50,36 @@ def _with_huge_pages() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
+HF_FOLDER = "a Hugging Face model folder (config.json, *.safetensors, tokenizer files)"
+
+
+def add_model_source(p: argparse.ArgumentParser, *, hf_flag: str = "--hf", hf_help: str = HF_FOLDER):
+    """The one way a command names a model: --run-dir, --checkpoint or a Hugging Face folder (--hf; the
+    importer calls it --hf-in). Returns the group, which takes one of them."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", help="a run directory written by launch.train (its latest finished checkpoint)")
+    src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/300")
+    src.add_argument(hf_flag, help=hf_help)
+    return src
+
+
+def load_recipe(name_or_file: str, overrides: list[str]):
+    """(recipe, init source): the recipe with `--set` applied and init.from resolved, once."""
+    from lm.config import load_recipe
+    from lm.state.source import resolve_init
+
+    return resolve_init(load_recipe(name_or_file, overrides), overrides)
+
+
+def tree_mode() -> None:
+    """NNX_LM_TREE_MODE=1: run in NNX tree mode (flax's planned default), set before anything runs."""
+    if os.environ.get("NNX_LM_TREE_MODE") == "1":
+        from flax.nnx import graphlib
+
+        graphlib.set_graph_mode(False)
+        graphlib.set_graph_updates(False)
+
+
 def main_guard(fn):
     """Run a CLI main: bad input becomes `error: <one line>` on stderr and exit code 2. A real
     process (argv None) first re-executes itself with huge-page malloc (_with_huge_pages)."""
@@ -60,6 +90,7 @@ def main_guard(fn):
             _with_huge_pages()
             faulthandler.enable()  # a crash in native code prints every thread's Python stack
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        tree_mode()
         try:
             return fn(argv)
         except UserError as e:

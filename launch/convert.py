@@ -14,22 +14,8 @@ import json
 import pathlib
 import shutil
 
-from launch.cli import ArgumentParser, main_guard
-
-# What a Hugging Face folder may hold besides the weights that the run directory keeps (the tokenizer
-# loader reads these from the run directory).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+from launch.cli import HF_FOLDER, ArgumentParser, add_model_source, main_guard
+from lm.errors import UserError
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -37,10 +23,7 @@ def parse(argv=None) -> argparse.Namespace:
         prog="python -m launch.convert",
         description="Import a Hugging Face model folder as a run directory, or export a run to one.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf-in", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
-    src.add_argument("--run-dir", help="a run directory to export (its latest checkpoint)")
-    src.add_argument("--checkpoint", help="a checkpoint folder to export, e.g. runs/x/checkpoints/300")
+    add_model_source(p, hf_flag="--hf-in", hf_help=f"{HF_FOLDER} to import")
     p.add_argument("--out", help="with --hf-in: the run directory to write")
     p.add_argument("--hf-out", help="with --run-dir/--checkpoint: the Hugging Face folder to write")
     p.add_argument(
@@ -67,16 +50,15 @@ def parse(argv=None) -> argparse.Namespace:
 
 def _fresh(folder: pathlib.Path, flag: str) -> None:
     """Never write over an earlier output."""
-    from lm.errors import UserError
-
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"{flag} {folder} already exists and is not empty; choose a new folder")
 
 
 def import_hf(hf_in: pathlib.Path, out: pathlib.Path) -> None:
+    from lm.config import CheckpointConfig, LoggingConfig, Recipe, TrainConfig
+    from lm.data.tokenizer import HF_FOLDER_FILES
     from lm.hf import load_hf
-    from lm.recipe import CheckpointConfig, LoggingConfig, Recipe, TrainConfig
-    from lm.train.checkpoint import Checkpointer
+    from lm.state.checkpoint import Checkpointer, CheckpointMeta
 
     _fresh(out, "--out")
     model = load_hf(hf_in)
@@ -88,10 +70,10 @@ def import_hf(hf_in: pathlib.Path, out: pathlib.Path) -> None:
         logging=LoggingConfig(wandb="disabled"),
     )
     out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
+    for name in HF_FOLDER_FILES:
         if (hf_in / name).is_file():
             shutil.copyfile(hf_in / name, out / name)
-    meta = {"recipe": recipe.to_dict(), "source": "hf", "hf_folder": str(hf_in.resolve())}
+    meta = CheckpointMeta(recipe=recipe.to_dict(), hf_folder=str(hf_in.resolve()))
     checkpointer = Checkpointer(out / "checkpoints", CheckpointConfig(async_save=False))
     try:
         checkpointer.save_params(0, model, meta)
@@ -104,21 +86,20 @@ def import_hf(hf_in: pathlib.Path, out: pathlib.Path) -> None:
 
 def export_hf(run_dir, checkpoint, hf_out: pathlib.Path, max_shard_bytes: int, adapter_only: bool = False) -> None:
     from lm import lora
-    from lm.errors import UserError
-    from lm.hf import save_hf
-    from lm.inference import load_run
-    from lm.train.checkpoint import find_checkpoint
+    from lm.hf import save_hf, save_peft
+    from lm.infer.load import load_run
+    from lm.state.checkpoint import find_checkpoint
 
     _fresh(hf_out, "--hf-out")
     _, step, run = find_checkpoint(run_dir, checkpoint)
-    recipe, model, tokenizer, _, _ = load_run(run_dir, checkpoint, need_tokenizer=False)
+    loaded = load_run(run_dir, checkpoint, need_tokenizer=False)
+    recipe, model, tokenizer = loaded.recipe, loaded.model, loaded.tokenizer
     if adapter_only:
         if not recipe.lora.rank:
             raise UserError(f"--adapter-only needs a LoRA run (lora.rank > 0), but {run} trained every parameter")
-        c = recipe.lora
-        spec = lora.LoraSpec(rank=c.rank, alpha=c.alpha, targets=c.targets, base_dtype=c.base_dtype)
-        lora.save_peft(model, spec, hf_out, base_model_name_or_path=recipe.init.from_)
-        print(f"exported the rank-{c.rank} adapter of step {step} of {run} to {hf_out} (base: {recipe.init.from_})")
+        save_peft(model, recipe.lora, hf_out, base_model_name_or_path=recipe.init.from_)
+        rank, base = recipe.lora.rank, recipe.init.from_
+        print(f"exported the rank-{rank} adapter of step {step} of {run} to {hf_out} (base: {base})")
         return
     lora.merge(model)  # a LoRA run: fold the adapters into the base; no-op otherwise
     ids = {}

@@ -7,16 +7,14 @@ import dataclasses
 import json
 import sys
 
-from launch.cli import ArgumentParser, main_guard
+from launch.cli import ArgumentParser, add_model_source, main_guard
 from launch.distributed import add_arguments, initialize_from_env_or_flags
+from lm.errors import UserError
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m launch.generate", description=__doc__)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run-dir", help="a run directory written by launch.train (its latest checkpoint)")
-    src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/300")
-    src.add_argument("--hf", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
+    add_model_source(p)
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", action="append", help="a prompt (repeatable; prompts are batched)")
     text.add_argument("--prompts-file", help="one prompt per line, or a .jsonl with a 'prompt' field")
@@ -56,8 +54,6 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def read_prompts(path: str) -> list[str]:
-    from lm.errors import UserError
-
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as e:
@@ -88,12 +84,11 @@ def main(argv=None):
     args = parse(argv)
     initialize_from_env_or_flags(args)
     import jax
-    from flax import nnx
 
-    from lm.attention import resolve_attention_impl
-    from lm.decode import complete
-    from lm.inference import load_model
-    from lm.sampling import Sampling
+    from lm.infer.decode import complete
+    from lm.infer.load import load_model
+    from lm.infer.sampling import Sampling
+    from lm.kernels import resolve_attention_impl
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     loaded = load_model(args.run_dir, args.checkpoint, args.hf, tensor=args.tensor)
@@ -110,7 +105,7 @@ def main(argv=None):
                 tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                 for p in prompts
             ]
-        with jax.set_mesh(loaded.mesh), nnx.logical_axis_rules(loaded.rules):
+        with loaded.layout:
             completions, gen = complete(
                 model,
                 tokenizer,

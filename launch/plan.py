@@ -12,7 +12,8 @@ import json
 import pathlib
 import sys
 
-from launch.cli import ArgumentParser, main_guard
+from launch.cli import ArgumentParser, load_recipe, main_guard
+from lm.errors import UserError
 
 
 def parse(argv=None):
@@ -31,7 +32,7 @@ def parse(argv=None):
         "--calibrate",
         nargs="*",
         metavar="REMAT",
-        help="refit the activation coefficients (lm.plan KEPT, WORKING) to this CPU's XLA for these remat "
+        help="refit the activation coefficients (lm.plan.planner KEPT, WORKING) to this CPU's XLA for these remat "
         "policies (default: all) and print them; takes minutes",
     )
     return p.parse_args(argv)
@@ -99,20 +100,19 @@ def report(plan, recipe) -> str:
 @main_guard
 def main(argv=None):
     args = parse(argv)
+    from lm import bench
     from lm import plan as planner
-    from lm.errors import UserError
-    from lm.recipe import load_recipe
 
     if args.calibrate is not None:
         for remat in args.calibrate or planner.REMATS:
             if remat not in planner.REMATS:
                 raise UserError(f"--calibrate {remat!r}: choose remat policies from {list(planner.REMATS)}")
-            kept, working, error = planner.fit_activation_terms(remat)
+            kept, working, error = bench.fit_activation_terms(remat)
             print(f"{remat}: KEPT {kept}, WORKING {working}; largest fit error {100 * error:.1f}%", flush=True)
         return
     if not args.recipe:
         raise UserError("--recipe is required (or --calibrate)")
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe, _ = load_recipe(args.recipe, args.overrides)
     if args.devices is not None and args.devices <= 0:
         raise UserError(f"--devices={args.devices} must be positive")
     for name, value in (("--mfu", args.mfu), ("--peak-tflops", args.peak_tflops)):
@@ -121,10 +121,10 @@ def main(argv=None):
     plan = planner.estimate(
         recipe, args.topology or args.gpu, args.devices, mfu=args.mfu, peak_tflops=args.peak_tflops
     )
-    if not args.no_compile and not plan.problems and planner.can_compile(plan):
+    if not args.no_compile and not plan.problems and bench.can_compile(plan):
         import dataclasses
 
-        plan = dataclasses.replace(plan, compiled=planner.compile_memory(recipe))
+        plan = dataclasses.replace(plan, compiled=bench.compile_memory(recipe))
     print(report(plan, recipe))
     if args.json:
         pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -10,15 +10,13 @@ import argparse
 import json
 import sys
 
-from launch.cli import ArgumentParser, main_guard
+from launch.cli import ArgumentParser, add_model_source, main_guard
+from lm.errors import UserError
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m launch.score", description=__doc__)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run-dir", help="a run directory (its latest checkpoint)")
-    src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/300")
-    src.add_argument("--hf", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
+    add_model_source(p)
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument(
         "--input",
@@ -41,7 +39,6 @@ def parse(argv=None) -> argparse.Namespace:
 def read_token_ids(path: str):
     import numpy as np
 
-    from lm.errors import UserError
 
     try:
         return np.load(path, allow_pickle=False)
@@ -56,22 +53,19 @@ def main(argv=None):
     args = parse(argv)
     import pathlib
 
-    import jax
     import numpy as np
-    from flax import nnx
 
     from lm.data.corpus import iter_documents
-    from lm.errors import UserError
     from lm.data.instruct import first_record_format, iter_records
-    from lm.evaluate import check_token_ids, logits_of, score_examples, score_texts, score_token_ids
-    from lm.inference import load_model
+    from lm.infer.load import load_model
+    from lm.infer.score import check_token_ids, logits_of, score_examples, score_texts, score_token_ids
 
     if args.input and not pathlib.Path(args.input).is_file():
         raise UserError(f"--input {args.input} does not exist; pass a .txt or .jsonl file")
     ids = read_token_ids(args.token_ids) if args.token_ids else None
     loaded = load_model(args.run_dir, args.checkpoint, args.hf, tensor=args.tensor, need_tokenizer=ids is None)
     cfg = loaded.model.cfg
-    with jax.set_mesh(loaded.mesh), nnx.logical_axis_rules(loaded.rules):
+    with loaded.layout:
         if ids is not None:
             ids = check_token_ids(ids, cfg.vocab_size, cfg.max_seq_len, f"--token-ids {args.token_ids}")
             score = score_token_ids(loaded.model, ids, batch_size=args.batch_size)

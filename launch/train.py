@@ -4,7 +4,7 @@ import argparse
 import pathlib
 import time
 
-from launch.cli import ArgumentParser, main_guard
+from launch.cli import ArgumentParser, load_recipe, main_guard
 from launch.distributed import add_arguments, initialize_from_env_or_flags
 
 
@@ -33,9 +33,12 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse(argv)
     initialize_from_env_or_flags(args)  # before any JAX computation: joins a multi-process run if there is one
-    from lm.recipe import all_keys, load_recipe  # after argparse, so --help is instant
+    import jax  # after argparse, so --help is instant
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    from lm.config import all_keys
+    from lm.train.loop import train
+
+    recipe, source = load_recipe(args.recipe, args.overrides)
     if args.list_keys:
         flat = recipe.to_dict()
         for key in all_keys():
@@ -44,23 +47,22 @@ def main(argv=None):
                 value = value[part]
             print(f"{key}={value!r}")
         return
-    from lm.train.loop import train
-
     run_dir = pathlib.Path(args.run_dir or f"runs/{recipe.name}")
     start = time.perf_counter()
-    summary = train(recipe, run_dir)
-    if summary["preempted"] is not None or summary["process"] != 0:  # the loop has said where the checkpoint is
+    result = train(recipe, run_dir, source=source)
+    if result.preempted is not None or jax.process_index() != 0:  # the loop has said where the checkpoint is
         return
-    if summary.get("step"):
+    last = result.last
+    if result.step:
         print(
-            f"\ntrained {summary['params'] / 1e6:.2f}M parameters to step {summary['step']} in "
-            f"{time.perf_counter() - start:.0f} s; final loss {summary['loss']:.3f}"
-            + (f", eval loss {summary['eval_loss']:.3f}" if "eval_loss" in summary else "")
-            + (f" (untrained: {summary['initial_eval_loss']:.3f})" if summary.get("initial_eval_loss") else "")
+            f"\ntrained {result.params / 1e6:.2f}M parameters to step {result.step} in "
+            f"{time.perf_counter() - start:.0f} s; final loss {last['loss']:.3f}"
+            + (f", eval loss {last['eval_loss']:.3f}" if "eval_loss" in last else "")
+            + (f" (untrained: {result.initial_eval_loss:.3f})" if result.initial_eval_loss else "")
         )
         print(f"run directory: {run_dir}")
-    if summary.get("sample"):
-        print("\n--- sample ---\n" + summary["sample"] + "\n--------------")
+    if result.sample:
+        print("\n--- sample ---\n" + result.sample + "\n--------------")
 
 
 if __name__ == "__main__":

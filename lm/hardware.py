@@ -9,10 +9,26 @@ devices they serve) across slices or boxes. They are round numbers for planning,
 
 import dataclasses
 import os
+import time
+
+import jax
+import jax.numpy as jnp
 
 from lm.errors import UserError
 
 GB = 10**9
+
+
+def platform(name: str | None = None) -> str:
+    """'cpu', 'gpu' or 'tpu' (ROCm stays 'rocm'): jax's backend names for an NVIDIA GPU ('gpu',
+    'cuda') folded into one. The one place platform names are compared; default: this process's."""
+    name = jax.default_backend() if name is None else name
+    return "gpu" if name in ("gpu", "cuda") else name
+
+
+def is_accelerator(name: str | None = None) -> bool:
+    """GPUs and TPUs: where the compute dtype defaults to bfloat16."""
+    return platform(name) in ("gpu", "tpu", "rocm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +65,7 @@ DEVICES: dict[str, Device] = {
         Device("b200-180gb", ("NVIDIA B200",), 180 * GB, 2250.0, 8000 * GB, 900 * GB, 50 * GB, 0.4),
         # A 24 GB PCIe card (no NVLink: PCIe 4.0 x16) - the workstation GPU people try first.
         Device("l4-24gb", ("NVIDIA L4",), 24 * GB, 121.0, 300 * GB, 32 * GB, 3 * GB, 0.4),
-        # This machine: memory is host RAM; peak is measured (lm.train.metrics.measure_peak_tflops);
+        # This machine: memory is host RAM; peak is measured (measure_peak_tflops);
         # fake devices exchange data through host memory.
         Device("cpu", ("cpu",), 16 * GB, 0.0, 10 * GB, 10 * GB, 1 * GB, 0.5),
     )
@@ -123,3 +139,29 @@ def host_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return DEVICES["cpu"].hbm_bytes
+
+
+# Dense bf16 peak TFLOP/s per device, from the data sheets in lm.hardware, matched by device_kind prefix.
+PEAK_TFLOPS = {kind: d.peak_tflops for d in DEVICES.values() for kind in d.kinds if d.peak_tflops}
+
+
+def measure_peak_tflops(n: int = 1024, repeats: int = 5) -> float:
+    """A float32 matmul's TFLOP/s on this device: the CPU's 'peak' (no data sheet applies)."""
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        f(x).block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def peak_tflops_per_device(configured: float | None = None) -> tuple[float, str]:
+    """(peak TFLOP/s per device, where the number came from)."""
+    if configured:
+        return configured, "configured"
+    kind = jax.devices()[0].device_kind
+    for prefix, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if kind.startswith(prefix):
+            return tflops, f"data sheet ({kind})"
+    return measure_peak_tflops(), f"measured float32 matmul ({kind})"

@@ -18,9 +18,6 @@ does the quantisation: `lora.base_dtype=nf4|int8` stores each targeted kernel as
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import math
 import re
 
@@ -29,13 +26,12 @@ import jax.numpy as jnp
 from flax import nnx
 from qwix._src.core import qarray
 
+from lm.config import LoraConfig
 from lm.errors import UserError
-from lm.recipe import LoraConfig
+from sharding.rules import axes
 
 TRAINABLE = nnx.LoRAParam
 FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-DEFAULT_TARGETS = LoraConfig.targets  # attention and MLP projections
-BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
 QUANT_BLOCK = 64  # QLoRA's nf4 block size along the input axis
 
 
@@ -47,33 +43,20 @@ class DropoutSalt(nnx.Variable):
     """A per-layer constant folded into the step's dropout key, so each layer draws its own mask."""
 
 
-# The dropout key of the current training step (lm.train.step sets it); None: no dropout (eval, decode).
-_DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar("lora_dropout_key", default=None)
+class DropoutKey(nnx.Variable):
+    """A training step's dropout key data, set by `seed_dropout` on the step's own copy of the model."""
 
 
-@contextlib.contextmanager
-def dropout_key(key):
-    """Within this block, adapters with dropout > 0 drop their inputs using `key` (read at trace time)."""
-    token = _DROPOUT_KEY.set(key)
-    try:
-        yield
-    finally:
-        _DROPOUT_KEY.reset(token)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """What `apply` needs; lm.recipe.LoraConfig validates the user-facing keys."""
-
-    rank: int
-    alpha: float
-    targets: str = DEFAULT_TARGETS
-    base_dtype: str = "bfloat16"
-    dropout: float = 0.0  # on the adapter's input, in training only (as PEFT's lora_dropout)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+def seed_dropout(model: nnx.Module, key: jax.Array | None) -> None:
+    """Give every adapter with dropout this key (None: take it away). Only the train step calls this,
+    on the copy of the model it differentiates, so evaluation and decoding never drop."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, LoRA) and module.dropout > 0:
+            if key is None:
+                module.step_key = nnx.data(None)
+                continue
+            data = jax.random.key_data(key)
+            module.step_key = DropoutKey(jnp.broadcast_to(data, module.salt.shape[:-1] + data.shape))
 
 
 def _n_in(base: nnx.Module) -> int:
@@ -97,7 +80,7 @@ class LoRA(nnx.Module):
     out [heads, head_dim, embed]. A is [layers?, in..., rank], B [layers?, rank, out...].
     """
 
-    def __init__(self, base: nnx.Linear | nnx.LinearGeneral, spec: LoraSpec, key: jax.Array):
+    def __init__(self, base: nnx.Linear | nnx.LinearGeneral, spec: LoraConfig, key: jax.Array):
         kernel = base.kernel
         self.n_in, n_out = _n_in(base), _n_out(base)
         lead = kernel.ndim - self.n_in - n_out  # 1 for a stack built by nnx.vmap, else 0
@@ -108,25 +91,26 @@ class LoRA(nnx.Module):
         # so a fresh adapter leaves the model's outputs exactly as they were.
         bound = 1.0 / math.sqrt(math.prod(in_shape))
         a = jax.random.uniform(key, shape[: lead + self.n_in] + (spec.rank,), jnp.float32, -bound, bound)
-        self.lora_a = nnx.LoRAParam(a, out_sharding=tuple(names[: lead + self.n_in]) + (None,))
+        self.lora_a = nnx.LoRAParam(a, **axes(*names[: lead + self.n_in], None))
         self.lora_b = nnx.LoRAParam(
             jnp.zeros(shape[:lead] + (spec.rank,) + out_shape, jnp.float32),
-            out_sharding=tuple(names[:lead]) + (None,) + tuple(names[lead + self.n_in :]),
+            **axes(*names[:lead], None, *names[lead + self.n_in :]),
         )
         self.scale = spec.scale
         self.dropout = spec.dropout
+        self.step_key = nnx.data(None)  # a DropoutKey while a train step runs (seed_dropout)
         # [layers?, 1]: nnx.scan drops a 1-D variable's 'layers' name when run eagerly (flax 0.12.8).
         salt = jax.random.randint(jax.random.fold_in(key, 1), shape[:lead] + (1,), 0, 2**31 - 1, jnp.int32)
-        self.salt = DropoutSalt(salt, out_sharding=tuple(names[:lead]) + (None,))
+        self.salt = DropoutSalt(salt, **axes(*names[:lead], None))
         self.qtype = None
         self.base = base
         if spec.base_dtype in ("int8", "nf4"):
             self.qtype = spec.base_dtype
             q = _quantize(kernel[...], lead, self.n_in, spec.base_dtype)
-            self.qvalue = Quantized(q.qvalue, out_sharding=names)
+            self.qvalue = Quantized(q.qvalue, **axes(*names))
             # The blocked axis of the scales is shorter than the kernel's: left unsharded.
             scale_names = tuple(None if s != k else n for s, k, n in zip(q.scale.shape, shape, names))
-            self.qscale = Quantized(q.scale, out_sharding=scale_names)
+            self.qscale = Quantized(q.scale, **axes(*scale_names))
             base.kernel = nnx.data(None)  # the quantised copy replaces it
 
     def kernel(self) -> jax.Array:
@@ -143,8 +127,8 @@ class LoRA(nnx.Module):
         else:
             y = _project(x, self.kernel(), self.base, self.n_in)
         contract = tuple(range(x.ndim - self.n_in, x.ndim))
-        key = _DROPOUT_KEY.get()
-        if self.dropout > 0 and key is not None:
+        if self.dropout > 0 and self.step_key is not None:
+            key = jax.random.wrap_key_data(self.step_key[...])
             keep = jax.random.bernoulli(jax.random.fold_in(key, self.salt[...][0]), 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         a, b = self.lora_a[...].astype(y.dtype), self.lora_b[...].astype(y.dtype)
@@ -201,11 +185,9 @@ def _dotted(path) -> str:
 
 
 def targets(model: nnx.Module, pattern: str) -> list[tuple[tuple, nnx.Module]]:
-    """(path, module) of every Linear/LinearGeneral whose dotted path fully matches `pattern`."""
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise UserError(f"lora.targets={pattern!r} is not a valid regular expression ({e})") from None
+    """(path, module) of every Linear/LinearGeneral whose dotted path fully matches `pattern` (a regex
+    that LoraConfig has checked)."""
+    regex = re.compile(pattern)
     found = [
         (path, module)
         for path, module in nnx.iter_modules(model)
@@ -231,14 +213,12 @@ def _set(parent, name, value):
         setattr(parent, name, value)
 
 
-def apply(model: nnx.Module, spec: LoraSpec, seed: int = 0) -> list[str]:
+def apply(model: nnx.Module, spec: LoraConfig, seed: int = 0) -> list[str]:
     """Adapt the projections matching spec.targets in place; return their paths.
 
     The frozen base is cast to spec.base_dtype (bfloat16, or float32 for exact tests); with int8 or
     nf4 the adapted kernels are quantised and everything else frozen is kept in bfloat16.
     """
-    if spec.base_dtype not in BASE_DTYPES:
-        raise UserError(f"lora.base_dtype={spec.base_dtype!r} is not one of {list(BASE_DTYPES)}")
     found = targets(model, spec.targets)
     keys = jax.random.split(jax.random.key(seed), len(found))
     for (path, module), key in zip(found, keys):
@@ -261,7 +241,7 @@ def merge(model: nnx.Module) -> nnx.Module:
             if module.qtype is None:
                 base.kernel[...] = merged
             else:
-                base.kernel = nnx.Param(merged, out_sharding=names)
+                base.kernel = nnx.Param(merged, **axes(*names))
             _set(_parent(model, path), path[-1], base)
     return model
 
@@ -275,80 +255,3 @@ def count(model: nnx.Module) -> tuple[int, int]:
     """(trainable adapter parameters, frozen parameters incl. quantised ones)."""
     n = lambda state: sum(x.size for x in jax.tree.leaves(state))  # noqa: E731
     return n(nnx.state(model, TRAINABLE)), n(nnx.state(model, nnx.Any(FROZEN, Quantized)))
-
-
-# ------------------------------------------------------------------------------------------------
-# PEFT export: the adapter as `peft` saves it, named after the Hugging Face modules (lm.hf's table)
-
-
-def peft_adapter(model: nnx.Module, spec: LoraSpec) -> tuple[dict, dict]:
-    """(tensors, adapter_config) in PEFT's LoRA format.
-
-    PEFT computes W x + (alpha / r) B_hf A_hf x with A_hf [r, in] and B_hf [out, r] on the HF weight
-    W [out, in]. Our kernels are W^T with the in and out axes possibly split into heads ([d_model,
-    heads, head_dim], [heads, head_dim, d_model]); lm.hf's mapping table flattens them in C order,
-    which is checked here for each projection, so A_hf = A.reshape(in, r).T, B_hf = B.reshape(r, out).T.
-    """
-    import numpy as np
-
-    from lm.hf import FAMILIES, family_of
-
-    cfg = model.cfg
-    family = family_of(cfg)
-    if family == "gpt2":
-        raise UserError("--adapter-only does not support GPT-2 (fused c_attn Conv1D); export the merged model instead")
-    rules = {r.ours[0]: r for r in FAMILIES[family].rules if "{i}" in r.hf and len(r.ours) == 1}
-    tensors, modules = {}, set()
-    rng = np.random.default_rng(0)
-    for path, module in adapters(model).items():
-        parts = path.split(".")
-        stacked = cfg.scan_layers
-        sub = ".".join(parts[1:] if stacked else parts[2:])
-        rule = rules.get(sub + ".kernel")
-        if parts[0] != "blocks" or rule is None:
-            raise UserError(f"adapter on {path} has no Hugging Face module to export to; adapt only block projections")
-        a, b = np.asarray(jax.device_get(module.lora_a[...])), np.asarray(jax.device_get(module.lora_b[...]))
-        layers = range(cfg.n_layers) if stacked else [int(parts[1])]
-        in_shape = a.shape[(1 if stacked else 0) : -1]
-        out_shape = b.shape[(2 if stacked else 1) :]
-        probe = rng.standard_normal(in_shape + out_shape).astype(np.float32)
-        if not np.array_equal(rule.transform.save((probe,), cfg), probe.reshape(math.prod(in_shape), -1).T):
-            raise UserError(f"the Hugging Face layout of {rule.hf} is not a plain transpose; cannot export its adapter")
-        name = rule.hf[: -len(".weight")]
-        modules.add(name.rsplit(".", 1)[-1])
-        for i in layers:
-            ai, bi = (a[i], b[i]) if stacked else (a, b)
-            prefix = f"base_model.model.{name.format(i=i)}"
-            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(ai.reshape(-1, spec.rank).T)
-            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(bi.reshape(spec.rank, -1).T)
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": spec.rank,
-        "lora_alpha": spec.alpha,
-        "lora_dropout": spec.dropout,
-        "target_modules": sorted(modules),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
-    return tensors, config
-
-
-def save_peft(model: nnx.Module, spec: LoraSpec, out_dir, base_model_name_or_path: str | None = None) -> None:
-    """Write adapter_model.safetensors and adapter_config.json (what peft's save_pretrained writes)."""
-    import json
-    import pathlib
-
-    from safetensors.numpy import save_file
-
-    tensors, config = peft_adapter(model, spec)
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    config["base_model_name_or_path"] = base_model_name_or_path
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

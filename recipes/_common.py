@@ -1,7 +1,15 @@
 """Building blocks the recipes share: pretraining on prepared token files, and the Llama 3 TPU recipes."""
 
-from lm.config import preset
-from lm.recipe import CheckpointConfig, DataConfig, LoggingConfig, MeshConfig, OptimizerConfig, Recipe, TrainConfig
+from lm.config import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    MeshConfig,
+    OptimizerConfig,
+    Recipe,
+    TrainConfig,
+    preset,
+)
 
 
 def prepared(data_dir: str) -> DataConfig:

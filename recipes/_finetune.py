@@ -2,8 +2,7 @@
 LoRA/QLoRA or a full fine-tune. The model presets are there so that launch.plan can size a recipe
 before anything is downloaded; with init.from the model section comes from the checkpoint itself."""
 
-from lm.config import preset
-from lm.recipe import (
+from lm.config import (
     CheckpointConfig,
     DataConfig,
     InitConfig,
@@ -12,6 +11,7 @@ from lm.recipe import (
     OptimizerConfig,
     Recipe,
     TrainConfig,
+    preset,
 )
 
 

@@ -5,7 +5,7 @@ Needs a starting model and data, e.g. the demo's own model and a chat file:
 Runs in about a minute on a 2-core CPU (docs/finetune.md).
 """
 
-from lm.recipe import (
+from lm.config import (
     CheckpointConfig,
     DataConfig,
     InitConfig,

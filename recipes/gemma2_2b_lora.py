@@ -2,7 +2,7 @@
 GPU (an H100) at 4096 tokens. Needs --set init.from=DIR (huggingface-cli download google/gemma-2-2b-it).
 """
 
-from lm.recipe import LoraConfig
+from lm.config import LoraConfig
 from recipes._finetune import finetune
 
 

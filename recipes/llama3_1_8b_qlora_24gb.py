@@ -3,7 +3,7 @@ rank 16 on every attention and MLP projection, one 24 GB GPU (an L4 or an RTX 40
 Needs --set init.from=DIR (huggingface-cli download meta-llama/Llama-3.1-8B-Instruct).
 """
 
-from lm.recipe import LoraConfig
+from lm.config import LoraConfig
 from recipes._finetune import finetune
 
 

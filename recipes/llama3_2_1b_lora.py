@@ -2,7 +2,7 @@
 24 GB GPU (an L4 or an RTX 4090). Needs --set init.from=DIR (huggingface-cli download meta-llama/Llama-3.2-1B-Instruct).
 """
 
-from lm.recipe import LoraConfig
+from lm.config import LoraConfig
 from recipes._finetune import finetune
 
 

@@ -2,7 +2,7 @@
 compute, one 24 GB GPU. Needs --set init.from=DIR (huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct).
 """
 
-from lm.recipe import LoraConfig
+from lm.config import LoraConfig
 from recipes._finetune import finetune
 
 

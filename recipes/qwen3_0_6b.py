@@ -4,9 +4,8 @@ float32), cuDNN flash attention, 4096-token sequences, ~1M tokens per step.
 Data: launch.prepare token files in data/pretrain with a tokenizer of at most 151,936 pieces.
 """
 
+from lm.config import MeshConfig, Recipe, TrainConfig, preset
 from recipes._common import LLAMA_OPTIMIZER, prepared
-from lm.config import preset
-from lm.recipe import MeshConfig, Recipe, TrainConfig
 
 
 def recipe():

@@ -1,7 +1,6 @@
 """The benchmarks' 'small' config: 6 layers, width 384, 6 heads, vocab 8192 (about 20M parameters)."""
 
-from lm.config import preset
-from lm.recipe import DataConfig, OptimizerConfig, Recipe, TrainConfig
+from lm.config import DataConfig, OptimizerConfig, Recipe, TrainConfig, preset
 
 
 def recipe() -> Recipe:

@@ -3,8 +3,7 @@
 Trains in a few minutes on a 2-core CPU; on a GPU the same command runs unchanged.
 """
 
-from lm.config import preset
-from lm.recipe import CheckpointConfig, DataConfig, OptimizerConfig, Recipe, TrainConfig
+from lm.config import CheckpointConfig, DataConfig, OptimizerConfig, Recipe, TrainConfig, preset
 
 
 def recipe() -> Recipe:

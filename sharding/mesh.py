@@ -1,13 +1,18 @@
-"""Build the device mesh from the recipe: axes (data, fsdp, tensor), -1 fills, multi-slice DCN axes."""
+"""Build the device mesh from the recipe: axes (data, fsdp, tensor), -1 fills, multi-slice DCN axes;
+and the Layout, the mesh with its logical-axis rules, that every sharded computation runs under."""
 
+import contextlib
+import dataclasses
 import math
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from lm.errors import UserError
+from sharding.rules import MeshAxes, logical_rules
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -35,7 +40,8 @@ def resolve_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[in
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """A Mesh over all devices (or `devices`), with Auto axes (GSPMD propagation; NNX_NOTES)."""
+    """A Mesh over all devices (or `devices`), with Auto axes: GSPMD propagation. (jax 0.10 defaults to
+    Explicit axes, where the embedding gather fails with a ShardingTypeError.)"""
     grid = device_grid(mesh_cfg, list(jax.devices() if devices is None else devices))
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
@@ -61,3 +67,44 @@ def device_grid(mesh_cfg, devices: list) -> np.ndarray:
         return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
         return np.array(devices).reshape(ici)  # CPU and unusual topologies: plain order
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh and the logical-axis rules that map names onto it, travelling as one.
+
+    `with layout:` enters both (`jax.set_mesh` and `nnx.logical_axis_rules`): what an entry point
+    does once around everything that builds, shards or runs arrays. The mesh may be an AbstractMesh
+    (the planner's, for hardware that is not here); then entering it only sets the abstract mesh.
+    """
+
+    mesh: Mesh | AbstractMesh
+    rules: tuple[tuple[str, MeshAxes], ...] = dataclasses.field(default_factory=logical_rules)
+    _entered: list = dataclasses.field(default_factory=list, init=False, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, mesh_cfg, devices=None) -> "Layout":
+        """The recipe's mesh (its MeshConfig) over all devices or `devices`, with its rule overrides."""
+        return cls(make_mesh(mesh_cfg, devices), logical_rules(mesh_cfg.rules))
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return dict(self.mesh.shape)
+
+    @property
+    def batch_devices(self) -> int:
+        """How many ways the batch is split (data x fsdp)."""
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def __enter__(self) -> "Layout":
+        stack = contextlib.ExitStack()
+        if isinstance(self.mesh, AbstractMesh):
+            stack.enter_context(jax.sharding.use_abstract_mesh(self.mesh))
+        else:
+            stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nnx.logical_axis_rules(self.rules))
+        self._entered.append(stack)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._entered.pop().close()

@@ -6,26 +6,27 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 
 from lm.errors import UserError
+from sharding.mesh import Layout
 from sharding.rules import current_rules, logical_to_spec
 
 
-def _mesh_size(mesh: Mesh, axes) -> int:
+def _mesh_size(mesh, axes) -> int:
     if axes is None:
         return 1
     axes = (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def check_divisible(dims: Mapping[str, tuple[int, str]], mesh: Mesh, rules) -> None:
+def check_divisible(dims: Mapping[str, tuple[int, str]], layout: Layout) -> None:
     """Every logical dimension must split evenly over the mesh axes its rule names.
 
     dims: logical name -> (size, the user-facing key that sets it, e.g. 'model.n_kv_heads').
     XLA would silently replicate or pad an indivisible dimension; we refuse instead, before compiling.
     """
-    table = dict(rules)
+    table, mesh = dict(layout.rules), layout.mesh
     for name, (size, key) in dims.items():
         axes = table.get(name)
         n = _mesh_size(mesh, axes)
@@ -38,16 +39,16 @@ def check_divisible(dims: Mapping[str, tuple[int, str]], mesh: Mesh, rules) -> N
             )
 
 
-def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules) -> nnx.Module:
+def create_sharded(make: Callable[[], nnx.Module], layout: Layout) -> nnx.Module:
     """Build a module (model, or model + optimizer) directly sharded: no full copy on any device.
 
     The abstract shapes come from `nnx.eval_shape`; a jit with out_shardings then runs the
     initialisers so that each device materialises only its own shards.
     """
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    with layout:
         abstract = nnx.eval_shape(make)
         graphdef, abstract_state = nnx.split(abstract)
-        shardings = nnx.get_named_sharding(abstract_state, mesh)
+        shardings = nnx.get_named_sharding(abstract_state, layout.mesh)
 
         @jax.jit(out_shardings=shardings)
         def init():
@@ -56,18 +57,18 @@ def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules) -> nnx.Mod
         return nnx.merge(graphdef, init())
 
 
-def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+def batch_sharding(layout: Layout, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(layout.mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), layout.rules))
 
 
-def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
+def put_batch(local: Mapping[str, np.ndarray], layout: Layout) -> dict[str, jax.Array]:
     """Assemble global arrays from each process's rows (the rows are that process's slice of the
     global batch; see lm.data.pipeline)."""
     # The global shape is stated, not inferred: if the batch axes did not span every process, jax
     # then refuses instead of silently building a smaller 'replicated' batch.
     return {
         k: jax.make_array_from_process_local_data(
-            batch_sharding(mesh, rules, v.ndim), v, (v.shape[0] * jax.process_count(), *v.shape[1:])
+            batch_sharding(layout, v.ndim), v, (v.shape[0] * jax.process_count(), *v.shape[1:])
         )
         for k, v in local.items()
     }

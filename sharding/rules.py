@@ -22,8 +22,16 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("vocab", "tensor"),
     ("norm", None),
     ("position", None),
-    ("layers", None),  # required: without it abstract init fails (NNX_NOTES)
+    ("layers", None),  # required: without it nnx.get_abstract_model fails ("Resource axis: layers")
 )
+
+
+def axes(*names: str | None) -> dict:
+    """Logical axis names as a Variable's metadata (`kernel_metadata=axes("embed", "mlp")`).
+
+    Variables are placed by `sharding.partition` (abstract init, then a jit with out_shardings),
+    never eagerly where they are created, so a model can also be built with no mesh at all."""
+    return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
 def logical_rules(overrides: Sequence[tuple[str, MeshAxes]] = ()) -> tuple[tuple[str, MeshAxes], ...]:

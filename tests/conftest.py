@@ -1,11 +1,36 @@
-"""Shared fixtures: tiny model configs and a tiny corpus written by the tests themselves."""
+"""Shared fixtures: tiny model configs and a tiny corpus written by the tests themselves.
 
+NNX_LM_TREE_MODE=1 runs the suite in NNX tree mode, switched on here before any test imports flax
+code (the commands the tests start switch it on themselves, in launch.cli.main_guard). Under CI=true
+a missing test extra stops the session instead of skipping the tests that need it.
+"""
+
+import importlib
 import os
 import pathlib
+import tomllib
 
 import pytest
 
+from launch.cli import tree_mode
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+tree_mode()
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("CI") != "true":
+        return
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    for requirement in extras:
+        name = requirement.split("=")[0].split(">")[0].split("<")[0].strip()
+        module = {"import-linter": "importlinter"}.get(name, name.replace("-", "_"))
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise pytest.UsageError(
+                f"CI=true but the test extra {name} does not import ({e}); install it: pip install -e '.[test]'"
+            ) from None
 
 
 @pytest.fixture

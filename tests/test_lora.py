@@ -9,11 +9,11 @@ import pytest
 from flax import nnx
 
 from lm import lora
-from lm.config import ModelConfig
+from lm.config import LoraConfig, ModelConfig, OptimizerConfig
 from lm.errors import UserError
+from lm.hf import save_peft
 from lm.model import Transformer
-from lm.recipe import OptimizerConfig
-from lm.train.optimizer import make_optimizer
+from lm.state.optimizer import make_optimizer
 from lm.train.step import train_step
 
 CFG = ModelConfig(
@@ -22,8 +22,7 @@ CFG = ModelConfig(
 
 
 def model(scan=True, **kw):
-    with nnx.use_eager_sharding(False):
-        return Transformer(dataclasses.replace(CFG, scan_layers=scan, **kw), rngs=nnx.Rngs(0))
+    return Transformer(dataclasses.replace(CFG, scan_layers=scan, **kw), rngs=nnx.Rngs(0))
 
 
 def inputs(batch=2, length=16, seed=1):
@@ -43,7 +42,7 @@ def batch(seed=1, batch=4, length=16):
 
 
 def spec(base_dtype="float32", **kw):
-    return lora.LoraSpec(rank=4, alpha=8.0, base_dtype=base_dtype, **kw)
+    return LoraConfig(rank=4, alpha=8.0, base_dtype=base_dtype, **kw)
 
 
 def perturb(m, scale=0.05):
@@ -190,7 +189,7 @@ def test_peft_applied_to_the_base_gives_our_logits(hf_llama, tmp_path):
     model = adapted_llama(hf_llama)
     tokens, positions = inputs()
     ours = np.asarray(model(tokens, positions))
-    lora.save_peft(model, spec(), tmp_path / "adapter", base_model_name_or_path=str(hf_llama))
+    save_peft(model, spec(), tmp_path / "adapter", base_model_name_or_path=str(hf_llama))
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype="float32")
     theirs = torch_logits(peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval(), tokens)
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
@@ -211,18 +210,21 @@ def test_merged_export_loads_in_transformers_with_our_logits(hf_llama, tmp_path)
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
+def keyed(m, key: int):
+    """A copy of m whose adapters drop with this key, as the train step's copy does."""
+    m = nnx.clone(m)
+    lora.seed_dropout(m, jax.random.key(key))
+    return m
+
+
 def test_dropout_acts_in_training_steps_only_and_is_reproducible():
     m = model()
     lora.apply(m, spec(dropout=0.5))
     perturb(m)
     tokens, positions = inputs()
     plain = np.asarray(m(tokens, positions))  # no key set: eval and decode never drop
-    with lora.dropout_key(jax.random.key(1)):
-        a = np.asarray(m(tokens, positions))
-    with lora.dropout_key(jax.random.key(1)):
-        b = np.asarray(m(tokens, positions))
-    with lora.dropout_key(jax.random.key(2)):
-        c = np.asarray(m(tokens, positions))
+    a, b, c = (np.asarray(keyed(m, key)(tokens, positions)) for key in (1, 1, 2))
+    np.testing.assert_array_equal(np.asarray(m(tokens, positions)), plain)  # the keyed copies left m alone
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - plain).max() > 1e-3 and np.abs(a - c).max() > 1e-3
     opt = make_optimizer(m, OptimizerConfig(lr=1e-2, warmup_steps=0), 10, wrt=nnx.LoRAParam)

@@ -24,6 +24,7 @@ import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 
+from lm.data.corpus import jsonl_lines
 from lm.data.tokenizer import DEFAULT_CHAT_TEMPLATE
 from lm.errors import UserError
 
@@ -187,8 +188,6 @@ def first_record_format(path) -> str | None:
 def iter_records(files) -> Iterator[tuple[str, dict]]:
     """(where, record) for each non-blank line of JSONL files."""
     from pathlib import Path
-
-    from lm.data.corpus import jsonl_lines
 
     for path in map(Path, files):
         for lineno, line in jsonl_lines(path):

@@ -24,20 +24,13 @@ from lm.data.corpus import (
     split_files,
     stdlib_files,
 )
-from lm.data.tokenizer import Tokenizer, train_tokenizer
-from lm.data.tokens import write_tokens
+from lm.data.instruct import FORMATS, Stats, encode_records, first_record_format, iter_records
+from lm.data.tokenizer import Tokenizer, file_sha256, load_tokenizer, train_tokenizer
+from lm.data.tokens import write_examples, write_tokens
 from lm.errors import UserError
 
 FORMAT = 1
 STDLIB = "stdlib"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fingerprint(files: list[Path]) -> str:
@@ -165,8 +158,6 @@ def prepare_corpus(
 
 def _instruct_format(files: list[Path], format: str) -> bool:
     """Whether the inputs are instruction/chat records (then every input must be JSONL)."""
-    from lm.data.instruct import FORMATS, first_record_format
-
     if format not in FORMATS:
         raise UserError(f"data.format={format!r} is not one of {list(FORMATS)}")
     if format == "text" or not any(is_jsonl(f) for f in files):
@@ -183,10 +174,6 @@ def _instruct_format(files: list[Path], format: str) -> bool:
 
 def _prepare_instruct(files, inputs, out_dir: Path, tokenizer_path, format, seq_len, eval_fraction, seed) -> dict:
     """Instruction/chat records -> train/eval token files with masks, split per record by hash."""
-    from lm.data.instruct import Stats, encode_records, iter_records
-    from lm.data.tokenizer import load_tokenizer
-    from lm.data.tokens import write_examples
-
     started = time.perf_counter()
     plain = [f for f in files if not is_jsonl(f)]
     if plain:

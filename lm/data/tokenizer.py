@@ -42,6 +42,9 @@ HF_TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+# What a run imported from a Hugging Face folder keeps besides those: older tokenizer formats and the
+# model's generation settings (a chat model's end-of-turn ids travel with its tokenizer).
+HF_FOLDER_FILES = HF_TOKENIZER_FILES + ("vocab.json", "merges.txt", "chat_template.json", "generation_config.json")
 
 # Used for chat data when a tokenizer has no template of its own (our sentencepiece models, base models).
 # It holds no special tokens, so it encodes with any vocabulary; the fine-tuning data ends each assistant
@@ -362,7 +365,7 @@ class Tokenizer:
         """A content hash for mismatch checks: the .model file's sha256 for our own tokenizers (what
         checkpoints store as `tokenizer_sha256`), else over the tokenizer files' names and bytes."""
         if self.kind == "sentencepiece":
-            return _file_sha256(self.path)
+            return file_sha256(self.path)
         digest = hashlib.sha256()
         for f in self.files:
             digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
@@ -483,7 +486,7 @@ def _or_none(i: int) -> int | None:
     return None if i < 0 else i
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -3,37 +3,6 @@
 import json
 import pathlib
 import secrets
-import time
-
-import jax
-import jax.numpy as jnp
-
-from lm.hardware import DEVICES
-
-# Dense bf16 peak TFLOP/s per device, from the data sheets in lm.hardware, matched by device_kind prefix.
-PEAK_TFLOPS = {kind: d.peak_tflops for d in DEVICES.values() for kind in d.kinds if d.peak_tflops}
-
-
-def measure_peak_tflops(n: int = 1024, repeats: int = 5) -> float:
-    """A float32 matmul's TFLOP/s on this device: the CPU's 'peak' (no data sheet applies)."""
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        f(x).block_until_ready()
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
-
-
-def peak_tflops_per_device(configured: float | None = None) -> tuple[float, str]:
-    """(peak TFLOP/s per device, where the number came from)."""
-    if configured:
-        return configured, "configured"
-    kind = jax.devices()[0].device_kind
-    for prefix, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-        if kind.startswith(prefix):
-            return tflops, f"data sheet ({kind})"
-    return measure_peak_tflops(), f"measured float32 matmul ({kind})"
 
 
 class MetricsLog:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lm.lora import dropout_key
+from lm.lora import seed_dropout
 from lm.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from sharding.rules import logical_constraint
 
@@ -77,9 +77,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
 
     def mean_and_grads(mb, i=0):
         def loss(p):
-            with dropout_key(jax.random.fold_in(step_key, i)):
-                model_i = nnx.merge(graphdef, compute_params(p, model.cfg.compute_dtype), frozen)
-                return _loss_sums(model_i, mb)[0] / total_weight
+            model_i = nnx.merge(graphdef, compute_params(p, model.cfg.compute_dtype), frozen)
+            seed_dropout(model_i, jax.random.fold_in(step_key, i))
+            return _loss_sums(model_i, mb)[0] / total_weight
 
         return jax.value_and_grad(loss)(params)
 

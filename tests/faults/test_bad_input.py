@@ -2,7 +2,7 @@
 2, before anything is written. The table is the one in the README ("Bad input").
 
 The commands run in this process (their real `main`, through launch.cli.main_guard), which keeps
-the table fast; tests/test_generate_cli.py and tests/test_multihost.py run such errors as real
+the table fast; tests/infer/test_generate_cli.py and tests/train/test_multihost.py run such errors as real
 subprocesses."""
 
 import importlib
@@ -76,16 +76,9 @@ CASES = [
         ["--processes", "2", "--devices-per-process", "1", "--timeout", "0", "--", "true"],
         "--timeout=0",
     ),
-]
-# Added by their own helpers; covered here as soon as they exist.
-OPTIONAL = [
     ("convert", ["--run-dir", "{tmp}/nowhere", "--hf-out", "{tmp}/hf"], "is not a run directory"),
     ("score", ["--run-dir", "{tmp}/nowhere", "--input", "{tmp}/empty.py"], "is not a run directory"),
 ]
-
-
-def available(command: str) -> bool:
-    return importlib.util.find_spec(f"launch.{command}") is not None
 
 
 @pytest.fixture
@@ -102,11 +95,7 @@ def files(tmp_path):
 
 @pytest.mark.parametrize(
     "command, args, fragment",
-    CASES
-    + [
-        pytest.param(*case, marks=pytest.mark.skipif(not available(case[0]), reason=f"no launch.{case[0]} yet"))
-        for case in OPTIONAL
-    ],
+    CASES,
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
 def test_bad_input_gives_one_line_and_exit_code_2(command, args, fragment, files, capsys):

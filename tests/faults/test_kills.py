@@ -19,7 +19,7 @@ import pytest
 from faultkit import LONG, launch, wait_until
 from helpers import final_params, losses, tiny_train_args
 
-from lm.train.checkpoint import finished_steps
+from lm.state.checkpoint import finished_steps
 
 pytestmark = pytest.mark.slow
 STEPS = 12

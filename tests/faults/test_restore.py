@@ -12,7 +12,7 @@ import pytest
 from faultkit import LONG, error_lines
 from helpers import ROOT, final_params, tiny_train_args
 
-from lm.train.checkpoint import damage
+from lm.state.checkpoint import damage
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 NO_FILES_DURING_RESTORE = """
 import os, resource, sys
 sys.path.insert(0, os.getcwd())
-from lm.train import checkpoint
+from lm.state import checkpoint
 
 restore = checkpoint.Checkpointer.restore
 

@@ -9,7 +9,7 @@ import pytest
 from faultkit import LONG, can_mount, error_lines, launch, mounted, wait_until
 from helpers import ROOT, tiny_train_args
 
-from lm.train.checkpoint import finished_steps
+from lm.state.checkpoint import finished_steps
 
 pytestmark = pytest.mark.slow
 NO_MOUNT = can_mount()

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lm.config import MeshConfig
 from lm.hf import hf_tensors, load_hf
-from lm.recipe import MeshConfig
-from sharding.mesh import make_mesh
-from sharding.rules import logical_rules
+from sharding.mesh import Layout
 
 pytest.importorskip("transformers")
 
@@ -22,10 +21,10 @@ def test_sharded_import_is_placed_and_equals_single_device(tmp_path, shape, scan
 
     reference = save_hf_checkpoint("llama", tmp_path)  # 6 heads, 2 kv heads, width 48, 3 layers
     data, fsdp, tensor = shape
-    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[: data * fsdp * tensor])
-    rules = logical_rules()
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        model = load_hf(tmp_path, scan_layers=scan, mesh=mesh, rules=rules)
+    layout = Layout.build(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[: data * fsdp * tensor])
+    mesh = layout.mesh
+    with layout:
+        model = load_hf(tmp_path, scan_layers=scan, layout=layout)
         state = nnx.state(model, nnx.Param)
         want = nnx.get_named_sharding(state, mesh)
         for (path, var), (_, sharding) in zip(nnx.to_flat_state(state), nnx.to_flat_state(want)):

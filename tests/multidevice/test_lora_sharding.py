@@ -9,11 +9,10 @@ import pytest
 from flax import nnx
 
 from lm import lora
-from lm.config import ModelConfig
-from lm.recipe import MeshConfig, OptimizerConfig
-from lm.train.optimizer import make_optimizer
+from lm.config import LoraConfig, MeshConfig, ModelConfig, OptimizerConfig
+from lm.state.optimizer import make_optimizer
 from lm.train.step import train_step
-from sharding.mesh import make_mesh
+from sharding.mesh import Layout, make_mesh
 from sharding.partition import create_sharded, place, put_batch
 from sharding.rules import logical_rules
 
@@ -37,12 +36,13 @@ def run(shape, base_dtype="float32", steps=2):
     mesh = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]), jax.devices()[: np.prod(shape)])
     from lm.model import Transformer
 
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-        model = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, RULES)
-        lora.apply(model, lora.LoraSpec(rank=4, alpha=8.0, base_dtype=base_dtype), seed=1)
+    layout = Layout(mesh, RULES)
+    with layout:
+        model = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), layout)
+        lora.apply(model, LoraConfig(rank=4, alpha=8.0, base_dtype=base_dtype), seed=1)
         nnx.update(model, place(nnx.state(model, nnx.Any(nnx.LoRAParam, lora.Quantized, lora.DropoutSalt))))
         opt = make_optimizer(model, OptimizerConfig(lr=1e-2, warmup_steps=0), 10, wrt=nnx.LoRAParam)
-        losses = [float(train_step(model, opt, put_batch(batch(seed=s), mesh, RULES))["loss"]) for s in range(steps)]
+        losses = [float(train_step(model, opt, put_batch(batch(seed=s), layout))["loss"]) for s in range(steps)]
     return model, losses
 
 

@@ -8,13 +8,12 @@ import optax
 import pytest
 from flax import nnx
 
-from lm.config import ModelConfig
+from lm.config import MeshConfig, ModelConfig, OptimizerConfig
 from lm.errors import UserError
 from lm.model import Transformer
-from lm.recipe import MeshConfig, OptimizerConfig
-from lm.train.optimizer import make_optimizer
+from lm.state.optimizer import make_optimizer
 from lm.train.step import train_step
-from sharding.mesh import make_mesh
+from sharding.mesh import Layout, make_mesh
 from sharding.partition import check_divisible, create_sharded, put_batch
 from sharding.rules import logical_rules, logical_to_spec
 
@@ -43,16 +42,16 @@ def build(mesh, cfg=CFG, sgd=False):
             return model, nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
         return model, make_optimizer(model, OptimizerConfig(lr=1e-2, warmup_steps=0), 10)
 
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-        return create_sharded(make, mesh, RULES)
+    with Layout(mesh, RULES):
+        return create_sharded(make, Layout(mesh, RULES))
 
 
 def run_steps(mesh, n=3, grad_accum=1, cfg=CFG, sgd=False, length=32):
     model, opt = build(mesh, cfg, sgd)
     out = []
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+    with Layout(mesh, RULES):
         for b in batches(n, length=length):
-            m = train_step(model, opt, put_batch(b, mesh, RULES), grad_accum=grad_accum)
+            m = train_step(model, opt, put_batch(b, Layout(mesh, RULES)), grad_accum=grad_accum)
             out.append((float(m["loss"]), float(m["grad_norm"])))
     return out, model
 
@@ -118,7 +117,7 @@ def test_indivisible_mesh_is_a_clear_error_before_compile():
     cfg = dataclasses.replace(CFG, n_kv_heads=2)
     mesh = mesh_of((1, 2, 4))
     with pytest.raises(UserError, match=r"model.n_kv_heads=2 is not divisible by mesh.tensor=4"):
-        check_divisible(cfg.logical_dims(), mesh, RULES)
+        check_divisible(cfg.logical_dims(), Layout(mesh, RULES))
     for field, value, message in [
         ("vocab_size", 250, r"model.vocab_size=250 is not divisible by mesh.tensor=4"),
         ("d_ff", 126, r"model.d_ff=126 is not divisible by mesh.tensor=4"),
@@ -130,10 +129,10 @@ def test_indivisible_mesh_is_a_clear_error_before_compile():
             else dataclasses.replace(CFG, n_heads=1, n_kv_heads=1, d_model=63, head_dim=64)
         )
         with pytest.raises(UserError, match=message):
-            check_divisible(bad.logical_dims(), mesh, RULES)
+            check_divisible(bad.logical_dims(), Layout(mesh, RULES))
     batch = {"batch": (6, "train.batch_size/grad_accum")}
     with pytest.raises(UserError, match=r"train.batch_size/grad_accum=6 is not divisible by mesh.data\*mesh.fsdp=4"):
-        check_divisible(batch, mesh_of((2, 2, 2)), RULES)
+        check_divisible(batch, Layout(mesh_of((2, 2, 2)), RULES))
     with pytest.raises(UserError, match="devices"):
         make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
     with pytest.raises(UserError, match="at most one"):
@@ -143,27 +142,27 @@ def test_indivisible_mesh_is_a_clear_error_before_compile():
 def test_restore_onto_a_different_mesh_continues_with_the_same_loss(tmp_path):
     import grain
 
-    from lm.recipe import CheckpointConfig
-    from lm.train.checkpoint import Checkpointer
+    from lm.config import CheckpointConfig
+    from lm.state.checkpoint import CheckpointMeta, Checkpointer
 
     first, second, third = batches(3)
     mesh_a = mesh_of((8, 1, 1))
     model, opt = build(mesh_a)
     ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
-    with jax.set_mesh(mesh_a), nnx.logical_axis_rules(RULES):
+    with Layout(mesh_a, RULES):
         for b in (first, second):
-            train_step(model, opt, put_batch(b, mesh_a, RULES))
-        ckpt.save(2, model, opt, iter(grain.MapDataset.range(8).to_iter_dataset()), {})
-        expected = float(train_step(model, opt, put_batch(third, mesh_a, RULES))["loss"])
+            train_step(model, opt, put_batch(b, Layout(mesh_a, RULES)))
+        ckpt.save(2, model, opt, iter(grain.MapDataset.range(8).to_iter_dataset()), CheckpointMeta())
+        expected = float(train_step(model, opt, put_batch(third, Layout(mesh_a, RULES)))["loss"])
 
     for shape, devices in (((2, 2, 2), None), ((1, 1, 1), jax.devices()[:1])):
         mesh_b = mesh_of(shape, devices)
         model_b, opt_b = build(mesh_b)
-        with jax.set_mesh(mesh_b), nnx.logical_axis_rules(RULES):
+        with Layout(mesh_b, RULES):
             ckpt.restore(2, model_b, opt_b, iter(grain.MapDataset.range(8).to_iter_dataset()))
             kernel = model_b.blocks.mlp.up.kernel[...]
             assert kernel.sharding.mesh.shape == mesh_b.shape  # restored straight onto the new mesh
-            got = float(train_step(model_b, opt_b, put_batch(third, mesh_b, RULES))["loss"])
+            got = float(train_step(model_b, opt_b, put_batch(third, Layout(mesh_b, RULES)))["loss"])
         assert got == pytest.approx(expected, rel=1e-5), shape
 
 
@@ -181,8 +180,8 @@ def test_splash_lowers_for_tpu_per_shard_with_gqa():
     cfg = dataclasses.replace(CFG, attention_impl="splash", max_seq_len=512, n_kv_heads=2, dtype="bfloat16")
     mesh = mesh_of((2, 2, 2))
     model, opt = build(mesh, cfg)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-        batch = put_batch(next(batches(1, length=512)), mesh, RULES)
+    with Layout(mesh, RULES):
+        batch = put_batch(next(batches(1, length=512)), Layout(mesh, RULES))
         text = train_step.trace(model, opt, batch).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text and "512x512x" not in text
 
@@ -198,7 +197,7 @@ def test_cudnn_lowers_for_cuda_under_a_mesh_without_a_square_operand(monkeypatch
     cfg = dataclasses.replace(CFG, attention_impl="cudnn", max_seq_len=512, n_kv_heads=2, dtype="bfloat16")
     mesh = mesh_of((2, 2, 2))
     model, opt = build(mesh, cfg)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-        batch = put_batch(next(batches(1, length=512)), mesh, RULES)
+    with Layout(mesh, RULES):
+        batch = put_batch(next(batches(1, length=512)), Layout(mesh, RULES))
         text = train_step.trace(model, opt, batch).lower(lowering_platforms=("cuda",)).as_text()
     assert "custom_call @CustomSPMDPartitioning" in text and "512x512x" not in text

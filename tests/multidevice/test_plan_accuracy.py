@@ -5,13 +5,13 @@ import jax
 import pytest
 from flax import nnx
 
+from lm.bench import compile_memory
+from lm.config import load_recipe
 from lm.model import Transformer
-from lm.plan import compile_memory, estimate
-from lm.recipe import load_recipe
-from lm.train.optimizer import make_optimizer
-from sharding.mesh import make_mesh
+from lm.plan import estimate
+from lm.state.optimizer import make_optimizer
+from sharding.mesh import Layout
 from sharding.partition import create_sharded
-from sharding.rules import logical_rules
 
 # The tiny and small shapes, cut to a batch and length that compile in seconds here.
 SHAPES = {
@@ -38,14 +38,15 @@ def test_parameter_and_optimizer_bytes_match_the_sharded_arrays(shape, mesh_name
     overrides = overrides + MESHES[mesh_name]
     recipe = load_recipe(name, overrides)
     plan = estimate(recipe, devices=8)
-    mesh, rules = make_mesh(recipe.mesh), logical_rules(recipe.mesh.rules)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    layout = Layout.build(recipe.mesh)
+    mesh = layout.mesh
+    with layout:
 
         def make():
             model = Transformer(recipe.model, rngs=nnx.Rngs(0))
             return model, make_optimizer(model, recipe.optimizer, recipe.train.steps)
 
-        model, optimizer = create_sharded(make, mesh, rules)
+        model, optimizer = create_sharded(make, layout)
     params, opt = device0_bytes(nnx.state(model, nnx.Param)), device0_bytes(nnx.state(optimizer))
     assert plan.mesh == dict(mesh.shape)
     assert abs(plan.memory.params - params) <= 0.05 * params, (plan.memory.params, params)

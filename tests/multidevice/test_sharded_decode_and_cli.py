@@ -8,13 +8,11 @@ import numpy as np
 from flax import nnx
 from helpers import run_cli, tiny_train_args
 
-from lm.config import ModelConfig
-from lm.decode import generate
+from lm.config import MeshConfig, ModelConfig
+from lm.infer.decode import generate
 from lm.model import Transformer
-from lm.recipe import MeshConfig
-from sharding.mesh import make_mesh
+from sharding.mesh import Layout
 from sharding.partition import create_sharded
-from sharding.rules import logical_rules
 
 CFG = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=128, max_seq_len=128)
 
@@ -22,9 +20,9 @@ CFG = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=
 def test_tensor_sharded_decode_equals_single_device():
     prompts = [np.random.default_rng(0).integers(4, 256, n).tolist() for n in (1, 7, 30)]
     single = generate(Transformer(CFG, rngs=nnx.Rngs(0)), prompts, max_new_tokens=16).tokens
-    mesh, rules = make_mesh(MeshConfig(data=1, fsdp=1, tensor=4), jax.devices()[:4]), logical_rules()
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        model = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, rules)
+    layout = Layout.build(MeshConfig(data=1, fsdp=1, tensor=4), jax.devices()[:4])
+    with layout:
+        model = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), layout)
         assert model.blocks.attn.key.kernel[...].addressable_shards[0].data.shape[2] == 1  # 4 kv heads / 4
         sharded = generate(model, prompts, max_new_tokens=16).tokens
     assert sharded == single

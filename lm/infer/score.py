@@ -1,0 +1,189 @@
+"""Scoring held-out text or token ids: negative log-likelihood, perplexity, bits per byte, raw logits.
+
+How a document is scored: it is encoded with the tokenizer's own rule and every one of its tokens is
+predicted from what precedes it. The first token is predicted from a context token: the BOS where the
+tokenizer adds one (Llama, Gemma), else the EOS (GPT-2, Qwen and our own models: documents are joined
+by EOS in training, so this is their document boundary, as in lm-eval's rolling log-likelihood).
+A document longer than the model's context L is scored in windows of L tokens that start every L/2
+tokens; each window scores only the tokens no earlier window scored, so every token is scored once,
+with at least L/2 tokens of context after the first window.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm.data.instruct import Stats, encode_records
+from lm.errors import UserError
+from lm.infer.decode import bucket
+from lm.loss import cross_entropy_sum
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    tokens: int  # predicted tokens
+    nll_sum: float  # nats, summed over those tokens
+    documents: int
+    bytes: int | None = None  # UTF-8 bytes of the scored text (None for token ids)
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return self.nll_sum / math.log(2) / self.bytes if self.bytes else None
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "mean_nll": self.mean_nll,
+            "perplexity": self.perplexity,
+            **({"bytes": self.bytes, "bits_per_byte": self.bits_per_byte} if self.bytes is not None else {}),
+        }
+
+
+def windows(n: int, context: int) -> list[tuple[int, int, int]]:
+    """(start, end, first_target) for a sequence of n tokens: window ids[start:end] scores the targets
+    first_target..end-1 (target t is predicted by position t-1)."""
+    stride = max(1, context // 2)
+    out, start, done = [], 0, 0  # done: targets below this index are scored
+    while True:
+        end = min(start + context, n)
+        out.append((start, end, max(done, start + 1)))
+        if end == n:
+            return out
+        done, start = end, start + stride
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _logits(graphdef, params, tokens):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return nnx.merge(graphdef, params)(tokens, positions)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _nll(graphdef, params, tokens, weights):
+    """Summed NLL of tokens[:, 1:] given the prefix, weighted by weights[:, 1:]."""
+    logits = _logits(graphdef, params, tokens)
+    return cross_entropy_sum(logits[:, :-1], tokens[:, 1:], weights[:, 1:])
+
+
+def _rows(rows: list[np.ndarray], weights: list[np.ndarray], context: int, batch_size: int):
+    """Pad a batch to batch_size rows of a power-of-two length (few recompilations), padding weighted 0."""
+    width = min(bucket(max(len(r) for r in rows)), context)
+    tokens = np.zeros((batch_size, width), np.int32)
+    w = np.zeros((batch_size, width), np.float32)
+    for i, (r, wr) in enumerate(zip(rows, weights)):
+        tokens[i, : len(r)], w[i, : len(r)] = r, wr
+    return jnp.asarray(tokens), jnp.asarray(w)
+
+
+def _score_rows(model, items: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int) -> tuple[float, int]:
+    graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
+    context = model.cfg.max_seq_len
+    total, count, batch = 0.0, 0, []
+
+    def flush():
+        nonlocal total, count
+        tokens, w = _rows([r for r, _ in batch], [w for _, w in batch], context, batch_size)
+        s, n = _nll(graphdef, params, tokens, w)
+        total, count = total + float(s), count + int(n)
+        batch.clear()
+
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return total, count
+
+
+def score_texts(model, tokenizer, texts: Iterable[str], *, batch_size: int = 8) -> Score:
+    """Score documents (see the module docstring for the rule). Call under the model's mesh and rules."""
+    context = model.cfg.max_seq_len
+    prefix = [] if tokenizer.add_bos else [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    stats = {"documents": 0, "bytes": 0}
+
+    def items():
+        for text in texts:
+            ids = np.asarray(prefix + tokenizer.encode(text), np.int32)
+            stats["documents"] += 1
+            stats["bytes"] += len(text.encode("utf-8"))
+            if ids.size > 1 and ids.max() >= model.cfg.vocab_size:
+                raise UserError(
+                    f"the tokenizer produced id {int(ids.max())} but the model has vocab_size={model.cfg.vocab_size}"
+                )
+            for start, end, first in windows(len(ids), context) if len(ids) > 1 else []:
+                w = np.zeros(end - start, np.float32)
+                w[first - start :] = 1.0
+                yield ids[start:end], w
+
+    total, count = _score_rows(model, items(), batch_size)
+    if count == 0:
+        raise UserError("the input holds no text to score (every document is empty)")
+    return Score(count, total, stats["documents"], stats["bytes"])
+
+
+def score_examples(model, tokenizer, records, *, fmt: str = "auto", batch_size: int = 8) -> Score:
+    """Score instruction or chat records ((where, record) pairs) on their trained tokens only: the
+    completion and its EOS, or the assistant turns, as the fine-tuning eval does. An example longer
+    than the context is truncated by lm.data.instruct's rule."""
+    stats = Stats()
+
+    def items():
+        for ex in encode_records(records, fmt, tokenizer, model.cfg.max_seq_len, stats):
+            yield np.asarray(ex.ids, np.int32), np.asarray(ex.mask, np.float32)
+
+    total, count = _score_rows(model, items(), batch_size)
+    if count == 0:
+        raise UserError("the input holds no trained tokens to score (no completion or assistant turn)")
+    return Score(count, total, stats.examples, None)
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, context: int, where: str) -> np.ndarray:
+    """An int array [batch, length] (or [length]) of ids the model can embed, no longer than its context."""
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise UserError(f"{where} holds {ids.dtype} values; save an integer array of token ids [batch, length]")
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise UserError(f"{where} has shape {ids.shape}; save token ids as [batch, length] with length >= 2")
+    if ids.shape[1] > context:
+        raise UserError(
+            f"{where} rows have {ids.shape[1]} tokens but the model's context is {context}; cut them to {context}"
+        )
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise UserError(
+            f"{where} holds token ids from {ids.min()} to {ids.max()} but the model has vocab_size={vocab_size}"
+        )
+    return ids.astype(np.int32)
+
+
+def score_token_ids(model, ids: np.ndarray, *, batch_size: int = 8) -> Score:
+    """Mean NLL of ids[:, 1:] given their prefixes, for an int array [batch, length] (no tokenizer)."""
+    items = ((row, np.ones(len(row), np.float32)) for row in ids)
+    total, count = _score_rows(model, items, batch_size)
+    return Score(count, total, len(ids))
+
+
+def logits_of(model, ids: np.ndarray, *, batch_size: int = 8, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 logits [batch, length, vocab] for ids [batch, length], computed batch_size rows at a time
+    into `out` (e.g. a memory-mapped .npy) or a new array."""
+    graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
+    if out is None:
+        out = np.empty((*ids.shape, model.cfg.vocab_size), np.float32)
+    for i in range(0, len(ids), batch_size):
+        out[i : i + batch_size] = np.asarray(_logits(graphdef, params, jnp.asarray(ids[i : i + batch_size])))
+    return out

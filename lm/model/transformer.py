@@ -1,0 +1,173 @@
+"""The decoder-only Transformer: embed, a stack of Blocks, final norm, LM head.
+
+Blocks are built once with `nnx.vmap` (every parameter gains a leading `layers` axis) and applied
+with `nnx.scan`, so compile time does not grow with depth. `scan_layers=False` keeps a plain list
+of Blocks applied in a Python loop; it gives the same numbers and is there for debugging and export.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm.config import ModelConfig
+from lm.model.attention import Mode
+from lm.model.blocks import Block, make_norm
+from sharding.rules import axes, logical_constraint
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def over_layers(f, in_axes):
+    """f with the stacked `layers` axis taken off its Variables' logical names inside and put back on
+    the way out, so that partition specs stay aligned under nnx.vmap and nnx.scan. nnx.transform_metadata
+    does this in graph and tree mode alike (the transforms' own argument is ignored in tree mode)."""
+    return nnx.transform_metadata(f, in_axes=in_axes, out_axes=0, partition="layers")
+
+
+def unembed(x: jax.Array, head: jax.Array, softcap: float | None = None) -> jax.Array:
+    """x [batch, length, d_model] @ head [d_model, vocab] -> float32 logits [batch, length, vocab],
+    soft-capped to softcap * tanh(logits / softcap) when given (Gemma 2).
+
+    Logits are accumulated in float32 from the compute dtype: the softmax over a large vocabulary
+    loses too much precision in bf16. Tokens are flattened so the head's gradient contracts over one
+    axis (see lm.model.attention.per_token).
+    """
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    logits = jnp.dot(flat, head.astype(x.dtype), preferred_element_type=jnp.float32).reshape(*lead, -1)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logical_constraint(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        embed_init = nnx.initializers.normal(cfg.init_std)
+        dtypes = dict(dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+
+        def embed(n: int, name: str) -> nnx.Embed:
+            return nnx.Embed(n, cfg.d_model, embedding_init=embed_init, embedding_metadata=axes(name, "embed"),
+                             **dtypes)  # fmt: skip
+
+        self.embed = embed(cfg.vocab_size, "vocab")
+        self.pos_embed = embed(cfg.max_seq_len, "position") if cfg.positions == "learned" else nnx.data(None)
+        if cfg.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            @functools.partial(over_layers, in_axes=(0,))
+            def stack(rngs):
+                return Block(cfg, rngs=rngs)
+
+            self.blocks = stack(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = make_norm(cfg, rngs)
+        self.lm_head = nnx.data(None)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Linear(
+                cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=embed_init,
+                kernel_metadata=axes("embed", "vocab"), **dtypes,
+            )  # fmt: skip
+
+    def __call__(
+        self, tokens, positions, segment_ids=None, *, mode: Mode = "train", return_hidden: bool = False
+    ) -> jax.Array:
+        """tokens, positions, segment_ids: int [batch, length]. Returns float32 logits [batch, length, vocab].
+
+        return_hidden: return the final-normed hidden states [batch, length, d_model] instead, for
+        callers that apply the head to a few positions (prefill) or in chunks (the loss).
+        """
+        # FSDP gathers the table's width before the lookup (as it does for every weight), so the
+        # result comes out split by batch rather than by width; vocab stays split over tensor.
+        table = logical_constraint(self.embed.embedding[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(self.embed.dtype)
+        if self.cfg.scale_embeddings:  # Gemma: the factor is rounded to the compute dtype, as in transformers
+            x = x * jnp.asarray(self.cfg.d_model**0.5, x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = logical_constraint(x, ("batch", "length", "embed"))
+
+        static_window = self._static_window()
+
+        def layer(block: Block, x, *window):  # window: this layer's, when the stack's layers differ
+            sliding_window = window[0] if window else static_window
+            return block(x, positions, segment_ids, mode=mode, sliding_window=sliding_window)
+
+        # Layers that differ only in their window (Gemma 2) share one scan: the window is a scanned input.
+        windows = self._layer_windows()
+        if self.cfg.remat != "none":
+            layer = nnx.remat(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+        if self.cfg.scan_layers and mode == "decode":
+            x = self._decode_scan(x, layer, windows)
+        elif self.cfg.scan_layers:
+            xs = () if windows is None else (windows,)
+            body = over_layers(layer, in_axes=(0, None, *(None for _ in xs)))
+            x = nnx.scan(body, in_axes=(0, nnx.Carry, *(0 for _ in xs)), out_axes=nnx.Carry)(self.blocks, x, *xs)
+        else:
+            for block, sliding in zip(self.blocks, self.cfg.sliding_layers):
+                x = layer(block, x, self.cfg.sliding_window if sliding else None)
+
+        x = self.final_norm(x)
+        return x if return_hidden else self.logits(x)
+
+    def head(self) -> jax.Array:
+        """The unembedding [d_model, vocab]: the LM head, or the embedding table when tied."""
+        return self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., d_model] -> float32 logits [..., vocab] (soft-capped for Gemma 2)."""
+        return unembed(x, self.head(), self.cfg.final_softcap)
+
+    def _static_window(self):
+        """The sliding window when every layer has the same one (None: no window or per-layer)."""
+        sliding = self.cfg.sliding_layers
+        return self.cfg.sliding_window if all(sliding) else None
+
+    def _layer_windows(self):
+        """int32 [layers] windows for a stack whose layers differ (unbounded where a layer has none)."""
+        sliding = self.cfg.sliding_layers
+        if all(sliding) or not any(sliding):
+            return None
+        unbounded = np.iinfo(np.int32).max
+        return jnp.asarray([self.cfg.sliding_window if s else unbounded for s in sliding], jnp.int32)
+
+    def _decode_scan(self, x, layer, windows=None):
+        """One decode step through the stacked layers with the KV cache in the scan's carry.
+
+        Scanned as input and output (nnx.scan's default), the whole cache would be copied once per
+        generated token; as a carry, each layer's slice is updated in place.
+        """
+        graphdef, params, cache, rest = nnx.split(self.blocks, nnx.Param, nnx.Cache, ...)
+
+        def body(carry, layer_state):
+            x, cache, i = carry
+            mine = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, i, keepdims=False), cache)
+            block = nnx.merge(graphdef, layer_state[0], mine, layer_state[1])
+            x = layer(block, x) if windows is None else layer(block, x, layer_state[2])
+            cache = jax.tree.map(
+                lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, i, 0), cache, nnx.state(block, nnx.Cache)
+            )
+            return (x, cache, i + 1), None
+
+        xs = (params, rest) if windows is None else (params, rest, windows)
+        (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), xs)
+        nnx.update(self.blocks, cache)
+        return x
+
+    def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
+        """Allocate every layer's KV cache: [layers, batch, kv_heads, max_length, head_dim] when scanned
+        (made whole on the stack, not inside a transform, so it works in graph and tree mode alike)."""
+        if self.cfg.scan_layers:
+            self.blocks.attn.init_cache((batch, max_length), dtype, layers=self.cfg.n_layers)
+        else:
+            for block in self.blocks:
+                block.attn.init_cache((batch, max_length), dtype)

@@ -1,0 +1,181 @@
+"""The planner: every recipe plans and fits its hardware, oversized plans fail with numbers and exit 1,
+bad input exits 2, and its counts agree with independent computations."""
+
+import json
+import math
+
+import pytest
+from helpers import run_cli
+
+from lm.config import PRESETS, available_recipes, load_recipe
+from lm.errors import UserError
+from lm.plan import estimate
+
+
+def plan_cli(tmp_path, *args):
+    out = tmp_path / "plan.json"
+    result = run_cli("launch.plan", *args, "--json", str(out), timeout=900)
+    return result, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.slow
+def test_every_recipe_plans_and_fits_its_intended_hardware(tmp_path):
+    """One process per recipe, as a user runs it: exit 0, no divisibility problem, fits by the estimate."""
+    for name in available_recipes():
+        result, plan = plan_cli(tmp_path, "--recipe", name, "--no-compile")
+        assert result.returncode == 0, f"{name}: {result.stdout[-1500:]}{result.stderr[-800:]}"
+        recipe = load_recipe(name)
+        assert plan["fits"] and not plan["problems"], name
+        assert plan["hardware"] == (recipe.hardware or "cpu x1"), name
+        assert plan["memory"]["total"] <= plan["capacity_bytes"]
+
+
+def test_every_recipe_names_its_hardware_or_runs_here():
+    for name in available_recipes():
+        recipe = load_recipe(name)
+        plan = estimate(recipe)
+        assert plan.fits and not plan.problems, (name, plan.memory.total, plan.capacity_bytes, plan.problems)
+        if name not in ("stdlib_tiny", "small"):
+            assert recipe.hardware and recipe.description, f"{name} should name its hardware and data"
+
+
+def test_oversized_variant_is_reported_not_fitting_with_numbers_and_exit_1(tmp_path):
+    result, plan = plan_cli(
+        tmp_path, "--recipe", "llama3_8b_v5p_128", "--gpu", "l4-24gb", "--set", "train.per_device_batch_size=64"
+    )
+    assert result.returncode == 1, result.stderr
+    assert "DOES NOT FIT" in result.stdout
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: llama3_8b_v5p_128 needs ") and "GiB per device" in error and "l4-24gb" in error
+    assert plan["fits"] is False and plan["memory"]["total"] > plan["capacity_bytes"]
+    # Even the parameters and Adam state alone (8B x 12 bytes) exceed 24 GB.
+    assert plan["memory"]["params"] + plan["memory"]["optimizer"] > 24e9
+
+
+def test_gpt2_124m_has_nanogpt_parameter_count_with_tied_head():
+    plan = estimate(load_recipe("gpt2_124m"))
+    # nanoGPT counts 124,439,808 parameters with the position embeddings and prints 123.65M without them.
+    assert plan.params == 124_439_808
+    assert plan.params - 1024 * 768 == 123_653_376
+    assert not any(g.path.startswith("lm_head") for g in plan.groups)  # tied: the embedding is the head
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_count_from_the_built_model_equals_the_config_formula(name):
+    from lm.config import Recipe, TrainConfig
+
+    cfg = PRESETS[name]
+    plan = estimate(Recipe(model=cfg, train=TrainConfig(batch_size=1, seq_len=8)), "cpu")
+    assert plan.params == cfg.n_params
+    assert plan.params_embedding + plan.params_non_embedding == plan.params
+
+
+def test_every_divisibility_problem_is_listed_as_trainings_error(tmp_path):
+    from sharding.mesh import Layout
+    from sharding.partition import check_divisible
+    from sharding.rules import logical_rules
+
+    # small has 6 heads and a global batch of 32: tensor=4 fails heads and kv heads, data=64 the batch.
+    overrides = ["mesh.tensor=4", "mesh.data=64", "mesh.fsdp=1"]
+    result, plan = plan_cli(tmp_path, "--recipe", "small", "--topology", "v5p-512", *[f"--set={o}" for o in overrides])
+    assert result.returncode == 2
+    errors = [line.removeprefix("error: ") for line in result.stderr.strip().splitlines()]
+    assert errors == plan["problems"] and len(errors) == 3
+    recipe = load_recipe("small", overrides)
+    from lm.hardware import topology
+    from lm.plan import plan_mesh
+
+    mesh, _, _ = plan_mesh(recipe, topology("v5p-512"))
+    for name in ("heads", "kv_heads", "batch"):
+        with pytest.raises(UserError) as e:
+            check_divisible({name: recipe.logical_dims()[name]}, Layout(mesh, logical_rules(())))
+        assert str(e.value) in errors
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--topology", "v9z-12"], "unknown topology"),
+        (["--devices", "0"], "must be positive"),
+        (["--mfu", "1.5"], "out of range"),
+        (["--set", "mesh.fsdp=3"], "mesh data*fsdp*tensor = 1*3*1"),
+        (["--devices", "4", "--set", "mesh.data=3"], "do not divide the 4 devices"),
+        (["--topology", "v5p-128", "--set", "mesh.dcn_data=2"], "slices requested"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result, _ = plan_cli(tmp_path, "--recipe", "stdlib_tiny", "--no-compile", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_step_time_is_flops_over_peak_times_mfu_without_communication():
+    recipe = load_recipe("gpt2_124m")
+    plan = estimate(recipe, "a100-80gb", mfu=0.5)
+    flops = recipe.model.flops_per_token(1024) * 512 * 1024
+    assert plan.step.fsdp_s == plan.step.data_s == plan.step.tensor_s == plan.step.dcn_s == 0
+    assert math.isclose(plan.step.step_s, flops / (312e12 * 0.5), rel_tol=1e-9)
+    assert math.isclose(plan.step.tokens_per_s, 512 * 1024 / plan.step.step_s)
+
+
+def test_fsdp_and_tensor_communication_follow_ring_collectives():
+    recipe = load_recipe("qwen3_0_6b", ["mesh.fsdp=4", "mesh.tensor=2", "train.grad_accum=1", "train.batch_size=64"])
+    plan = estimate(recipe, "h100-80gb x8")
+    n, bw = plan.params, 450e9
+    weights = n * 2 / 2  # bf16, split by tensor
+    grads = sum(g.bytes_per_device for g in plan.groups)  # float32 shards
+    expect_fsdp = 2 * 3 / 4 * weights / bw + 3 / 4 * grads * 4 / bw
+    assert math.isclose(plan.step.fsdp_s, expect_fsdp, rel_tol=1e-6)
+    rows = 64 / 4
+    expect_tp = 28 * 4 * 2 * (1 / 2) * rows * 4096 * 1024 * 2 / bw
+    assert math.isclose(plan.step.tensor_s, expect_tp, rel_tol=1e-6)
+
+
+def test_remat_choice_is_the_least_recompute_that_fits():
+    recipe = load_recipe("gpt2_124m", ["train.grad_accum=4"])  # 128 rows per microbatch on one GPU
+    plan = estimate(recipe, "a100-80gb")
+    assert not plan.fits and "does not fit" in plan.summary()
+    fits = {
+        r: plan.memory.state + plan.memory.gradients + plan.memory.gathered + a <= plan.capacity_bytes
+        for r, a in plan.memory.activations_by_remat.items()
+    }
+    assert plan.chosen_remat == next((r for r in ("none", "dots", "dots_no_batch", "full") if fits[r]), None)
+    assert plan.max_rows_per_device["full"] >= plan.max_rows_per_device["none"]
+
+
+def test_lora_plan_counts_adapters_and_a_low_precision_base():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Lora:  # the fields the planner reads, as the fine-tuning recipes will set them
+        rank: int = 8
+        targets: tuple = ("attn",)
+        base_dtype: str = "bfloat16"
+
+    recipe = load_recipe("small")
+    full = estimate(recipe, "cpu")
+    object.__setattr__(recipe, "lora", Lora())
+    lora = estimate(recipe, "cpu")
+    m = recipe.model
+    hd = m.dim_per_head
+    per_layer = 8 * ((m.d_model + m.n_heads * hd) * 2 + (m.d_model + m.n_kv_heads * hd) * 2)  # q, out, k, v
+    assert lora.trainable_params == m.n_layers * per_layer
+    assert lora.memory.optimizer == 2 * lora.trainable_params * 4
+    assert lora.memory.params == full.memory.params // 2 + lora.trainable_params * 4
+
+
+@pytest.mark.slow
+def test_predicted_step_time_is_within_2x_of_the_benchmark_on_this_cpu():
+    """The small shape on this CPU: FLOPs at the CPU's default MFU over its measured matmul peak,
+    against launch.bench's timed steps. The peak is measured around the benchmark (the machine is
+    shared, so its speed drifts) and both sides see the same load."""
+    from lm.bench import bench_train
+    from lm.hardware import measure_peak_tflops
+
+    recipe = load_recipe("small", ["train.batch_size=8", "train.seq_len=256"])
+    before = measure_peak_tflops()
+    measured = bench_train(recipe, steps=3, warmup=1)["step_s_median"]
+    peak = (before + measure_peak_tflops()) / 2
+    predicted = estimate(recipe, "cpu", peak_tflops=peak).step.step_s
+    assert 0.5 <= predicted / measured <= 2.0, (predicted, measured, peak)
