@@ -20,9 +20,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m launch.train --recipe stdlib_tiny --run-dir $(RUN_DIR)
 
-# The model, decode, train-step, LoRA and Hugging Face tests, run again in NNX tree mode.
-TREE_TESTS ?= tests/model tests/kernels tests/infer/test_decode.py tests/test_loss.py tests/test_lora.py \
-	tests/hf/test_hf_model.py tests/train/test_loop.py
+# The model, decode, train-step (LoRA and eval), LoRA and Hugging Face tests, again in NNX tree mode.
+TREE_TESTS ?= tests/model tests/infer/test_decode.py tests/test_lora.py tests/hf/test_hf_model.py tests/train/test_loop.py
 
 # Exit status 5 (pytest collected no tests) fails here like any other failure.
 test: $(STAMP)
