@@ -143,7 +143,7 @@ def test_restore_onto_a_different_mesh_continues_with_the_same_loss(tmp_path):
     import grain
 
     from lm.config import CheckpointConfig
-    from lm.state.checkpoint import CheckpointMeta, Checkpointer
+    from lm.state.checkpoint import Checkpointer, CheckpointMeta
 
     first, second, third = batches(3)
     mesh_a = mesh_of((8, 1, 1))
