@@ -230,7 +230,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.saving: int | None = None  # the step whose save may still be running
         self.failed = False  # a save failed and was reported
-        self.quiet = contextlib.ExitStack()  # orbax's background copies of an error, dropped while a save runs
+        self.quiet = None  # while a save runs: the context that drops orbax's background copies of an error
 
     def latest_step(self) -> int | None:
         """The newest finished step, from the manager's cache of the same orbax test (no listing of
@@ -264,13 +264,19 @@ class Checkpointer:
         with _save_errors(self, self.saving):
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
-        self.quiet.close()
+        self._unquiet()
 
     def _quiet_background(self) -> None:
         """Until this save is waited for: drop orbax's own background copies of a save's failure
         (`_quiet_orbax_background`), which `_save_errors` reports as one line instead."""
-        if not self.quiet._exit_callbacks:
-            self.quiet.enter_context(_quiet_orbax_background())
+        if self.quiet is None:
+            self.quiet = _quiet_orbax_background()
+            self.quiet.__enter__()
+
+    def _unquiet(self) -> None:
+        if self.quiet is not None:
+            self.quiet, quiet = None, self.quiet
+            quiet.__exit__(None, None, None)
 
     def meta(self, step: int) -> CheckpointMeta:
         return CheckpointMeta.from_json(
@@ -386,7 +392,7 @@ class Checkpointer:
                     raise
         finally:
             if not self.failed:  # a failure's error is on its way to the user; orbax's copies stay dropped
-                self.quiet.close()
+                self._unquiet()
 
 
 def _training_state(step_dir) -> None:
