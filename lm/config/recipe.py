@@ -178,8 +178,21 @@ class TrainConfig:
     max_bad_steps: int = 0  # consecutive non-finite steps to skip (update dropped) before stopping
     profile_steps: str = ""  # "a:b": a jax.profiler trace of steps a..b in <run_dir>/profile
     compilation_cache: str = "auto"  # persistent XLA cache dir; auto: <run_dir>/compile_cache; off: none
+    # lm-evaluation-harness tasks on the live model (lm.evals; needs the `eval` extra), scored into
+    # metrics.jsonl as eval/<task>/<metric> every eval_tasks_every steps (0: at eval_every) and at the end.
+    eval_tasks: tuple[str, ...] = ()
+    eval_tasks_every: int = 0
+    eval_tasks_limit: float | None = None  # documents per task (a fraction if < 1); None: all
+    eval_include_path: str | None = None  # a folder of task YAMLs of your own
 
     def __post_init__(self):
+        _check("train.eval_tasks_every", self.eval_tasks_every, self.eval_tasks_every >= 0, "must be >= 0")
+        _check(
+            "train.eval_tasks_limit",
+            self.eval_tasks_limit,
+            self.eval_tasks_limit is None or self.eval_tasks_limit > 0,
+            "must be positive (documents per task, or a fraction below 1), or none for all",
+        )
         _check("train.seed", self.seed, self.seed >= 0, "must be >= 0")
         _check("train.sample_tokens", self.sample_tokens, self.sample_tokens >= 0, "must be >= 0 (0: no sample)")
         _check(
@@ -458,6 +471,8 @@ SAFE_TO_CHANGE = (
     "train.grad_accum",
     "train.profile_steps",
     "train.compilation_cache",
+    "train.eval_tasks",  # and eval_tasks_every, eval_tasks_limit
+    "train.eval_include_path",
     *(f"model.{k}" for k in EXECUTION if k not in STORED),
     "mesh.",
     "checkpoint.",

@@ -33,21 +33,25 @@ class Loaded:
     step: int | None = None
 
 
-def inference_layout(tensor: int = 1, rules=()) -> Layout:
-    """`tensor` devices on the tensor axis: the batch is not split, weights are."""
-    if not 1 <= tensor <= jax.device_count():
-        raise UserError(f"--tensor={tensor} but there are {jax.device_count()} devices")
-    return Layout.build(MeshConfig(data=1, fsdp=1, tensor=tensor, rules=tuple(rules)), jax.devices()[:tensor])
+def inference_layout(tensor: int = 1, rules=(), fsdp: int = 1) -> Layout:
+    """`tensor` devices on the tensor axis: the batch is not split, weights are. fsdp > 1 also splits
+    the weights' embed axis and the batch over that many devices (batches must then divide by it)."""
+    if tensor < 1 or fsdp < 1 or tensor * fsdp > jax.device_count():
+        raise UserError(f"--tensor={tensor} x --fsdp={fsdp} devices but there are {jax.device_count()} devices")
+    mesh = MeshConfig(data=1, fsdp=fsdp, tensor=tensor, rules=tuple(rules))
+    return Layout.build(mesh, jax.devices()[: tensor * fsdp])
 
 
-def load_model(run_dir=None, checkpoint=None, hf=None, *, tensor: int = 1, need_tokenizer: bool = True) -> Loaded:
+def load_model(
+    run_dir=None, checkpoint=None, hf=None, *, tensor: int = 1, fsdp: int = 1, need_tokenizer: bool = True
+) -> Loaded:
     """One of --run-dir, --checkpoint or --hf, loaded for generation or scoring."""
     if hf is not None:
-        return load_hf_model(hf, tensor=tensor, need_tokenizer=need_tokenizer)
-    return load_run(run_dir, checkpoint, tensor, need_tokenizer=need_tokenizer)
+        return load_hf_model(hf, tensor=tensor, fsdp=fsdp, need_tokenizer=need_tokenizer)
+    return load_run(run_dir, checkpoint, tensor, fsdp=fsdp, need_tokenizer=need_tokenizer)
 
 
-def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, need_tokenizer: bool = True) -> Loaded:
+def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, fsdp: int = 1, need_tokenizer: bool = True) -> Loaded:
     """--run-dir or --checkpoint: the run's model (a LoRA run: its base plus its adapters, unmerged).
 
     The run's tokenizer is whatever its folder holds: our tokenizer.model, or the Hugging Face files a
@@ -63,7 +67,7 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, need_tokenizer: 
     tokenizer = _run_tokenizer(run, meta, step) if need_tokenizer or _has_tokenizer(run) else None
     if tokenizer is not None:
         check_vocab(tokenizer, recipe.model.vocab_size, f"checkpoint {folder / str(step)}")
-    layout = inference_layout(tensor, recipe.mesh.rules)
+    layout = inference_layout(tensor, recipe.mesh.rules, fsdp)
     check_divisible(recipe.model.logical_dims(), layout)
     with layout:
         try:
@@ -102,7 +106,9 @@ def _run_tokenizer(run: pathlib.Path, meta: CheckpointMeta, step: int) -> Tokeni
     return tokenizer
 
 
-def load_hf_model(folder, *, tensor: int = 1, need_tokenizer: bool = True, scan_layers: bool = True) -> Loaded:
+def load_hf_model(
+    folder, *, tensor: int = 1, fsdp: int = 1, need_tokenizer: bool = True, scan_layers: bool = True
+) -> Loaded:
     """A Hugging Face model folder (config.json + safetensors [+ tokenizer files]) as our Transformer.
 
     need_tokenizer=False accepts a folder with only config.json and the weights (scoring token ids).
@@ -116,7 +122,7 @@ def load_hf_model(folder, *, tensor: int = 1, need_tokenizer: bool = True, scan_
             "`huggingface-cli download <repo> --local-dir DIR` or export a run with launch.convert --hf-out"
         )
     tokenizer = load_tokenizer(folder) if need_tokenizer or _has_tokenizer(folder) else None
-    layout = inference_layout(tensor)
+    layout = inference_layout(tensor, fsdp=fsdp)
     model = load_hf(folder, scan_layers=scan_layers, layout=layout)
     if tokenizer is not None:
         check_vocab(tokenizer, model.cfg.vocab_size, str(folder))

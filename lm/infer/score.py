@@ -12,7 +12,7 @@ with at least L/2 tokens of context after the first window.
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,48 @@ def _nll(graphdef, params, tokens, weights):
     """Summed NLL of tokens[:, 1:] given the prefix, weighted by weights[:, 1:]."""
     logits = _logits(graphdef, params, tokens)
     return cross_entropy_sum(logits[:, :-1], tokens[:, 1:], weights[:, 1:])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _row_logprobs(graphdef, params, inputs, targets, weights):
+    """Per row: the summed log-probability of `targets` (each predicted from `inputs` up to its
+    position) where weights is 1, and whether each of those is the argmax (greedy) choice.
+    inputs, targets, weights [batch, length] -> [batch], [batch]."""
+    logits = _logits(graphdef, params, inputs).astype(jnp.float32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | (weights == 0), axis=-1)
+    return jnp.sum(logp * weights, axis=-1), greedy
+
+
+def score_continuations(
+    model, items: Sequence[tuple[Sequence[int], int]], *, batch_size: int = 8, row_multiple: int = 1
+) -> list[tuple[float, bool]]:
+    """(log-probability, greedy) of each item's last `n` tokens given the tokens before them, for items
+    (ids, n) of at most the model's context + 1 tokens: lm-eval's loglikelihood of a continuation.
+
+    Items are run longest first in batches of similar length (padded to a power of two, so few
+    shapes compile), batch_size rows each, rounded up to a multiple of row_multiple (the devices the
+    batch is split over). Results come back in the items' order. Call under the model's mesh and rules.
+    """
+    graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))
+    rows = -(-batch_size // row_multiple) * row_multiple
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(items)
+    for start in range(0, len(order), rows):
+        chunk = order[start : start + rows]
+        width = min(bucket(max(len(items[i][0]) for i in chunk) - 1), model.cfg.max_seq_len)
+        inputs, targets = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
+        weights = np.zeros((rows, width), np.float32)
+        for r, i in enumerate(chunk):
+            ids, n = items[i]
+            if not 0 < n < len(ids) <= model.cfg.max_seq_len + 1:
+                raise ValueError(f"item {i}: {n} scored of {len(ids)} tokens (context {model.cfg.max_seq_len})")
+            k = len(ids) - 1
+            inputs[r, :k], targets[r, :k], weights[r, k - n : k] = ids[:-1], ids[1:], 1.0
+        sums, greedy = jax.device_get(_row_logprobs(graphdef, params, *map(jnp.asarray, (inputs, targets, weights))))
+        for r, i in enumerate(chunk):
+            out[i] = (float(sums[r]), bool(greedy[r]))
+    return out
 
 
 def _rows(rows: list[np.ndarray], weights: list[np.ndarray], context: int, batch_size: int):
