@@ -7,6 +7,7 @@ lm_eval is an optional dependency (the `eval` extra), imported only when tasks r
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import pathlib
@@ -85,6 +86,7 @@ def evaluate(lm, tasks: TaskSet, *, manager=None) -> dict:
             model=lm, tasks=list(tasks.tasks), task_manager=manager, limit=tasks.limit,
             num_fewshot=tasks.num_fewshot, log_samples=tasks.log_samples,
             bootstrap_iters=tasks.bootstrap_iters,
+            random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # leave the process's RNGs alone
         )  # fmt: skip
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         raise _not_offline(e, tasks) from None
@@ -122,6 +124,27 @@ def scores(results: dict) -> dict[str, float]:
             name = f"eval/{task}/{metric}" + ("" if filt == "none" else f"/{filt}")
             out[name] = float(value) if math.isfinite(value) else None
     return out
+
+
+class LiveTasks:
+    """Tasks on a model in memory, e.g. a training run's live model: the arrays the train step updates,
+    evaluated under the run's own layout (no export, no reload, no copy). Tasks are checked and indexed
+    once, at construction."""
+
+    def __init__(self, model, tokenizer, layout, tasks: TaskSet, *, batch_size: int):
+        import jax
+
+        if jax.process_count() > 1:
+            raise UserError(
+                "train.eval_tasks runs in single-process runs for now; evaluate a multi-process run's checkpoints "
+                "with python -m launch.eval"
+            )
+        self.tasks, self.manager = tasks, task_manager(tasks)
+        self.lm = backend().of(model, tokenizer, layout, batch_size=batch_size)
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)  # the training log stays readable
+
+    def __call__(self) -> dict[str, float]:
+        return scores(evaluate(self.lm, self.tasks, manager=self.manager))
 
 
 def backend():

@@ -10,6 +10,7 @@ import jax
 from tqdm import tqdm
 
 from lm.config import Recipe
+from lm.evals import LiveTasks, TaskSet
 from lm.hardware import peak_tflops_per_device
 from lm.infer.decode import generate
 from lm.infer.sampling import Sampling
@@ -99,6 +100,15 @@ def _sample(run: Run) -> str:
     return t.sample_prompt + tokenizer.decode([i for i in out.tokens[0] if i != tokenizer.eos_id])
 
 
+def _live_tasks(run: Run) -> LiveTasks | None:
+    """train.eval_tasks on the live model, in the train step's microbatch size (its memory is known to fit)."""
+    t = run.recipe.train
+    if not t.eval_tasks:
+        return None
+    tasks = TaskSet(tuple(t.eval_tasks), include_path=t.eval_include_path, limit=t.eval_tasks_limit, bootstrap_iters=0)
+    return LiveTasks(run.model, run.tokenizer, run.layout, tasks, batch_size=max(1, t.batch_size // t.grad_accum))
+
+
 def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> _Outcome:
     """The step loop: train, log, evaluate, checkpoint; stop cleanly on preemption."""
     t, m, ckpt = run.recipe.train, run.recipe.model, run.ckpt
@@ -120,6 +130,14 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> _Outcome:
     def save(step: int, force: bool = False) -> None:
         guard.check(ckpt.latest_step(), str(ckpt.directory))  # never checkpoint a non-finite state
         ckpt.save(step, run.model, run.optimizer, run.train_iter, run.meta, force=force)
+
+    tasks = _live_tasks(run)
+
+    def evaluate_tasks(step: int) -> dict:
+        row = {"step": step, **tasks()}
+        run.log.write(row)
+        say(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in row.items() if k != "step" and v is not None))
+        return row
 
     # The untrained model's eval loss: the starting point that later evals are measured against.
     initial_eval = evaluate(0)["eval_loss"] if run.start == 0 else None
@@ -166,6 +184,9 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> _Outcome:
                 timer, timed_steps = time.perf_counter(), 0
             if step % t.eval_every == 0 or step == t.steps:
                 last.update(evaluate(step))
+                timer, timed_steps = time.perf_counter(), 0
+            if tasks is not None and (step % (t.eval_tasks_every or t.eval_every) == 0 or step == t.steps):
+                last.update(evaluate_tasks(step))
                 timer, timed_steps = time.perf_counter(), 0
             if preemption.reached(step):
                 save(step, force=True)
