@@ -46,8 +46,8 @@ def task_folder(tmp_path_factory, hf_cache):
 @pytest.fixture(scope="session")
 def hf_reference(hf_model, task_folder):
     """lm_eval's hf backend on the three tasks, every request and response kept."""
-    from lm_eval.api.registry import get_model
     from eval_tasks import TASKS
+    from lm_eval.api.registry import get_model
 
     from lm.evals import TaskSet, evaluate
 
