@@ -100,7 +100,7 @@ def evaluate(lm, tasks: TaskSet, *, manager=None) -> dict:
 def _not_offline(e: Exception, tasks: TaskSet) -> UserError:
     import datasets
 
-    found = re.search(r"'([^']+)'", str(e))
+    found = re.search(r"reach '([^']+)'", str(e))  # datasets: "Couldn't reach '<path>' on the Hub"
     name = found.group(1) if found else "<dataset_path of the task YAML>"
     return UserError(
         f"the data of task(s) {', '.join(tasks.tasks)} ({name}) is not in the Hugging Face datasets cache "
