@@ -141,7 +141,7 @@ class LiveTasks:
             )
         self.tasks, self.manager = tasks, task_manager(tasks)
         self.lm = backend().of(model, tokenizer, layout, batch_size=batch_size)
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)  # the training log stays readable
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the training log stays readable
 
     def __call__(self) -> dict[str, float]:
         return scores(evaluate(self.lm, self.tasks, manager=self.manager))
