@@ -3,7 +3,7 @@
 
 The commands run in this process (their real `main`, through launch.cli.main_guard), which keeps
 the table fast; tests/infer/test_generate_cli.py and tests/train/test_multihost.py run such errors as real
-subprocesses."""
+subprocesses; tests/evals/test_eval_cli.py has launch.eval's that need lm_eval and a model."""
 
 import importlib
 import json
@@ -78,6 +78,9 @@ CASES = [
     ),
     ("convert", ["--run-dir", "{tmp}/nowhere", "--hf-out", "{tmp}/hf"], "is not a run directory"),
     ("score", ["--run-dir", "{tmp}/nowhere", "--input", "{tmp}/empty.py"], "is not a run directory"),
+    ("eval", ["--hf", "{tmp}/nowhere", "--tasks", ","], "--tasks names no task"),
+    ("eval", ["--hf", "{tmp}/nowhere", "--tasks", "a", "--log-samples"], "--log-samples needs --output"),
+    ("eval", ["--hf", "{tmp}/nowhere", "--tasks", "a", "--limit", "0"], "--limit=0.0 must be positive"),
 ]
 
 
