@@ -49,12 +49,18 @@ def test_the_reference_exercises_what_it_should(hf_reference):
     assert any(s["resps"][0][0] for s in hf_reference["samples"]["qa_local"])
 
 
-def test_loglikelihoods_generations_and_metrics_equal_the_hf_backend(hf_model, task_folder, hf_reference):
-    ours = evaluate(
-        backend()(hf=str(hf_model), batch_size=4),
+@pytest.fixture(scope="module")
+def ours(hf_model):
+    """One backend for the tests below: what they compile is shared."""
+    return backend()(hf=str(hf_model), batch_size=4)
+
+
+def test_loglikelihoods_generations_and_metrics_equal_the_hf_backend(ours, task_folder, hf_reference):
+    results = evaluate(
+        ours,
         TaskSet(TASKS, include_path=str(task_folder), log_samples=True, bootstrap_iters=0),
     )
-    assert_same_as_hf(ours, hf_reference)
+    assert_same_as_hf(results, hf_reference)
 
 
 def _instance(kind, args, idx=0):
@@ -63,32 +69,31 @@ def _instance(kind, args, idx=0):
     return Instance(request_type=kind, doc={}, arguments=args, idx=idx)
 
 
-def test_requests_one_by_one_match_hf_stops_limits_empty_context_and_sampling(hf_model, hf_reference):
+def test_requests_one_by_one_match_hf_stops_limits_empty_context_and_sampling(ours, hf_model):
     """Requests the tasks do not cover: an empty context, max_gen_toks, stop strings that cut; and
     sampled decoding (seeded: the same text twice, not the greedy text)."""
     from lm_eval.api.registry import get_model
 
-    ours = backend()(hf=str(hf_model), batch_size=3)
-    hf = get_model("hf")(pretrained=str(hf_model), batch_size=3, device="cpu", dtype="float32")
+    hf = get_model("hf")(pretrained=str(hf_model), batch_size=4, device="cpu", dtype="float32")
     ll = [("", " the cat sat"), ("the cat", " sat on a mat"), ("a bird ", "sang")]
     got = ours.loglikelihood([_instance("loglikelihood", a) for a in ll])
     want = hf.loglikelihood([_instance("loglikelihood", a) for a in ll])
     assert all(abs(g[0] - w[0]) <= TOLERANCE and g[1] == w[1] for g, w in zip(got, want)), (got, want)
 
     prompts = ["the cat sat on", "a bird sang in the tall", "river"]
-    greedy = hf.generate_until([_instance("generate_until", (p, {"until": [], "max_gen_toks": 10})) for p in prompts])
-    assert ours.generate_until([_instance("generate_until", (p, {"max_gen_toks": 10})) for p in prompts]) == greedy
+    greedy = hf.generate_until([_instance("generate_until", (p, {"until": [], "max_gen_toks": 12})) for p in prompts])
+    assert ours.generate_until([_instance("generate_until", (p, {"max_gen_toks": 12})) for p in prompts]) == greedy
     short = [_instance("generate_until", (p, {"until": [], "max_gen_toks": 3})) for p in prompts]
     assert ours.generate_until(short) == hf.generate_until(short)
     # A stop string taken from the greedy text itself, so it really cuts.
     stop = next(g[len(g) // 2 :][:2] for g in greedy if len(g) >= 4)
-    cut = [_instance("generate_until", (p, {"until": [stop], "max_gen_toks": 10})) for p in prompts]
+    cut = [_instance("generate_until", (p, {"until": [stop], "max_gen_toks": 12})) for p in prompts]
     cut_ours = ours.generate_until(cut)
     assert cut_ours == hf.generate_until(cut) and any(len(c) < len(g) for c, g in zip(cut_ours, greedy))
     assert all(stop not in c for c in cut_ours)
 
     sampled = [
-        _instance("generate_until", (p, {"do_sample": True, "temperature": 1.0, "max_gen_toks": 10})) for p in prompts
+        _instance("generate_until", (p, {"do_sample": True, "temperature": 1.0, "max_gen_toks": 12})) for p in prompts
     ]
     first, again = ours.generate_until(sampled), ours.generate_until(sampled)
     assert first == again and first != greedy
