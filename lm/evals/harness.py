@@ -53,9 +53,16 @@ class NnxLM(TemplateLM):
         batch_size: int | str = 8,
         max_gen_toks: int = 256,
         seed: int = 0,
-        **unused,  # lm_eval passes device= and max_batch_size=; a JAX mesh decides both here
+        device=None,  # lm_eval passes these two; the mesh decides both here
+        max_batch_size=None,
+        **unknown,
     ):
         super().__init__()
+        if unknown:
+            raise UserError(
+                f"unknown nnx-lm model_args {sorted(unknown)}; it takes run_dir, checkpoint, hf, tensor, fsdp, "
+                "batch_size, max_gen_toks, seed"
+            )
         if str(batch_size).startswith("auto"):
             raise UserError("--batch-size auto is not supported by nnx-lm; give a number of sequences per batch")
         self.batch_size, self._max_gen_toks, self.seed = int(batch_size), int(max_gen_toks), int(seed)

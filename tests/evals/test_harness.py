@@ -51,8 +51,12 @@ def test_the_reference_exercises_what_it_should(hf_reference):
 
 @pytest.fixture(scope="module")
 def ours(hf_model):
-    """One backend for the tests below: what they compile is shared."""
-    return backend()(hf=str(hf_model), batch_size=4)
+    """One backend for the tests below (what they compile is shared), made as lm_eval makes a model
+    it is given by name: from its registry, with a model_args string."""
+    from lm_eval.api.registry import get_model
+
+    assert get_model("nnx-lm") is backend()
+    return get_model("nnx-lm").create_from_arg_string(f"hf={hf_model},batch_size=4", {"device": None})
 
 
 def test_loglikelihoods_generations_and_metrics_equal_the_hf_backend(ours, task_folder, hf_reference):
