@@ -55,7 +55,8 @@ def ours(hf_model):
     it is given by name: from its registry, with a model_args string."""
     from lm_eval.api.registry import get_model
 
-    assert get_model("nnx-lm") is backend()
+    registered = backend()  # importing lm.evals' backend registers it
+    assert get_model("nnx-lm") is registered
     return get_model("nnx-lm").create_from_arg_string(f"hf={hf_model},batch_size=4", {"device": None})
 
 
