@@ -61,7 +61,8 @@ def main(argv=None):
     results = evaluate(lm, tasks, manager=manager)
     from lm_eval.utils import handle_non_serializable, make_table
 
-    print(f"{lm.name}: {', '.join(args.tasks)}" + (f", limit {args.limit:g}" if args.limit else ""))
+    limit = f", limit {args.limit:g}" if args.limit else ""
+    print(f"{lm.name}: {', '.join(args.tasks)}{limit}; mesh {lm.layout.shape}")
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))

@@ -117,5 +117,6 @@ def test_launch_eval_sharded_over_tensor_and_fsdp_equals_the_hf_backend(hf_model
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in run.stdout, run.stdout
     assert "|  Tasks  |" in run.stdout and "word_perplexity" in run.stdout, run.stdout
     assert_same_as_hf(json.loads(out.read_text()), hf_reference)
