@@ -21,7 +21,9 @@ no second copy of the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,10 @@ import numpy as np
 from flax import nnx
 
 from lm import lora
+from lm.data.preference import Prompt, Rewards, completion_batch
 from lm.errors import UserError
+from lm.infer.decode import generate
+from lm.infer.sampling import Sampling
 
 
 def token_logps(model: nnx.Module, batch: dict, temperature: float = 1.0) -> jax.Array:
@@ -142,3 +147,71 @@ def grpo_loss(
     clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon) & (a > 0))
     metrics["clip_fraction"] = (clipped * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     return loss, metrics
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One GRPO generation batch: group_size sampled completions per prompt, scored, with everything
+    the optimisation passes over it need (TRL's `_generate_and_score_completions`)."""
+
+    prompts: list[Prompt]  # one per completion (each prompt repeated over its group)
+    completion_ids: list[list[int]]  # through the EOS when one was sampled
+    completions: list[str]
+    rewards: np.ndarray  # [completions] weighted sum (NaN: unscorable)
+    per_reward: np.ndarray  # [completions, reward functions]
+    advantages: np.ndarray  # [completions]
+    batch: dict  # lm.data.preference.completion_batch, completion tokens weighted
+    old_logps: jax.Array  # [completions, length] the sampling policy's, at the temperature
+    ref_logps: jax.Array | None  # the reference's (None when beta = 0)
+
+    def metrics(self) -> dict[str, float]:
+        lengths = [len(c) for c in self.completion_ids]
+        return {
+            "reward_mean": float(np.nanmean(self.rewards)) if np.isfinite(self.rewards).any() else float("nan"),
+            "reward_std": float(np.nanstd(self.rewards)) if np.isfinite(self.rewards).any() else float("nan"),
+            "completion_length": float(np.mean(lengths)),
+        }
+
+
+@nnx.jit(static_argnames=("temperature", "with_reference"))
+def _rollout_logps(model, batch, temperature: float, with_reference: bool):
+    policy = token_logps(model, batch, temperature)
+    return policy, reference_token_logps(model, batch, temperature) if with_reference else None
+
+
+def rollout(
+    model: nnx.Module,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    rewards: Rewards,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    seq_len: int,
+    beta: float,
+) -> Rollout:
+    """Sample group_size completions per prompt with the decode loop on the policy as it is (LoRA
+    adapters in place, no export), score them with the reward functions and normalise per group.
+
+    seed drives the sampling (a resumed run passes the same seed for the same step)."""
+    repeated = [p for p in prompts for _ in range(group_size)]
+    stop_ids = tuple(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))  # as lm.infer.decode.complete
+    generation = generate(
+        model,
+        [p.ids for p in repeated],
+        max_new_tokens=max_new_tokens,
+        sampling=Sampling(temperature=temperature),
+        seed=seed,
+        eos_id=stop_ids,
+    )
+    completion_ids = [list(t) for t in generation.tokens]
+    texts = [tokenizer.decode(t) for t in completion_ids]
+    total, per = rewards.score(repeated, texts, completion_ids)
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in completion_batch([p.ids for p in repeated], completion_ids, seq_len, pad_id=0).items()
+    }
+    old, ref = _rollout_logps(model, batch, temperature, beta != 0.0)
+    return Rollout(repeated, completion_ids, texts, total, per, group_advantages(total, group_size), batch, old, ref)
