@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lm.data.instruct import Example, truncate
+from lm.data.instruct import Example, iter_records, truncate
 from lm.data.tokenizer import DEFAULT_CHAT_TEMPLATE
 from lm.errors import UserError
 
@@ -191,6 +191,22 @@ def encode_prompt(record: dict, tokenizer, where: str = "record") -> Prompt:
         f"{where} needs a non-empty string 'prompt', or 'prompt'/'messages' as a list of "
         "{'role': str, 'content': str} messages"
     )
+
+
+def read_pairs(files: Sequence, tokenizer) -> list[Pair]:
+    """Every DPO record of the JSONL files, in order."""
+    pairs = [encode_pair(record, tokenizer, where) for where, record in iter_records(files)]
+    if not pairs:
+        raise UserError(f"no preference records in {[str(f) for f in files]}; each line needs prompt/chosen/rejected")
+    return pairs
+
+
+def read_prompts(files: Sequence, tokenizer) -> list[Prompt]:
+    """Every GRPO prompt record of the JSONL files, in order."""
+    prompts = [encode_prompt(record, tokenizer, where) for where, record in iter_records(files)]
+    if not prompts:
+        raise UserError(f"no prompt records in {[str(f) for f in files]}; each line needs 'prompt' or 'messages'")
+    return prompts
 
 
 # ------------------------------------------------------------------------------------------------

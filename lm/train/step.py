@@ -118,11 +118,10 @@ def dpo_train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, bet
     dtype = model.cfg.compute_dtype
     reference = nnx.merge(graphdef, compute_params(params, dtype), frozen)
     ref_logps = (reference_token_logps(reference, batch) * batch["weights"]).sum(-1)
-    step_key = jax.random.fold_in(jax.random.key(0), optimizer.step[...])
 
     def loss(p):
+        # No adapter dropout: TRL's DPOTrainer turns dropout off by default (disable_dropout=True).
         policy = nnx.merge(graphdef, compute_params(p, dtype), frozen)
-        seed_dropout(policy, step_key)
         return dpo_objective(policy, batch, ref_logps, beta=beta, loss_type=loss_type)
 
     (loss, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)

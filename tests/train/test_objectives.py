@@ -15,7 +15,15 @@ from flax import nnx
 
 from lm import lora
 from lm.config import LoraConfig
-from lm.data.preference import completion_batch, encode_pair, encode_prompt, load_rewards, pair_batch
+from lm.data.preference import (
+    completion_batch,
+    encode_pair,
+    encode_prompt,
+    load_rewards,
+    pair_batch,
+    read_pairs,
+    read_prompts,
+)
 from lm.data.tokenizer import Tokenizer
 from lm.errors import UserError
 from lm.hf import load_hf
@@ -378,8 +386,6 @@ def test_group_advantages_handle_flat_and_unscorable_groups():
 def test_preference_data_from_strings_and_files(tmp_path):
     """String pairs: TRL's rule (the tokenizer's BOS, EOS after each completion), the completion
     starting where prompt and prompt + completion first differ; the batch masks only completions."""
-    from lm.data.instruct import iter_records
-
     spm = tmp_path / "spm"
     from hf_builders import spm_folder
 
@@ -391,7 +397,7 @@ def test_preference_data_from_strings_and_files(tmp_path):
          "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]},
     ]  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    pairs = [encode_pair(r, tok, where) for where, r in iter_records([path])]
+    pairs = read_pairs([path], tok)
     first = pairs[0]
     assert first.prompt[0] == tok.bos_id and first.chosen[-1] == tok.eos_id == first.rejected[-1]
     assert first.prompt + first.chosen == tok.encode("The sky is blue.") + [tok.eos_id]
@@ -409,8 +415,15 @@ def test_preference_data_from_strings_and_files(tmp_path):
         encode_pair({"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"}, tok, "x:1")
     with pytest.raises(UserError, match="ends with an assistant turn"):
         encode_prompt({"messages": records[1]["chosen"]}, tok, "x:2")
-    prompt = encode_prompt({"prompt": "2 + 2 =", "answer": 4}, tok)
-    assert prompt.fields == {"answer": 4} and prompt.ids == tok.encode("2 + 2 =")
+    (tmp_path / "prompts.jsonl").write_text(
+        '{"prompt": "2 + 2 =", "answer": 4}\n\n{"messages": [{"role": "user", "content": "Hi"}]}\n'
+    )
+    prompt, chat = read_prompts([tmp_path / "prompts.jsonl"], tok)
+    assert prompt.fields == {"answer": 4} and prompt.ids == tok.encode("2 + 2 =") and not prompt.conversational
+    assert chat.conversational and chat.ids == tok.encode(prompt_text, add_bos=False) and chat.fields == {}
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="no preference records"):
+        read_pairs([tmp_path / "empty.jsonl"], tok)
 
 
 def test_reward_loading_errors_are_one_line(tmp_path):
@@ -448,7 +461,7 @@ def test_dpo_train_step_learns_synthetic_preferences(tiny_cfg):
     from lm.state.optimizer import make_optimizer
     from lm.train.step import dpo_train_step
 
-    model = Transformer(dataclasses.replace(tiny_cfg, dtype="float32", max_seq_len=32), rngs=nnx.Rngs(0))
+    model = Transformer(dataclasses.replace(tiny_cfg, dtype="float32", max_seq_len=32, n_layers=1), rngs=nnx.Rngs(0))
     lora.apply(model, SPEC)
     base = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, lora.FROZEN))]
     rng = np.random.default_rng(0)
