@@ -235,7 +235,12 @@ class Rewards:
         fields = {k: [p.fields.get(k) for p in prompts] for k in keys}
         per = np.full((n, len(self.functions)), np.nan, np.float32)
         for j, (fn, name) in enumerate(zip(self.functions, self.names)):
-            out = fn(prompts=texts, completions=given, completion_ids=[list(c) for c in completion_ids], **fields)
+            try:
+                out = fn(prompts=texts, completions=given, completion_ids=[list(c) for c in completion_ids], **fields)
+            except TypeError as e:  # most often a signature that takes no **kwargs
+                raise UserError(
+                    f"reward {name} cannot be called as TRL calls reward functions ({e}); give it **kwargs"
+                ) from None
             out = list(out) if out is not None else []
             if len(out) != n:
                 raise UserError(

@@ -165,11 +165,12 @@ class Rollout:
     ref_logps: jax.Array | None  # the reference's (None when beta = 0)
 
     def metrics(self) -> dict[str, float]:
-        lengths = [len(c) for c in self.completion_ids]
+        """TRL's reward, reward_std (over the whole batch, Bessel-corrected) and mean completion length."""
+        scored = self.rewards[np.isfinite(self.rewards)].astype(np.float64)
         return {
-            "reward_mean": float(np.nanmean(self.rewards)) if np.isfinite(self.rewards).any() else float("nan"),
-            "reward_std": float(np.nanstd(self.rewards)) if np.isfinite(self.rewards).any() else float("nan"),
-            "completion_length": float(np.mean(lengths)),
+            "reward_mean": float(scored.mean()) if scored.size else float("nan"),
+            "reward_std": float(scored.std(ddof=1)) if scored.size > 1 else float("nan"),
+            "completion_length": float(np.mean([len(c) for c in self.completion_ids])),
         }
 
 

@@ -447,6 +447,9 @@ def test_reward_loading_errors_are_one_line(tmp_path):
 
     with pytest.raises(UserError, match="returned 1 rewards for 2 completions"):
         rewards.score([Prompt([1], "p", {})] * 2, ["a", "b"], [[1], [2]])
+    (tmp_path / "strict.py").write_text("def f(prompts, completions):\n    return [0.0] * len(completions)\n")
+    with pytest.raises(UserError, match="give it \\*\\*kwargs"):
+        load_rewards(["strict.py:f"], base=tmp_path).score([Prompt([1], "p", {})], ["a"], [[1]])
 
 
 def test_dpo_train_step_learns_synthetic_preferences(tiny_cfg):
