@@ -35,14 +35,21 @@ from lm.data.preference import Prompt, Rewards, completion_batch
 from lm.errors import UserError
 from lm.infer.decode import generate
 from lm.infer.sampling import Sampling
+from lm.loss import chunked_token_logps
 
 
 def token_logps(model: nnx.Module, batch: dict, temperature: float = 1.0) -> jax.Array:
-    """log p(target) of every position, float32 [batch, length]; zero where the weight is zero."""
-    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), batch["targets"][..., None], axis=-1)[..., 0]
+    """log p(target) of every position, float32 [batch, length]; zero where the weight is zero.
+
+    Large vocabularies go chunk by chunk along the sequence (model.loss_chunk, as the SFT loss does)."""
+    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+    chunk = model.cfg.loss_chunk_for(tokens.shape[1])
+    if chunk:
+        hidden = model(tokens, positions, segments, return_hidden=True)
+        logp = chunked_token_logps(hidden, model.head(), batch["targets"], chunk, model.cfg.final_softcap, temperature)
+    else:
+        logits = model(tokens, positions, segments).astype(jnp.float32) / temperature
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), batch["targets"][..., None], axis=-1)[..., 0]
     return jnp.where(batch["weights"] > 0, logp, 0.0)
 
 

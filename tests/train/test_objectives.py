@@ -525,3 +525,38 @@ def test_grpo_rollout_and_steps_move_the_policy_toward_high_advantage(hf_folder,
     change = (np.asarray(after) - np.asarray(r.old_logps)).sum(-1) / n
     assert (r.advantages * change).sum() > 0
     assert change[r.advantages > 0].mean() > change[r.advantages < 0].mean()
+
+
+def test_chunked_token_logps_equal_whole_logits(tiny_cfg):
+    """token_logps chunked along the sequence (model.loss_chunk; 5 does not divide 14) gives the
+    unchunked values and gradients, at temperature 0.7 and with a final soft-cap."""
+    import dataclasses
+
+    from lm.model import Transformer
+
+    cfg = dataclasses.replace(tiny_cfg, dtype="float32", n_layers=1, final_softcap=3.0)
+    whole, chunked = (Transformer(dataclasses.replace(cfg, loss_chunk=c), rngs=nnx.Rngs(0)) for c in (0, 5))
+    assert chunked.cfg.loss_chunk_for(14) == 5 and whole.cfg.loss_chunk_for(14) == 0
+    tokens = np.asarray(jax.random.randint(jax.random.key(2), (3, 15), 0, cfg.vocab_size))
+    batch = {
+        "tokens": jnp.asarray(tokens[:, :-1]),
+        "targets": jnp.asarray(tokens[:, 1:]),
+        "positions": jnp.broadcast_to(jnp.arange(14), (3, 14)),
+        "segment_ids": jnp.ones((3, 14), jnp.int32),
+        "weights": jnp.asarray(np.random.default_rng(0).integers(0, 2, (3, 14)), jnp.float32),
+    }
+
+    @nnx.jit
+    def value_and_grad(m):
+        return nnx.value_and_grad(lambda m: (token_logps(m, batch, 0.7) * batch["weights"]).sum())(m)
+
+    def jaxpr(m):
+        graphdef, state = nnx.split(m)
+        return str(jax.make_jaxpr(lambda s: token_logps(nnx.merge(graphdef, s), batch, 0.7))(state))
+
+    full_logits = f"f32[3,14,{cfg.vocab_size}]"
+    assert full_logits in jaxpr(whole) and full_logits not in jaxpr(chunked)  # the chunked path is taken
+    (a, ga), (b, gb) = value_and_grad(whole), value_and_grad(chunked)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
