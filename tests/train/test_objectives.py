@@ -560,3 +560,34 @@ def test_chunked_token_logps_equal_whole_logits(tiny_cfg):
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
+
+
+def test_objective_section_sets_and_refuses_with_one_line_errors():
+    from lm.config import Recipe, apply_overrides
+
+    r = apply_overrides(Recipe(), ["train.objective=dpo", "objective.beta=0.3", "objective.loss_type=ipo"])
+    assert (r.train.objective, r.objective.beta, r.objective.loss_for("dpo")) == ("dpo", 0.3, "ipo")
+    r = apply_overrides(
+        Recipe(),
+        ["train.objective=grpo", 'objective.rewards=["r.py:a","r.py:b"]', "objective.reward_weights=[1,0.5]",
+         "objective.group_size=4", "objective.iterations=2"],
+    )  # fmt: skip
+    assert r.objective.rewards == ("r.py:a", "r.py:b") and r.objective.reward_weights == (1.0, 0.5)
+    assert r.objective.loss_for("grpo") == "dapo" and Recipe.from_dict(r.to_dict()) == r
+    assert Recipe().train.objective == "sft" and Recipe().objective.loss_for("dpo") == "sigmoid"
+    bad = [
+        (["train.objective=ppo"], "not one of"),
+        (["train.objective=grpo"], "needs objective.rewards"),
+        (["objective.rewards=r.py"], "FILE.py:FUNCTION"),
+        (["train.objective=dpo", "objective.loss_type=dapo"], "must be one of \\['sigmoid', 'ipo'\\] for dpo"),
+        (["objective.rewards=r.py:f", "objective.reward_weights=[1,2]"], "one weight per reward"),
+        (["train.objective=grpo", "objective.rewards=r.py:f", "objective.group_size=3"], "not divisible"),
+        (["train.objective=grpo", "objective.rewards=r.py:f", "objective.group_size=1"], "must be >= 2"),
+        (["train.objective=dpo", "objective.beta=0"], "must be positive for dpo"),
+        (["objective.epsilon=1.5"], "must be in \\(0, 1\\)"),
+        (["objective.temperature=0"], "must be positive"),
+    ]
+    for sets, message in bad:
+        with pytest.raises(UserError, match=message) as e:
+            apply_overrides(Recipe(), sets)
+        assert "\n" not in str(e.value)
