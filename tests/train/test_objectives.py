@@ -338,6 +338,7 @@ def test_grpo_loss_and_gradient_equal_trl_grpo_trainer(hf_folder, adapted, tmp_p
     assert 0 < float(metrics["clip_fraction"]) < 1 and float(metrics["kl"]) > 1e-4
 
 
+@pytest.mark.slow
 def test_adapters_off_is_the_base_model(tiny_cfg):
     """lora.adapters_off gives the model before adaptation exactly, inside jit too, and switches back."""
     import dataclasses
@@ -452,6 +453,7 @@ def test_reward_loading_errors_are_one_line(tmp_path):
         load_rewards(["strict.py:f"], base=tmp_path).score([Prompt([1], "p", {})], ["a"], [[1]])
 
 
+@pytest.mark.slow
 def test_dpo_train_step_learns_synthetic_preferences(tiny_cfg):
     """dpo_train_step on LoRA: at step 0 the policy is the reference (loss log 2, margin 0); within a
     few steps the chosen completions (tokens from one range) beat the rejected (another) on more than
@@ -527,6 +529,7 @@ def test_grpo_rollout_and_steps_move_the_policy_toward_high_advantage(hf_folder,
     assert change[r.advantages > 0].mean() > change[r.advantages < 0].mean()
 
 
+@pytest.mark.slow
 def test_chunked_token_logps_equal_whole_logits(tiny_cfg):
     """token_logps chunked along the sequence (model.loss_chunk; 5 does not divide 14) gives the
     unchunked values and gradients, at temperature 0.7 and with a final soft-cap."""
