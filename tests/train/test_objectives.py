@@ -488,13 +488,13 @@ def test_dpo_train_step_learns_synthetic_preferences(tiny_cfg):
 
 
 @pytest.mark.slow
-def test_grpo_rollout_and_steps_move_the_policy_toward_high_advantage(hf_folder, tmp_path):
+def test_grpo_rollout_and_steps_move_the_policy_toward_high_advantage(hf_folder, adapted, tmp_path):
     """rollout samples with the decode loop on the LoRA policy in place and scores with a reward file;
-    grpo_train_step's first loss is -sum(A_i n_i) / N (ratio 1, policy = reference, kl 0); three passes
-    over the rollout (objective.iterations=3) raise the log-probs of the completions with positive
-    advantage relative to those with negative advantage."""
-    from lm.config import ModelConfig, OptimizerConfig
-    from lm.model import Transformer
+    grpo_train_step's first loss (ratio 1) is sum(-A_i + beta k3) over the completion tokens / N, with
+    k3 from the rollout's own old and reference log-probs; three passes over the rollout
+    (objective.iterations=3) raise the log-probs of the completions with positive advantage relative
+    to those with negative advantage."""
+    from lm.config import OptimizerConfig
     from lm.state.optimizer import make_optimizer
     from lm.train.objectives import rollout
     from lm.train.step import grpo_train_step
@@ -504,25 +504,25 @@ def test_grpo_rollout_and_steps_move_the_policy_toward_high_advantage(hf_folder,
     )
     rewards = load_rewards(["r.py:even"], base=tmp_path)
     tok = Tokenizer(hf_folder)
-    cfg = ModelConfig(
-        vocab_size=400, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=32, dtype="float32"
-    )
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    lora.apply(model, SPEC)
+    model = nnx.clone(adapted[0])  # the steps donate and update it; the fixture stays as it is
     prompts = [encode_prompt({"prompt": t}, tok) for t in ("one two", "three four", "five six", "seven eight")]
     opt = make_optimizer(model, OptimizerConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0), 10, wrt=nnx.LoRAParam)
-    r = rollout(model, tok, prompts, rewards, group_size=4, max_new_tokens=8, temperature=1.0, seed=0, seq_len=24,
+    r = rollout(model, tok, prompts, rewards, group_size=4, max_new_tokens=8, temperature=1.0, seed=0, seq_len=32,
                 beta=0.04)  # fmt: skip
     assert len(r.completions) == 16 and all(1 <= len(c) <= 8 for c in r.completion_ids)
     np.testing.assert_allclose(r.rewards, [np.mean([i % 2 == 0 for i in c]) for c in r.completion_ids], rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(r.old_logps), np.asarray(r.ref_logps), atol=1e-6)  # fresh adapters
-    n = np.asarray(r.batch["weights"]).sum(-1)
+    w = np.asarray(r.batch["weights"])
+    n = w.sum(-1)
+    delta = np.asarray(r.ref_logps, np.float64) - np.asarray(r.old_logps, np.float64)
+    k3 = (np.exp(delta) - delta - 1) * w
+    assert k3.sum() > 1e-3  # the random adapters moved the policy off the reference
     for iteration in range(3):
         out = grpo_train_step(model, opt, r.batch, r.old_logps, r.ref_logps, jnp.asarray(r.advantages),
                               beta=0.04, epsilon=0.2, temperature=1.0, loss_type="dapo")  # fmt: skip
         if iteration == 0:
-            assert abs(float(out["loss"]) + (r.advantages * n).sum() / n.sum()) < 1e-5
-            assert float(out["kl"]) < 1e-6 and float(out["clip_fraction"]) == 0.0
+            expected = ((-r.advantages * n).sum() + 0.04 * k3.sum()) / n.sum()
+            assert abs(float(out["loss"]) - expected) < 1e-5, (float(out["loss"]), expected)
+            assert abs(float(out["kl"]) - k3.sum() / n.sum()) < 1e-5 and float(out["clip_fraction"]) == 0.0
     after = nnx.jit(lambda m: token_logps(m, r.batch))(model)
     change = (np.asarray(after) - np.asarray(r.old_logps)).sum(-1) / n
     assert (r.advantages * change).sum() > 0
