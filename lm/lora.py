@@ -18,6 +18,7 @@ does the quantisation: `lora.base_dtype=nf4|int8` stores each targeted kernel as
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -102,6 +103,7 @@ class LoRA(nnx.Module):
         # [layers?, 1]: nnx.scan drops a 1-D variable's 'layers' name when run eagerly (flax 0.12.8).
         salt = jax.random.randint(jax.random.fold_in(key, 1), shape[:lead] + (1,), 0, 2**31 - 1, jnp.int32)
         self.salt = DropoutSalt(salt, **axes(*names[:lead], None))
+        self.enabled = True  # False inside `adapters_off`: the base projection alone
         self.qtype = None
         self.base = base
         if spec.base_dtype in ("int8", "nf4"):
@@ -126,6 +128,8 @@ class LoRA(nnx.Module):
             y = self.base(x)
         else:
             y = _project(x, self.kernel(), self.base, self.n_in)
+        if not self.enabled:
+            return y
         contract = tuple(range(x.ndim - self.n_in, x.ndim))
         if self.dropout > 0 and self.step_key is not None:
             key = jax.random.wrap_key_data(self.step_key[...])
@@ -227,6 +231,22 @@ def apply(model: nnx.Module, spec: LoraConfig, seed: int = 0) -> list[str]:
     frozen = nnx.state(model, FROZEN)
     nnx.update(model, jax.tree.map(lambda x: x.astype(store), frozen))
     return [_dotted(p) for p, _ in found]
+
+
+@contextlib.contextmanager
+def adapters_off(model: nnx.Module):
+    """Run the frozen base alone while inside: every adapter adds nothing (PEFT's `disable_adapter`).
+
+    DPO and GRPO under LoRA take this as their reference model, so no second copy of the weights
+    exists. The switch is a static attribute, so a jitted function traced inside sees the base."""
+    found = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRA)]
+    for m in found:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in found:
+            m.enabled = True
 
 
 def merge(model: nnx.Module) -> nnx.Module:

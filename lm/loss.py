@@ -59,3 +59,36 @@ def chunked_cross_entropy_sum(
     zero = jnp.zeros((), jnp.float32)
     (loss, weight), _ = jax.lax.scan(body, (zero, zero), (chunks(hidden), chunks(targets), chunks(weights)))
     return loss, weight
+
+
+def chunked_token_logps(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    chunk: int,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """log softmax(unembed(hidden, head, softcap) / temperature) at the targets, float32 [batch, length],
+    `chunk` positions at a time: per-token log-probs (DPO, GRPO) without [batch, length, vocab] logits,
+    chunked and recomputed in the backward pass as chunked_cross_entropy_sum is."""
+    batch, length, width = hidden.shape
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+
+    def chunks(x):  # [batch, n * chunk, ...] -> [n, batch, chunk, ...]
+        x = x.reshape(batch, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+        return logical_constraint(x, (None, "batch", "length", "embed")[: x.ndim])
+
+    @jax.checkpoint
+    def body(_, xs):
+        h, t = xs
+        logits = unembed(h, head, softcap).astype(jnp.float32) / temperature
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return None, target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+    _, out = jax.lax.scan(body, None, (chunks(hidden), chunks(targets)))
+    return out.swapaxes(0, 1).reshape(batch, n * chunk)[:, :length]

@@ -11,6 +11,7 @@ from lm.config.recipe import (
     LoggingConfig,
     LoraConfig,
     MeshConfig,
+    ObjectiveConfig,
     OptimizerConfig,
     Recipe,
     TrainConfig,

@@ -184,8 +184,12 @@ class TrainConfig:
     eval_tasks_every: int = 0
     eval_tasks_limit: float | None = None  # documents per task (a fraction if < 1); None: all
     eval_include_path: str | None = None  # a folder of task YAMLs of your own
+    # sft: next-token loss on the data; dpo: preference pairs; grpo: sampled completions scored by rewards.
+    # dpo and grpo read the `objective` section (lm.train.objectives).
+    objective: Literal["sft", "dpo", "grpo"] = "sft"
 
     def __post_init__(self):
+        _check("train.objective", self.objective, self.objective in ("sft", "dpo", "grpo"), "must be sft, dpo or grpo")
         _check("train.eval_tasks_every", self.eval_tasks_every, self.eval_tasks_every >= 0, "must be >= 0")
         _check(
             "train.eval_tasks_limit",
@@ -214,6 +218,66 @@ class TrainConfig:
 def _is_step_range(text: str) -> bool:
     parts = text.split(":")
     return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and 1 <= int(parts[0]) <= int(parts[1])
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+# TRL 1.16's GRPOTrainer defaults to dapo: the clipped surrogate summed over the batch's completion tokens and
+# divided by their count. grpo divides each completion by its own length, then averages the completions.
+GRPO_LOSSES = ("dapo", "grpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Settings of train.objective=dpo|grpo (lm.train.objectives); names and defaults follow TRL's
+    DPOConfig and GRPOConfig. sft reads none of them."""
+
+    beta: float = 0.1  # dpo: how far from the reference the preference may pull; grpo: the KL weight (k3)
+    loss_type: Literal["sigmoid", "ipo", "dapo", "grpo"] | None = None  # none: sigmoid (dpo), dapo (grpo)
+    reference: str = "base"  # base: the starting weights (LoRA: adapters off); or a run / Hugging Face folder
+    rewards: tuple[str, ...] = ()  # grpo: "FILE.py:FUNCTION", called as TRL calls reward functions
+    reward_weights: tuple[float, ...] = ()  # one per reward; empty: all 1
+    group_size: int = 8  # grpo: completions sampled per prompt (TRL's num_generations)
+    max_new_tokens: int = 128  # grpo: the longest completion
+    temperature: float = 1.0  # grpo: sampling temperature, also applied to the log-probs (as TRL does)
+    epsilon: float = 0.2  # grpo: the clip range of the probability ratio
+    iterations: int = 1  # grpo: optimisation passes over each generated batch (TRL's num_iterations)
+
+    def __post_init__(self):
+        _check("objective.beta", self.beta, _finite(self.beta) and self.beta >= 0, "must be >= 0, e.g. 0.1")
+        _check(
+            "objective.loss_type",
+            self.loss_type,
+            self.loss_type is None or self.loss_type in DPO_LOSSES + GRPO_LOSSES,
+            f"must be one of {list(DPO_LOSSES)} (dpo) or {list(GRPO_LOSSES)} (grpo), or none for the default",
+        )
+        _check("objective.reference", self.reference, bool(str(self.reference).strip()), "must be base or a folder")
+        for spec in self.rewards:
+            _check(
+                "objective.rewards",
+                spec,
+                isinstance(spec, str) and re.fullmatch(r".+\.py:[A-Za-z_]\w*", spec) is not None,
+                'entries must look like "FILE.py:FUNCTION", e.g. ["rewards.py:exact_answer"]',
+            )
+        _check(
+            "objective.reward_weights",
+            list(self.reward_weights),
+            not self.reward_weights or len(self.reward_weights) == len(self.rewards),
+            f"must give one weight per reward ({len(self.rewards)}), or none for all 1",
+        )
+        _check("objective.group_size", self.group_size, self.group_size >= 1, "must be >= 1, e.g. 8")
+        _check("objective.max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "must be >= 1, e.g. 128")
+        _check(
+            "objective.temperature",
+            self.temperature,
+            _finite(self.temperature) and self.temperature > 0,
+            "must be positive, e.g. 1.0",
+        )
+        _check("objective.epsilon", self.epsilon, _finite(self.epsilon) and 0 < self.epsilon < 1, "must be in (0, 1)")
+        _check("objective.iterations", self.iterations, self.iterations >= 1, "must be >= 1")
+
+    def loss_for(self, objective: str) -> str:
+        """The loss type in force for train.objective (the default where none is set)."""
+        return self.loss_type or {"dpo": "sigmoid", "grpo": "dapo"}.get(objective, "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,9 +325,11 @@ class Recipe:
     logging: LoggingConfig = LoggingConfig()
     init: InitConfig = InitConfig()
     lora: LoraConfig = LoraConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
 
     def __post_init__(self):
         t = self.train
+        self._check_objective()
         if t.batch_size % t.grad_accum:
             raise UserError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
         # With init.from the model section is only known once the source is read (lm.state.source).
@@ -286,6 +352,30 @@ class Recipe:
         if t.per_device_batch_size < 0 or t.max_bad_steps < 0:
             raise UserError("train.per_device_batch_size and train.max_bad_steps must be >= 0")
         self._check_rules()
+
+    def _check_objective(self):
+        kind, o = self.train.objective, self.objective
+        if o.loss_type is not None and kind != "sft":
+            allowed = DPO_LOSSES if kind == "dpo" else GRPO_LOSSES
+            _check(
+                "objective.loss_type", o.loss_type, o.loss_type in allowed, f"must be one of {list(allowed)} for {kind}"
+            )
+        if kind == "dpo":
+            _check("objective.beta", o.beta, o.beta > 0, "must be positive for dpo, e.g. 0.1")
+        if kind == "grpo":
+            if not o.rewards:
+                raise UserError('train.objective=grpo needs objective.rewards, e.g. ["rewards.py:exact_answer"]')
+            _check(
+                "objective.group_size",
+                o.group_size,
+                o.group_size >= 2,
+                "must be >= 2 for grpo (advantages compare a group)",
+            )
+            if self.train.batch_size % o.group_size:
+                raise UserError(
+                    f"train.batch_size={self.train.batch_size} (completions per step) is not divisible by "
+                    f"objective.group_size={o.group_size}"
+                )
 
     def _check_rules(self):
         names = {n for n, _ in DEFAULT_RULES}

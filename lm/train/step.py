@@ -9,6 +9,7 @@ from flax import nnx
 
 from lm.lora import seed_dropout
 from lm.loss import chunked_cross_entropy_sum, cross_entropy_sum
+from lm.train.objectives import dpo_objective, grpo_loss, reference_token_logps, token_logps
 from sharding.rules import logical_constraint
 
 
@@ -104,8 +105,80 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
     }
 
 
+@functools.partial(nnx.jit, static_argnames=("beta", "loss_type"), donate_argnames=("model", "optimizer"))
+def dpo_train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, beta: float, loss_type: str) -> dict:
+    """One optimizer step of DPO (train.objective=dpo) on a pair batch, chosen rows then rejected
+    (lm.data.preference.pair_batch), against the reference of a LoRA run: the base, adapters off.
+
+    The reference pass runs first and carries no gradient; the policy pass differentiates only the
+    optimizer's `wrt` parameters, as train_step does. Returns train_step's metrics plus the DPO
+    reward metrics (rewards_chosen, rewards_rejected, reward_margin, reward_accuracy)."""
+    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+    frozen = nnx.as_pure(rest)
+    dtype = model.cfg.compute_dtype
+    reference = nnx.merge(graphdef, compute_params(params, dtype), frozen)
+    ref_logps = (reference_token_logps(reference, batch) * batch["weights"]).sum(-1)
+
+    def loss(p):
+        # No adapter dropout: TRL's DPOTrainer turns dropout off by default (disable_dropout=True).
+        policy = nnx.merge(graphdef, compute_params(p, dtype), frozen)
+        return dpo_objective(policy, batch, ref_logps, beta=beta, loss_type=loss_type)
+
+    (loss, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    grad_norm = optax.tree.norm(grads)
+    optimizer.update(model, grads)
+    return {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(nnx.state(model, optimizer.wrt)),
+        **metrics,
+    }
+
+
 @nnx.jit
 def eval_step(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Summed loss and token weight of one batch (the caller averages over batches)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return _loss_sums(nnx.merge(graphdef, compute_params(params, model.cfg.compute_dtype), rest), batch)
+
+
+@functools.partial(
+    nnx.jit, static_argnames=("beta", "epsilon", "temperature", "loss_type"), donate_argnames=("model", "optimizer")
+)
+def grpo_train_step(
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    batch: dict,
+    old_logps: jax.Array,
+    ref_logps: jax.Array | None,
+    advantages: jax.Array,
+    *,
+    beta: float,
+    epsilon: float,
+    temperature: float,
+    loss_type: str,
+) -> dict:
+    """One optimizer step of GRPO (train.objective=grpo) on a rollout's completion batch
+    (lm.train.objectives.rollout): the clipped surrogate with the k3 KL penalty, per completion token.
+    Returns train_step's metrics plus kl (when beta > 0) and clip_fraction."""
+    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+    frozen = nnx.as_pure(rest)
+    step_key = jax.random.fold_in(jax.random.key(0), optimizer.step[...])
+
+    def loss(p):
+        policy = nnx.merge(graphdef, compute_params(p, model.cfg.compute_dtype), frozen)
+        seed_dropout(policy, step_key)
+        logps = token_logps(policy, batch, temperature)
+        return grpo_loss(
+            logps, old_logps, ref_logps, advantages, batch["weights"], beta=beta, epsilon=epsilon, loss_type=loss_type
+        )
+
+    (loss, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    grad_norm = optax.tree.norm(grads)
+    optimizer.update(model, grads)
+    return {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(nnx.state(model, optimizer.wrt)),
+        **metrics,
+    }
