@@ -173,9 +173,13 @@ class CheckpointMeta:
     tokenizer_sha256: the training tokenizer's identity; tokenizer_model: our sentencepiece model in
     base64, so a copied checkpoint still decodes. base: a LoRA run's base, by path and fingerprint,
     in place of its weights. hf_folder: the Hugging Face folder an imported checkpoint came from.
+    run_id, run_dir: the run that owns this checkpoint (lm.train.run.run_id), so that another run
+    pointed at the same checkpoint.dir is refused instead of resuming, and later deleting, its steps.
     """
 
     recipe: dict | None = None
+    run_id: str | None = None
+    run_dir: str | None = None
     seed: int = 0
     tokenizer_sha256: str | None = None
     tokenizer_model: str | None = None
