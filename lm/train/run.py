@@ -261,7 +261,8 @@ def setup(recipe: Recipe, run_dir: pathlib.Path, source: InitSource | None = Non
     agreed(check_resumable, run_dir, recipe)
     check_divisible(recipe.logical_dims(), layout)
     agreed(check_writable, checkpoint_dir(recipe, run_dir))
-    say("attention: %s (%s)" % resolve_attention_impl(recipe.model, jax.default_backend(), t.seq_len))
+    impl, why = resolve_attention_impl(recipe.model, jax.default_backend(), t.seq_len)
+    say(f"attention: {impl} ({why})")
     if source or recipe.lora.rank:
         say_memory(recipe)
     data_dir, tokenizer = prepare_data(recipe, run_dir, source)
