@@ -367,9 +367,7 @@ class Checkpointer:
         """Load only the parameters (generation and export need nothing else)."""
         restored = self.manager.restore(
             step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(_abstract(nnx.state(model, saved_params(model))))
-            ),
+            args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(nnx.state(model, saved_params(model))))),
         )
         nnx.update(model, restored["model"])
 
