@@ -81,8 +81,13 @@ def encode_record(record: dict, fmt: str, tokenizer, where: str = "record") -> E
 
 def _messages(record: dict, where: str) -> list[dict]:
     messages = record.get("messages")
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     )
     if not ok:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")

@@ -7,6 +7,7 @@ import hashlib
 import pathlib
 
 from lm.config import ModelConfig, Recipe
+from lm.data.tokenizer import has_hf_tokenizer
 from lm.errors import UserError
 from lm.hf import config_from_hf
 from lm.state.checkpoint import find_checkpoint, read_meta
@@ -69,7 +70,10 @@ def find_source(path: str) -> InitSource:
             "(no recipe.json) nor a checkpoint step folder"
         )
     recipe = read_meta(folder, step, run).run_recipe(run)
-    tokenizer = str(run / "tokenizer.model") if (run / "tokenizer.model").is_file() else str(run)
+    # Our own sentencepiece model, or the Hugging Face tokenizer files an imported or fine-tuned run
+    # keeps (a tokenizer.model with its tokenizer_config.json: BOS, special tokens, chat template).
+    own = (run / "tokenizer.model").is_file() and not has_hf_tokenizer(run)
+    tokenizer = str(run / "tokenizer.model") if own else str(run)
     return InitSource(p, hf=False, model=recipe.model, tokenizer=tokenizer, step=step, folder=folder, recipe=recipe)
 
 
