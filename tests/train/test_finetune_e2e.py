@@ -113,8 +113,18 @@ def _flat_keys(step_dir):
 
 def test_chat_generation_uses_base_plus_adapter(lora_run):
     run, _ = lora_run
-    out = run_cli("launch.generate", "--run-dir", str(run), "--chat", "--prompt", "Ada asks: 2 plus 3?",
-                  "--max-new-tokens", "8", "--output", str(run / "gen.jsonl"))
+    out = run_cli(
+        "launch.generate",
+        "--run-dir",
+        str(run),
+        "--chat",
+        "--prompt",
+        "Ada asks: 2 plus 3?",
+        "--max-new-tokens",
+        "8",
+        "--output",
+        str(run / "gen.jsonl"),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads((run / "gen.jsonl").read_text().splitlines()[0])
     assert row["tokens"], row
@@ -158,8 +168,8 @@ def test_exports_merged_and_adapter_give_our_logits(lora_run, setup, tmp_path):
         assert files == {"adapter_model.safetensors", "adapter_config.json"}
         config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
         assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16.0, 0.05)  # the run's own
-        hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        adapted = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+        assert config["base_model_name_or_path"] == str(base)  # absolute: peft finds the base by itself
+        adapted = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32).eval()
         np.testing.assert_allclose(adapted(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)
 
 
