@@ -3,8 +3,8 @@ adapter_config.json), named after the Hugging Face modules of the family's mappi
 
 import json
 import math
-import re
 import pathlib
+import re
 
 import jax
 import numpy as np
