@@ -111,23 +111,26 @@ def _flat_keys(step_dir):
     return list(walk(tree))
 
 
-def test_chat_generation_uses_base_plus_adapter(lora_run):
+def test_chat_generation_uses_base_plus_adapter(lora_run, setup, tmp_path):
+    """generate --chat on the LoRA run against transformers + peft's greedy generate on the exported
+    adapter: the same prompt tokens through the chat template, the same new tokens."""
+    import torch
+
     run, _ = lora_run
-    out = run_cli(
-        "launch.generate",
-        "--run-dir",
-        str(run),
-        "--chat",
-        "--prompt",
-        "Ada asks: 2 plus 3?",
-        "--max-new-tokens",
-        "8",
-        "--output",
-        str(run / "gen.jsonl"),
-    )
+    prompt = "Ada asks: 2 plus 3?"
+    out = run_cli("launch.generate", "--run-dir", str(run), "--chat", "--prompt", prompt,
+                  "--max-new-tokens", "8", "--output", str(tmp_path / "gen.jsonl"))  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    row = json.loads((run / "gen.jsonl").read_text().splitlines()[0])
-    assert row["tokens"], row
+    row = json.loads((tmp_path / "gen.jsonl").read_text().splitlines()[0])
+    out = run_cli("launch.convert", "--run-dir", str(run), "--hf-out", str(tmp_path / "adapter"), "--adapter-only")
+    assert out.returncode == 0, out.stderr[-2000:]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = torch.as_tensor([list(ids["input_ids"] if isinstance(ids, dict) else ids)])
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert row["tokens"] == theirs and len(theirs) > 0, (row["tokens"], theirs)
 
 
 def test_score_takes_the_chat_file_and_scores_the_replies(lora_run, setup):
