@@ -125,8 +125,9 @@ def test_chat_generation_uses_base_plus_adapter(lora_run, setup, tmp_path):
     out = run_cli("launch.convert", "--run-dir", str(run), "--hf-out", str(tmp_path / "adapter"), "--adapter-only")
     assert out.returncode == 0, out.stderr[-2000:]
     tokenizer = transformers.AutoTokenizer.from_pretrained(run)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    ids = torch.as_tensor([list(ids["input_ids"] if isinstance(ids, dict) else ids)])
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    ids = torch.as_tensor([list(ids)])
     model = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
