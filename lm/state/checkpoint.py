@@ -213,6 +213,15 @@ def read_meta(folder, step: int, run: pathlib.Path) -> CheckpointMeta:
         ckpt.close()
 
 
+def peek_meta(folder, step: int) -> CheckpointMeta | None:
+    """A finished step's meta read straight from its JSON file, by this process alone (a manager's
+    start is a collective that every process must join), or None where it does not parse."""
+    try:
+        return CheckpointMeta.from_json(json.loads((as_path(folder) / str(step) / "meta" / "metadata").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def _surfaced_by_us(record: logging.LogRecord) -> bool:
     """Orbax logs a background save's failure with its whole traceback; `_save_errors` raises it as
     one line instead, so that is what the user sees."""

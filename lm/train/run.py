@@ -36,7 +36,7 @@ from lm.state.checkpoint import (
     finished_steps,
     has_checkpoints,
     kept_steps,
-    read_meta,
+    peek_meta,
 )
 from lm.state.source import InitSource, resolve_init
 from lm.train.compile_cache import use_compilation_cache
@@ -135,9 +135,8 @@ def check_resumable(run_dir: pathlib.Path, recipe: Recipe) -> None:
     steps = finished_steps(directory)
     if not steps:
         return  # nothing saved yet: this is a fresh start, whatever an earlier failed attempt wrote
-    try:
-        meta = read_meta(directory, steps[-1], run_dir)
-    except UserError:
+    meta = peek_meta(directory, steps[-1])  # each process alone: only some may see these files
+    if meta is None:
         return  # a damaged newest step: restore_latest sets it aside and checks the one it restores
     safe = check_owner(recipe, run_dir, as_path(directory), steps[-1], meta)
     if safe:
