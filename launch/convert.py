@@ -1,12 +1,12 @@
 """Convert between Hugging Face folders and nnx-lm runs.
 
-  python -m launch.convert --hf-in DIR --out RUN_DIR                     import: recipe.json, tokenizer files,
-                                                                         checkpoints/0 (weights only)
-  python -m launch.convert (--run-dir DIR | --checkpoint DIR) --hf-out DIR   export: safetensors, config.json,
-                                                                         generation_config.json, tokenizer files
-                                                                         (a LoRA run: adapters merged)
-  python -m launch.convert --run-dir LORA_RUN --hf-out DIR --adapter-only    the adapter in PEFT's format:
-                                                                         adapter_model.safetensors + adapter_config.json
+python -m launch.convert --hf-in DIR --out RUN_DIR                     import: recipe.json, tokenizer files,
+                                                                       checkpoints/0 (weights only)
+python -m launch.convert (--run-dir DIR | --checkpoint DIR) --hf-out DIR   export: safetensors, config.json,
+                                                                       generation_config.json, tokenizer files
+                                                                       (a LoRA run: adapters merged)
+python -m launch.convert --run-dir LORA_RUN --hf-out DIR --adapter-only    the adapter in PEFT's format:
+                                                                       adapter_model.safetensors + adapter_config.json
 """
 
 import argparse
@@ -88,17 +88,19 @@ def export_hf(run_dir, checkpoint, hf_out: pathlib.Path, max_shard_bytes: int, a
     from lm import lora
     from lm.hf import save_hf, save_peft
     from lm.infer.load import load_run
-    from lm.state.checkpoint import find_checkpoint
+    from lm.state.checkpoint import find_checkpoint, read_meta
+    from lm.state.source import adapter_base
 
     _fresh(hf_out, "--hf-out")
-    _, step, run = find_checkpoint(run_dir, checkpoint)
+    folder, step, run = find_checkpoint(run_dir, checkpoint)
     loaded = load_run(run_dir, checkpoint, need_tokenizer=False)
     recipe, model, tokenizer = loaded.recipe, loaded.model, loaded.tokenizer
     if adapter_only:
         if not recipe.lora.rank:
             raise UserError(f"--adapter-only needs a LoRA run (lora.rank > 0), but {run} trained every parameter")
-        save_peft(model, recipe.lora, hf_out, base_model_name_or_path=recipe.init.from_)
-        rank, base = recipe.lora.rank, recipe.init.from_
+        base = adapter_base(read_meta(folder, step, run), recipe)
+        save_peft(model, recipe.lora, hf_out, base_model_name_or_path=base)
+        rank = recipe.lora.rank
         print(f"exported the rank-{rank} adapter of step {step} of {run} to {hf_out} (base: {base})")
         return
     lora.merge(model)  # a LoRA run: fold the adapters into the base; no-op otherwise

@@ -97,8 +97,10 @@ def bench_train(
             jax.profiler.stop_trace()
     step_s = statistics.median(times)
     tokens = t.batch_size * t.seq_len
-    tflops = recipe.model.flops_per_token(t.seq_len) * tokens / step_s / jax.device_count() / 1e12
-    tflops_maxtext = recipe.model.flops_per_token(t.seq_len, "maxtext") * tokens / step_s / jax.device_count() / 1e12
+    adapters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) if recipe.lora.rank else None
+    per_s = tokens / step_s / jax.device_count() / 1e12
+    tflops = recipe.model.flops_per_token(t.seq_len, adapter_params=adapters) * per_s
+    tflops_maxtext = recipe.model.flops_per_token(t.seq_len, "maxtext", adapter_params=adapters) * per_s
     peak, source = peak_tflops_per_device(t.peak_tflops)
     state_bytes = _device_bytes(nnx.state(model)) + _device_bytes(nnx.state(opt))
     extra = {}

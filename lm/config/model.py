@@ -195,24 +195,33 @@ class ModelConfig:
             "mlp": (self.d_ff, "model.d_ff"),
         }
 
-    def flops_per_token(self, seq_len: int, convention: Literal["palm", "maxtext"] = "palm") -> float:
+    def flops_per_token(
+        self, seq_len: int, convention: Literal["palm", "maxtext"] = "palm", *, adapter_params: int | None = None
+    ) -> float:
         """Training FLOPs per token: 6 * (non-embedding params + LM head) + 12 * layers * seq_len * heads * head_dim.
 
         "palm" (the headline MFU) is the PaLM / nanoGPT formula (Chowdhery et al. 2022, appendix B):
         causal attention counted as a full square. "maxtext" is MaxText's
         calculate_tflops_training_per_device: matmul weights only (no norms or biases), the
         unembedding but not the embedding lookup, and causal attention halved (6 instead of 12).
+
+        Both count what is computed. A weight costs 2 FLOPs per token forward, 2 for its input's
+        gradient and 2 for its own gradient, the last only where it trains: a LoRA run
+        (adapter_params, the adapters' size) counts 4 per frozen base weight and 6 per adapter weight.
         """
+        per_weight = 6 if adapter_params is None else 4
+        adapters = 6 * (adapter_params or 0)
         if convention == "maxtext":
             d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.dim_per_head
             matmul = d * hd * (2 * h + 2 * kv) + (3 if self.gated_mlp else 2) * d * f
-            return 6 * (self.n_layers * matmul + d * self.vocab_size) + 6 * self.n_layers * seq_len * h * hd
+            weights = self.n_layers * matmul + d * self.vocab_size
+            return per_weight * weights + adapters + 6 * self.n_layers * seq_len * h * hd
         n = self.n_params - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         n += self.vocab_size * self.d_model  # the LM head is a matmul even when tied
         if self.positions == "learned":
             n -= self.max_seq_len * self.d_model
         attn = 12 * self.n_layers * seq_len * self.n_heads * self.dim_per_head
-        return 6 * n + attn
+        return per_weight * n + adapters + attn
 
 
 def _divisors(n: int) -> list[int]:

@@ -67,19 +67,27 @@ def encode_record(record: dict, fmt: str, tokenizer, where: str = "record") -> E
             raise UserError(
                 f"{where} needs string 'prompt' and non-empty 'completion' fields for data.format=completion"
             )
-        p, c = _encode(tokenizer, prompt), _encode(tokenizer, completion) + [tokenizer.eos_id]
+        # The prompt as generate and score encode it (the tokenizer's own BOS rule), so that training
+        # and inference see the same tokens.
+        p, c = tokenizer.encode(prompt), _encode(tokenizer, completion) + [tokenizer.eos_id]
         return Example(p + c, [0] * len(p) + [1] * len(c))
     text = record.get("text")
     if not isinstance(text, str):
         raise UserError(f"{where} has no string 'text' field for data.format=text")
-    ids = _encode(tokenizer, text) + [tokenizer.eos_id]
+    ids = tokenizer.encode(text)
+    ids += [tokenizer.eos_id] if ids[-1:] != [tokenizer.eos_id] else []
     return Example(ids, [1] * len(ids))
 
 
 def _messages(record: dict, where: str) -> list[dict]:
     messages = record.get("messages")
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     )
     if not ok:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
@@ -89,7 +97,8 @@ def _messages(record: dict, where: str) -> list[dict]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    """The text's own tokens, no BOS: templates write their own, and the pipeline joins examples with EOS."""
+    """The text's own tokens, no BOS: for a completion after its prompt, and for chat text, whose
+    template writes its own BOS (as transformers assumes)."""
     return tokenizer.encode(text, add_bos=False)
 
 
@@ -115,21 +124,24 @@ def encode_chat(messages: list[dict], tokenizer) -> Example:
     full, spans = assistant_spans(messages, tokenizer)
     # The documented default template has no end-of-turn token: add the EOS after each reply ourselves.
     default = getattr(tokenizer, "chat_template", None) in (None, DEFAULT_CHAT_TEMPLATE)
-    ids, mask, at = [], [], 0
+    ids, mask, at, reply = [], [], 0, []
     for start, end in spans:
         piece = _encode(tokenizer, full[at:start])
         ids += piece
         mask += [0] * len(piece)
-        piece = _encode(tokenizer, full[start:end]) + ([tokenizer.eos_id] if default else [])
-        ids += piece
-        mask += [1] * len(piece)
+        reply = _encode(tokenizer, full[start:end]) + ([tokenizer.eos_id] if default else [])
+        ids += reply
+        mask += [1] * len(reply)
         at = end
     tail = _encode(tokenizer, full[at:])
     ids += tail
     mask += [0] * len(tail)
     if ids[-1] != tokenizer.eos_id:  # every example ends with EOS: the pipeline's document separator
+        # After a final reply whose template wrote no token that generate stops at, this EOS is how
+        # the model learns to stop, so it trains; after an end-of-turn stop token it only separates.
+        stops = set(getattr(tokenizer, "stop_ids", ()) or (tokenizer.eos_id,))
         ids.append(tokenizer.eos_id)
-        mask.append(0)
+        mask.append(int(messages[-1]["role"] == "assistant" and not stops & set(reply)))
     return Example(ids, mask)
 
 

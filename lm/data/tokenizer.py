@@ -100,7 +100,7 @@ class Tokenizer:
             if (path / "tokenizer.json").is_file():
                 self.kind = "tokenizers"
                 self._load_hf(path)
-            elif (path / "tokenizer.model").is_file() and _has_hf_config(path):
+            elif (path / "tokenizer.model").is_file() and has_hf_tokenizer(path):
                 self.kind = "hf-sentencepiece"
                 self._load_hf(path)
             elif (path / "tokenizer.model").is_file():  # a run directory of ours
@@ -377,8 +377,10 @@ class Tokenizer:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.kind != "sentencepiece":
+            # generation_config.json goes along: a chat model's end-of-turn ids are its stop ids.
+            generation = self.path / "generation_config.json"
             written = []
-            for f in self.files:
+            for f in self.files + ([generation] if generation.is_file() else []):
                 if f.resolve() != (out / f.name).resolve():
                     shutil.copyfile(f, out / f.name)
                 written.append(out / f.name)
@@ -454,8 +456,11 @@ def _prepend_scheme(config: dict) -> str:
     return "always" if config.get("legacy", False) else "first"
 
 
-def _has_hf_config(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in ("tokenizer_config.json", "special_tokens_map.json"))
+def has_hf_tokenizer(folder: Path) -> bool:
+    """Whether a folder's tokenizer is a Hugging Face one (tokenizer.json, or a tokenizer.model with
+    its config), not one of our own sentencepiece models."""
+    configs = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    return any((folder / f).is_file() for f in configs)
 
 
 def _read_json(path: Path) -> dict:

@@ -4,6 +4,7 @@ adapter_config.json), named after the Hugging Face modules of the family's mappi
 import json
 import math
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -29,7 +30,7 @@ def peft_adapter(model: nnx.Module, spec: LoraConfig) -> tuple[dict, dict]:
     if family == "gpt2":
         raise UserError("--adapter-only does not support GPT-2 (fused c_attn Conv1D); export the merged model instead")
     rules = {r.ours[0]: r for r in FAMILIES[family].rules if "{i}" in r.hf and len(r.ours) == 1}
-    tensors, modules = {}, set()
+    tensors, modules, by_layer = {}, set(), {}
     rng = np.random.default_rng(0)
     for path, module in adapters(model).items():
         parts = path.split(".")
@@ -48,6 +49,7 @@ def peft_adapter(model: nnx.Module, spec: LoraConfig) -> tuple[dict, dict]:
         name = rule.hf[: -len(".weight")]
         modules.add(name.rsplit(".", 1)[-1])
         for i in layers:
+            by_layer.setdefault(i, set()).add(name.format(i=i))
             ai, bi = (a[i], b[i]) if stacked else (a, b)
             prefix = f"base_model.model.{name.format(i=i)}"
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(ai.reshape(-1, spec.rank).T)
@@ -58,7 +60,7 @@ def peft_adapter(model: nnx.Module, spec: LoraConfig) -> tuple[dict, dict]:
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": sorted(modules),
+        **_targets(by_layer, modules, cfg.n_layers),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -70,8 +72,23 @@ def peft_adapter(model: nnx.Module, spec: LoraConfig) -> tuple[dict, dict]:
     return tensors, config
 
 
+def _targets(by_layer: dict[int, set[str]], modules: set[str], n_layers: int) -> dict:
+    """PEFT's target keys for the adapted modules: their names (every layer), their names with
+    layers_to_transform (the same modules on some layers: an unscanned run's partial targets
+    regex), or else a regex of the exact module paths, which PEFT full-matches."""
+    kinds = {frozenset(n.rsplit(".", 1)[-1] for n in names) for names in by_layer.values()}
+    if len(kinds) == 1 and len(by_layer) == n_layers:
+        return {"target_modules": sorted(modules)}
+    if len(kinds) == 1:
+        return {"target_modules": sorted(modules), "layers_to_transform": sorted(by_layer), "layers_pattern": "layers"}
+    paths = sorted(n for names in by_layer.values() for n in names)
+    return {"target_modules": "|".join(re.escape(n) for n in paths)}
+
+
 def save_peft(model: nnx.Module, spec: LoraConfig, out_dir, base_model_name_or_path: str | None = None) -> None:
-    """Write adapter_model.safetensors and adapter_config.json (what peft's save_pretrained writes)."""
+    """Write adapter_model.safetensors and adapter_config.json (what peft's save_pretrained writes).
+    base_model_name_or_path: the Hugging Face folder the base came from, absolute, so that
+    AutoPeftModelForCausalLM finds it (lm.state.source.adapter_base)."""
     tensors, config = peft_adapter(model, spec)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

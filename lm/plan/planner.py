@@ -354,6 +354,7 @@ def step_time(
     act_bytes: int,
     mfu: float | None = None,
     peak_tflops: float | None = None,
+    adapter_params: int | None = None,
 ) -> StepTime:
     """FLOPs at an MFU, plus collectives at the interconnect's bandwidth.
 
@@ -363,7 +364,7 @@ def step_time(
     """
     m, t, dev = recipe.model, recipe.train, topo.device
     tokens = t.batch_size * t.seq_len
-    flops = m.flops_per_token(t.seq_len) * tokens
+    flops = m.flops_per_token(t.seq_len, adapter_params=adapter_params) * tokens
     # Remat recomputes part of the forward pass (a third of the training FLOPs): all of it under
     # `full`, the attention score matmuls under `dots_no_batch`, nothing that is a matmul under `dots`.
     attn_fwd = 4 * m.n_layers * t.seq_len * m.n_heads * m.dim_per_head * tokens
@@ -492,7 +493,8 @@ def estimate(
     chosen = next((r for r in REMATS if fixed + by_remat[r] <= capacity), None)
 
     grad_shard = grad_bytes / grad_copies
-    step = step_time(recipe, topo, mesh_shape, dcn, gathered_copy, grad_shard, act_bytes, mfu, peak_tflops)
+    adapters = trainable if lora.rank else None
+    step = step_time(recipe, topo, mesh_shape, dcn, gathered_copy, grad_shard, act_bytes, mfu, peak_tflops, adapters)
     return Plan(
         recipe=recipe.name,
         hardware=topo.name,
@@ -505,7 +507,7 @@ def estimate(
         params_embedding=embedding,
         params_non_embedding=n_params - embedding,
         trainable_params=trainable,
-        flops_per_token=m.flops_per_token(t.seq_len),
+        flops_per_token=m.flops_per_token(t.seq_len, adapter_params=adapters),
         tokens_per_step=t.batch_size * t.seq_len,
         batch_size=t.batch_size,
         grad_accum=t.grad_accum,

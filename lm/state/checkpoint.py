@@ -173,9 +173,13 @@ class CheckpointMeta:
     tokenizer_sha256: the training tokenizer's identity; tokenizer_model: our sentencepiece model in
     base64, so a copied checkpoint still decodes. base: a LoRA run's base, by path and fingerprint,
     in place of its weights. hf_folder: the Hugging Face folder an imported checkpoint came from.
+    run_id, run_dir: the run that owns this checkpoint (lm.train.run.run_id), so that another run
+    pointed at the same checkpoint.dir is refused instead of resuming, and later deleting, its steps.
     """
 
     recipe: dict | None = None
+    run_id: str | None = None
+    run_dir: str | None = None
     seed: int = 0
     tokenizer_sha256: str | None = None
     tokenizer_model: str | None = None
@@ -207,6 +211,15 @@ def read_meta(folder, step: int, run: pathlib.Path) -> CheckpointMeta:
         ) from None
     finally:
         ckpt.close()
+
+
+def peek_meta(folder, step: int) -> CheckpointMeta | None:
+    """A finished step's meta read straight from its JSON file, by this process alone (a manager's
+    start is a collective that every process must join), or None where it does not parse."""
+    try:
+        return CheckpointMeta.from_json(json.loads((as_path(folder) / str(step) / "meta" / "metadata").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _surfaced_by_us(record: logging.LogRecord) -> bool:
@@ -363,9 +376,7 @@ class Checkpointer:
         """Load only the parameters (generation and export need nothing else)."""
         restored = self.manager.restore(
             step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(_abstract(nnx.state(model, saved_params(model))))
-            ),
+            args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(nnx.state(model, saved_params(model))))),
         )
         nnx.update(model, restored["model"])
 

@@ -7,9 +7,10 @@ import hashlib
 import pathlib
 
 from lm.config import ModelConfig, Recipe
+from lm.data.tokenizer import has_hf_tokenizer
 from lm.errors import UserError
 from lm.hf import config_from_hf
-from lm.state.checkpoint import find_checkpoint, read_meta
+from lm.state.checkpoint import CheckpointMeta, find_checkpoint, read_meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,7 @@ class InitSource:
     step: int | None = None
     folder: pathlib.Path | None = None  # the checkpoints folder
     recipe: Recipe | None = None  # the source run's resolved recipe
+    imported_from: str | None = None  # an imported run's Hugging Face folder (launch.convert --hf-in)
 
     @property
     def weights(self) -> pathlib.Path:
@@ -44,9 +46,25 @@ class InitSource:
                     digest.update(fh.read())
         return digest.hexdigest()
 
+    @property
+    def hf_folder(self) -> str | None:
+        """The Hugging Face folder these exact weights came from (absolute): the folder itself, or
+        the one an unchanged import was read from. None for weights that some run has trained."""
+        return str(self.path) if self.hf else self.imported_from
+
     def identity(self) -> dict:
-        """What a LoRA checkpoint stores in place of its base: the path and the fingerprint."""
-        return {"from": str(self.path), "weights": str(self.weights), "fingerprint": self.fingerprint}
+        """What a LoRA checkpoint stores in place of its base: the path and the fingerprint, and the
+        Hugging Face folder it came from (a PEFT export's base_model_name_or_path)."""
+        found = {"from": str(self.path), "weights": str(self.weights), "fingerprint": self.fingerprint}
+        return {**found, "hf_folder": self.hf_folder} if self.hf_folder else found
+
+
+def adapter_base(meta: CheckpointMeta, recipe: Recipe) -> str | None:
+    """A LoRA checkpoint's base as PEFT should find it: the Hugging Face folder it came from, else
+    init.from made absolute (a base that one of our runs trained; export it with --hf-out first)."""
+    if meta.base and meta.base.get("hf_folder"):
+        return meta.base["hf_folder"]
+    return str(pathlib.Path(recipe.init.from_).expanduser().absolute()) if recipe.init.from_ else None
 
 
 def find_source(path: str) -> InitSource:
@@ -68,9 +86,16 @@ def find_source(path: str) -> InitSource:
             f"init.from={path} is neither a Hugging Face folder (no config.json) nor a run directory "
             "(no recipe.json) nor a checkpoint step folder"
         )
-    recipe = read_meta(folder, step, run).run_recipe(run)
-    tokenizer = str(run / "tokenizer.model") if (run / "tokenizer.model").is_file() else str(run)
-    return InitSource(p, hf=False, model=recipe.model, tokenizer=tokenizer, step=step, folder=folder, recipe=recipe)
+    meta = read_meta(folder, step, run)
+    recipe = meta.run_recipe(run)
+    # Our own sentencepiece model, or the Hugging Face tokenizer files an imported or fine-tuned run
+    # keeps (a tokenizer.model with its tokenizer_config.json: BOS, special tokens, chat template).
+    own = (run / "tokenizer.model").is_file() and not has_hf_tokenizer(run)
+    tokenizer = str(run / "tokenizer.model") if own else str(run)
+    return InitSource(
+        p, hf=False, model=recipe.model, tokenizer=tokenizer, step=step, folder=folder, recipe=recipe,
+        imported_from=meta.hf_folder,
+    )  # fmt: skip
 
 
 def resolve_init(recipe: Recipe, overrides: list[str] = ()) -> tuple[Recipe, InitSource | None]:

@@ -114,10 +114,13 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> _Outcome:
     t, m, ckpt = run.recipe.train, run.recipe.model, run.ckpt
     lr = learning_rate(run.recipe.optimizer, t.steps)
     tokens_per_step = t.batch_size * t.seq_len
-    flops_per_step = m.flops_per_token(t.seq_len) * tokens_per_step
-    maxtext_ratio = m.flops_per_token(t.seq_len, "maxtext") / m.flops_per_token(t.seq_len)
+    adapters = run.n_params if run.recipe.lora.rank else None  # frozen weights get no weight gradient
+    flops_per_token = m.flops_per_token(t.seq_len, adapter_params=adapters)
+    flops_per_step = flops_per_token * tokens_per_step
+    maxtext_ratio = m.flops_per_token(t.seq_len, "maxtext", adapter_params=adapters) / flops_per_token
     peak, peak_source = peak_tflops_per_device(t.peak_tflops)
-    say(f"MFU: 6N + 12*L*T*H*D FLOPs per token (PaLM), peak {peak:.2f} TFLOP/s per device from {peak_source}")
+    count = "6N" if adapters is None else "4N (frozen base: no weight gradients) + 6 x adapters"
+    say(f"MFU: {count} + 12*L*T*H*D FLOPs per token (PaLM), peak {peak:.2f} TFLOP/s per device from {peak_source}")
     profiler = StepProfiler(t.profile_range, run.run_dir / "profile", settle=ckpt.wait)
 
     def evaluate(step: int) -> dict:

@@ -8,6 +8,7 @@ multi-process run stops at the same point with the same message.
 
 import base64
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -27,7 +28,16 @@ from lm.model import Transformer
 from lm.plan import estimate
 from lm.state.agree import agreed
 from lm.state.build import build
-from lm.state.checkpoint import Checkpointer, CheckpointMeta, check_writable, has_checkpoints, kept_steps
+from lm.state.checkpoint import (
+    Checkpointer,
+    CheckpointMeta,
+    as_path,
+    check_writable,
+    finished_steps,
+    has_checkpoints,
+    kept_steps,
+    peek_meta,
+)
 from lm.state.source import InitSource, resolve_init
 from lm.train.compile_cache import use_compilation_cache
 from lm.train.metrics import MetricsLog
@@ -64,18 +74,71 @@ def checkpoint_dir(recipe: Recipe, run_dir: pathlib.Path):
     return recipe.checkpoint.dir or run_dir / "checkpoints"
 
 
-def check_resumable(run_dir: pathlib.Path, recipe: Recipe) -> None:
-    """A run directory with checkpoints continues only a compatible recipe; safe changes are reported."""
-    path = run_dir / "recipe.json"
-    if not path.exists() or not has_checkpoints(checkpoint_dir(recipe, run_dir)):
-        return  # nothing saved yet: this is a fresh start, whatever an earlier failed attempt wrote
-    saved = Recipe.from_dict(json.loads(path.read_text()))
-    safe, conflicts = diff_recipes(saved, recipe)
+def run_id(run_dir: pathlib.Path) -> str:
+    """A run's identity, kept in every checkpoint's meta: the id its first start wrote into the run
+    folder (it moves with the folder), or, where the folder has none (a fresh run, or a pod worker
+    whose local folder is gone), a hash of the folder's absolute path, the same on every process."""
+    file = run_dir / "run_id"
+    if file.is_file():
+        return file.read_text().strip()
+    return hashlib.sha256(str(run_dir.absolute()).encode()).hexdigest()[:16]
+
+
+def check_owner(recipe: Recipe, run_dir: pathlib.Path, directory, step: int, meta: CheckpointMeta) -> list[str]:
+    """Refuse a checkpoint that belongs to another run (its run id) or was trained with a recipe that
+    differs beyond the safe keys (the whole recipe in its meta, not the run folder's recipe.json,
+    which a pod worker may have lost). Returns the safe changes."""
+    if meta.run_id not in (None, run_id(run_dir)):
+        raise UserError(
+            f"checkpoint.dir {directory} holds the checkpoints of another run ({meta.run_dir}); set "
+            f"checkpoint.dir to a folder of this run's own, or pass --run-dir {meta.run_dir} to continue that run"
+        )
+    if not meta.recipe and not (run_dir / "recipe.json").exists():
+        return []
+    safe, conflicts = diff_recipes(meta.run_recipe(run_dir), recipe)
+    model = [c for c in conflicts if c.startswith("model.")]
+    if model:
+        raise UserError(
+            f"checkpoint {step} in {directory} belongs to another model ({'; '.join(model)}); use a new --run-dir"
+        )
     if conflicts:
         raise UserError(
             f"{run_dir} holds a run with a different recipe ({'; '.join(conflicts)}); "
             "use a new --run-dir or the saved values"
         )
+    return safe
+
+
+def check_moved(run_dir: pathlib.Path, recipe: Recipe) -> None:
+    """A run whose checkpoint.dir changes continues only from a folder that holds its steps: an
+    empty one would restart it at step 0 and cut its metrics.jsonl."""
+    path = run_dir / "recipe.json"
+    if not path.exists():
+        return
+    old = as_path(checkpoint_dir(Recipe.from_dict(json.loads(path.read_text())), run_dir))
+    new = as_path(checkpoint_dir(recipe, run_dir))
+    if old == new or has_checkpoints(new):
+        return  # a folder with steps: check_owner decides whether they are this run's
+    logged = (run_dir / "metrics.jsonl").exists() and '"loss"' in (run_dir / "metrics.jsonl").read_text()
+    if has_checkpoints(old) or logged:
+        raise UserError(
+            f"checkpoint.dir moved from {old} to {new}, which holds none of this run's checkpoints; copy "
+            f"them there first (cp -r {old}/. {new}/) or set checkpoint.dir={old}"
+        )
+
+
+def check_resumable(run_dir: pathlib.Path, recipe: Recipe) -> None:
+    """Before anything is written: a run continues only its own checkpoints, under a compatible
+    recipe, from where they are; safe changes are reported."""
+    check_moved(run_dir, recipe)
+    directory = checkpoint_dir(recipe, run_dir)
+    steps = finished_steps(directory)
+    if not steps:
+        return  # nothing saved yet: this is a fresh start, whatever an earlier failed attempt wrote
+    meta = peek_meta(directory, steps[-1])  # each process alone: only some may see these files
+    if meta is None:
+        return  # a damaged newest step: restore_latest sets it aside and checks the one it restores
+    safe = check_owner(recipe, run_dir, as_path(directory), steps[-1], meta)
     if safe:
         say(f"resuming with changed settings: {'; '.join(safe)}")
 
@@ -86,6 +149,8 @@ def write_run_files(run_dir: pathlib.Path, recipe: Recipe, tokenizer: Tokenizer)
         tmp = run_dir / "recipe.json.tmp"
         tmp.write_text(json.dumps(recipe.to_dict(), indent=2))
         os.replace(tmp, run_dir / "recipe.json")  # a kill mid-write never leaves a truncated recipe
+        if not (run_dir / "run_id").exists():
+            (run_dir / "run_id").write_text(run_id(run_dir))
         if tokenizer.kind != "sentencepiece":  # a Hugging Face tokenizer (fine-tuning an imported model)
             tokenizer.save_pretrained(run_dir)
         elif tokenizer.path.resolve() != (run_dir / "tokenizer.model").resolve():
@@ -158,19 +223,13 @@ def say_memory(recipe: Recipe) -> None:
     )
 
 
-def check_same_run(recipe: Recipe, source: InitSource | None, tokenizer: Tokenizer, directory):
-    """The refusal of a checkpoint that belongs to another run: another model, another LoRA base, or
-    another tokenizer. Returns check(step, meta) for Checkpointer.restore_latest."""
+def check_same_run(recipe: Recipe, source: InitSource | None, tokenizer: Tokenizer, directory, run_dir):
+    """The refusal of a checkpoint that belongs to another run: another run id or recipe
+    (check_owner), another LoRA base, or another tokenizer. Returns check(step, meta) for
+    Checkpointer.restore_latest, so every step it tries is checked, not only the newest."""
 
     def check(step: int, meta: CheckpointMeta) -> None:
-        if meta.recipe:
-            _, conflicts = diff_recipes(Recipe.from_dict(meta.recipe), recipe)
-            changed = [c for c in conflicts if c.startswith("model.")]
-            if changed:
-                raise UserError(
-                    f"checkpoint {step} in {directory} belongs to another model ({'; '.join(changed)}); "
-                    "use a new --run-dir"
-                )
+        check_owner(recipe, run_dir, directory, step, meta)
         if recipe.lora.rank and source and meta.base and meta.base["fingerprint"] != source.fingerprint:
             raise UserError(
                 f"checkpoint {step} holds a LoRA adapter for the base {meta.base['weights']}, but the files of "
@@ -201,7 +260,8 @@ def setup(recipe: Recipe, run_dir: pathlib.Path, source: InitSource | None = Non
     agreed(check_resumable, run_dir, recipe)
     check_divisible(recipe.logical_dims(), layout)
     agreed(check_writable, checkpoint_dir(recipe, run_dir))
-    say("attention: %s (%s)" % resolve_attention_impl(recipe.model, jax.default_backend(), t.seq_len))
+    impl, why = resolve_attention_impl(recipe.model, jax.default_backend(), t.seq_len)
+    say(f"attention: {impl} ({why})")
     if source or recipe.lora.rank:
         say_memory(recipe)
     data_dir, tokenizer = prepare_data(recipe, run_dir, source)
@@ -230,7 +290,7 @@ def setup(recipe: Recipe, run_dir: pathlib.Path, source: InitSource | None = Non
             )
         ckpt = Checkpointer(checkpoint_dir(recipe, run_dir), recipe.checkpoint)
         start = ckpt.restore_latest(
-            model, optimizer, train_iter, check_meta=check_same_run(recipe, source, tokenizer, ckpt.directory)
+            model, optimizer, train_iter, check_meta=check_same_run(recipe, source, tokenizer, ckpt.directory, run_dir)
         )
     if start:
         say(f"resumed from {ckpt.directory} at step {start}")
@@ -243,6 +303,8 @@ def setup(recipe: Recipe, run_dir: pathlib.Path, source: InitSource | None = Non
             base64.b64encode(tokenizer.path.read_bytes()).decode() if tokenizer.kind == "sentencepiece" else None
         ),
         base=source.identity() if recipe.lora.rank and source else None,
+        run_id=run_id(run_dir),
+        run_dir=str(run_dir.absolute()),
     )
     log = MetricsLog(
         run_dir, recipe.to_dict(), wandb_mode=recipe.logging.wandb, project=recipe.logging.project, enabled=pid == 0

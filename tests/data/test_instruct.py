@@ -63,9 +63,32 @@ def test_chat_tokens_and_assistant_mask_equal_transformers(folder):
 def test_completion_masks_the_prompt_and_trains_the_eos(folder):
     tok = load_tokenizer(folder)
     ex = encode_record({"prompt": "Q: hello?\nA:", "completion": " hi there"}, "auto", tok)
-    p = tok.encode("Q: hello?\nA:", add_bos=False)
+    p = tok.encode("Q: hello?\nA:")  # as generate encodes a prompt: with the tokenizer's BOS
     assert ex.ids == p + tok.encode(" hi there", add_bos=False) + [tok.eos_id]
     assert ex.mask == [0] * len(p) + [1] * (len(ex.ids) - len(p))
+
+
+def test_completion_and_text_start_with_bos_exactly_as_transformers_and_generate_do(folder):
+    from hf_builders import bpe_folder as build
+
+    for path in (folder, build(folder.parent / "gpt2", gpt2=True)):  # BOS added / no BOS at all
+        ours, theirs = load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+        prompt, text = "Say alpha beta:", "def f(x):\n    return x"
+        ex = encode_record({"prompt": prompt, "completion": " gamma"}, "completion", ours)
+        assert ex.ids[: len(theirs(prompt)["input_ids"])] == theirs(prompt)["input_ids"]
+        assert encode_record({"text": text}, "text", ours).ids == theirs(text)["input_ids"] + [ours.eos_id]
+        assert (ex.ids[0] == ours.bos_id) == ours.add_bos == (path == folder)
+
+
+def test_eos_after_a_final_reply_trains_unless_the_template_wrote_a_stop_token(folder):
+    tok = load_tokenizer(folder)
+    with_stop = encode_chat(CHAT, tok)  # GENERATION_TEMPLATE ends each reply with the EOS itself
+    assert with_stop.ids[-1] == tok.eos_id and with_stop.mask[-1] == 0
+    tok.chat_template = GENERATION_TEMPLATE.replace("{{ eos_token }}", "")  # a template with no end-of-turn
+    bare = encode_chat(CHAT, tok)
+    assert bare.ids[-1] == tok.eos_id and bare.mask[-1] == 1  # the model learns to stop
+    bare = encode_chat(CHAT[:-1], tok)  # ends on a user turn: the EOS only separates
+    assert bare.mask[-1] == 0
 
 
 def test_truncation_keeps_prompt_tail_and_completion_head():
@@ -154,7 +177,7 @@ def test_loss_equals_mean_over_completion_tokens_computed_independently(tmp_path
     total, count = 0.0, 0
     train_ids = [tuple(tf.tokens[s:e]) for s, e in zip(tf.doc_starts, list(tf.doc_starts[1:]) + [tf.n_tokens])]
     for r in records:
-        p = theirs(r["prompt"], add_special_tokens=False)["input_ids"]
+        p = theirs(r["prompt"])["input_ids"]  # the prompt as generate sees it, BOS included
         c = theirs(r["completion"], add_special_tokens=False)["input_ids"] + [eos]
         if tuple(p + c) not in train_ids:
             held.add(r["prompt"])

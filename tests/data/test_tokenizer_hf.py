@@ -177,6 +177,23 @@ def test_hf_folder_round_trips_through_save_pretrained(folders, tmp_path):
     tok.save_pretrained(tmp_path / "copy")
     again = load_tokenizer(tmp_path / "copy")
     assert again.sha256 == tok.sha256 and again.encode(MIXED[1]) == tok.encode(MIXED[1])
+    assert again.stop_ids == tok.stop_ids and len(tok.stop_ids) == 2  # generation_config.json goes along
+
+
+def test_chat_template_jinja_file_as_transformers_5_saves_it(folders, tmp_path):
+    theirs = transformers.AutoTokenizer.from_pretrained(folders["llama3_bpe"])
+    theirs.save_pretrained(tmp_path / "saved")
+    jinja = tmp_path / "saved" / "chat_template.jinja"
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert jinja.is_file() and "chat_template" not in config
+    ours = load_tokenizer(tmp_path / "saved")
+    assert ours.chat_template == jinja.read_text()
+    for prompt in (False, True):
+        text = ours.apply_chat_template(CHAT, add_generation_prompt=prompt)
+        assert text == theirs.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=prompt)
+    ours.save_pretrained(tmp_path / "run")  # what a run keeps of it
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == jinja.read_text()
+    assert load_tokenizer(tmp_path / "run").chat_template == ours.chat_template
 
 
 def test_run_directory_and_model_file_load_the_same_tokenizer(own_spm):

@@ -1,6 +1,7 @@
 """Exact resume and fault tolerance, through the command line as a user meets them."""
 
 import errno
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def test_conflicting_recipe_and_foreign_checkpoint_are_refused_untouched(tiny_co
     foreign.mkdir()
     subprocess.run(["cp", "-r", str(straight / "checkpoints"), str(foreign)], check=True)
     out = run_cli(*tiny_train_args(tiny_corpus, foreign, *LONG, "model.d_ff=256"))
-    assert out.returncode == 2 and "belongs to another model (model.d_ff: 128 -> 256)" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and "holds the checkpoints of another run" in out.stderr, out.stderr[-2000:]
     assert snapshot(straight) == before
 
 
@@ -108,3 +109,38 @@ def test_save_errors_become_one_line_naming_the_folder_and_the_cause(tmp_path):
             except OSError as e:
                 raise ValueError("RESOURCE_EXHAUSTED: Error writing ...") from e
     assert ckpt.failed
+
+
+def test_a_run_owns_its_checkpoints_and_they_move_only_with_it(tiny_corpus, tmp_path):
+    """Another run pointed at a run's checkpoint.dir is refused (its run id, and the whole recipe in
+    the checkpoint's meta even when the run folder is gone); a run whose checkpoint.dir moves
+    continues only from a folder that holds its steps, and its metrics.jsonl keeps every row."""
+    shared, a = tmp_path / "ck", tmp_path / "runs" / "a"
+    out = run_cli(*tiny_train_args(tiny_corpus, a, f"checkpoint.dir={shared}"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, rows = snapshot(shared), (a / "metrics.jsonl").read_text()
+
+    def refused(run_dir, *sets, says):
+        out = run_cli(*tiny_train_args(tiny_corpus, run_dir, *sets))
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and says in lines[-1], out.stderr[-3000:]
+        assert lines[-1].startswith("error: ") and not any("Traceback" in line for line in lines)
+        assert snapshot(shared) == before, "a refused run touched the checkpoints"
+
+    refused(tmp_path / "runs" / "b", f"checkpoint.dir={shared}", "optimizer.lr=1e-4", "train.steps=12",
+            says=f"checkpoint.dir {shared} holds the checkpoints of another run ({a})")  # fmt: skip
+    # A pod worker whose local run folder is gone: the recipe in the checkpoint's meta still holds.
+    a.rename(tmp_path / "a.kept")
+    refused(a, f"checkpoint.dir={shared}", "optimizer.lr=1e-4", says="different recipe (optimizer.lr: 0.003 -> 0.0001)")
+    assert not a.exists(), "a refused run wrote its run folder"
+    (tmp_path / "a.kept").rename(a)
+    # Moving checkpoint.dir to an empty folder would restart at step 0: refused, metrics kept.
+    moved = tmp_path / "moved"
+    refused(a, f"checkpoint.dir={moved}", says=f"checkpoint.dir moved from {shared} to {moved}, which holds none")
+    assert (a / "metrics.jsonl").read_text() == rows
+    shutil.copytree(shared, moved)
+    out = run_cli(*tiny_train_args(tiny_corpus, a, f"checkpoint.dir={moved}", "train.steps=9"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {moved} at step 6" in out.stdout + out.stderr
+    assert (a / "metrics.jsonl").read_text().startswith(rows) and max(losses(a)) == 9
+    assert snapshot(shared) == before

@@ -61,8 +61,9 @@ def bpe_folder(out: pathlib.Path, *, gpt2: bool) -> pathlib.Path:
     return out
 
 
-def spm_folder(out: pathlib.Path) -> pathlib.Path:
-    """A Llama 2 style sentencepiece BPE (dummy prefix, byte fallback) saved as an HF tokenizer.model."""
+def spm_folder(out: pathlib.Path, user_symbols: tuple[str, ...] = ()) -> pathlib.Path:
+    """A Llama 2 style sentencepiece BPE (dummy prefix, byte fallback) saved as an HF tokenizer.model;
+    user_symbols become pieces of their own (Gemma's <start_of_turn> and <end_of_turn> are such)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -82,6 +83,7 @@ def spm_folder(out: pathlib.Path) -> pathlib.Path:
         unk_id=0,
         bos_id=1,
         eos_id=2,
+        user_defined_symbols=list(user_symbols),
         minloglevel=2,
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -111,13 +111,27 @@ def _flat_keys(step_dir):
     return list(walk(tree))
 
 
-def test_chat_generation_uses_base_plus_adapter(lora_run):
+def test_chat_generation_uses_base_plus_adapter(lora_run, setup, tmp_path):
+    """generate --chat on the LoRA run against transformers + peft's greedy generate on the exported
+    adapter: the same prompt tokens through the chat template, the same new tokens."""
+    import torch
+
     run, _ = lora_run
-    out = run_cli("launch.generate", "--run-dir", str(run), "--chat", "--prompt", "Ada asks: 2 plus 3?",
-                  "--max-new-tokens", "8", "--output", str(run / "gen.jsonl"))
+    prompt = "Ada asks: 2 plus 3?"
+    out = run_cli("launch.generate", "--run-dir", str(run), "--chat", "--prompt", prompt,
+                  "--max-new-tokens", "8", "--output", str(tmp_path / "gen.jsonl"))  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    row = json.loads((run / "gen.jsonl").read_text().splitlines()[0])
-    assert row["tokens"], row
+    row = json.loads((tmp_path / "gen.jsonl").read_text().splitlines()[0])
+    out = run_cli("launch.convert", "--run-dir", str(run), "--hf-out", str(tmp_path / "adapter"), "--adapter-only")
+    assert out.returncode == 0, out.stderr[-2000:]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run)
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    ids = torch.as_tensor([list(ids)])
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert row["tokens"] == theirs and len(theirs) > 0, (row["tokens"], theirs)
 
 
 def test_score_takes_the_chat_file_and_scores_the_replies(lora_run, setup):
@@ -158,8 +172,8 @@ def test_exports_merged_and_adapter_give_our_logits(lora_run, setup, tmp_path):
         assert files == {"adapter_model.safetensors", "adapter_config.json"}
         config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
         assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16.0, 0.05)  # the run's own
-        hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        adapted = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+        assert config["base_model_name_or_path"] == str(base)  # absolute: peft finds the base by itself
+        adapted = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32).eval()
         np.testing.assert_allclose(adapted(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)
 
 

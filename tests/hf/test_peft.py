@@ -1,0 +1,54 @@
+"""PEFT export (lm.hf.peft) checked by peft itself: AutoPeftModelForCausalLM resolves the base from
+the adapter config alone and gives our logits, also for adapters on only some layers of an unscanned run."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm import lora
+from lm.config import LoraConfig
+from lm.hf import load_hf, save_peft
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+from hf_builders import tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("peft") / "base", None, vocab_size=256, context=32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "targets, expect",
+    [
+        (r".*blocks\.1\.attn\.(query|value)", {"layers_to_transform": [1], "target_modules": ["q_proj", "v_proj"]}),
+        (r".*blocks\.(0\.attn\.query|1\.mlp\.up)", {"target_modules": "model\\.layers\\.0\\.self_attn\\.q_proj|"
+                                                    "model\\.layers\\.1\\.mlp\\.up_proj"}),
+    ],
+)  # fmt: skip
+def test_partial_layer_adapters_export_as_peft_loads_them(base, tmp_path, targets, expect):
+    model = load_hf(base, scan_layers=False)
+    spec = LoraConfig(rank=4, alpha=8.0, targets=targets, dropout=0.1, base_dtype="float32")
+    paths = lora.apply(model, spec, seed=0)
+    assert paths and len(paths) < 2 * 7  # only some of the projections of the two layers
+    for module in lora.adapters(model).values():  # B starts at zero; make the adapters matter
+        module.lora_b[...] = jax.random.normal(jax.random.key(1), module.lora_b.shape) * 0.3
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 12))
+    ours = np.asarray(model(tokens, np.broadcast_to(np.arange(12), tokens.shape)))
+
+    save_peft(model, spec, tmp_path / "adapter", base_model_name_or_path=str(base))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {k: config[k] for k in expect} == expect and config["lora_dropout"] == 0.1
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32).eval()
+    adapted = [
+        n for n, m in theirs.named_modules() if n.endswith(("q_proj", "v_proj", "up_proj")) and hasattr(m, "lora_A")
+    ]
+    assert len(adapted) == len(paths), adapted
+    with torch.no_grad():
+        np.testing.assert_allclose(theirs(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)
+    assert nnx.state(model, nnx.LoRAParam)  # still unmerged: the export reads the adapters only
