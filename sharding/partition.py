@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from lm.errors import UserError
@@ -86,6 +87,14 @@ def put_batch(local: Mapping[str, np.ndarray], layout: Layout) -> dict[str, jax.
         )
         for k, v in local.items()
     }
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of an array on this host, also when other processes hold parts of it (then a
+    collective: every process must call it, in the same order)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def place(state):

@@ -34,10 +34,17 @@ class Loaded:
 
 
 def inference_layout(tensor: int = 1, rules=()) -> Layout:
-    """`tensor` devices on the tensor axis: the batch is not split, weights are."""
-    if not 1 <= tensor <= jax.device_count():
-        raise UserError(f"--tensor={tensor} but there are {jax.device_count()} devices")
-    return Layout.build(MeshConfig(data=1, fsdp=1, tensor=tensor, rules=tuple(rules)), jax.devices()[:tensor])
+    """One process: `tensor` of its devices on the tensor axis. Several processes: every device of
+    every process, `tensor` on the tensor axis and the rest on fsdp, so a model too large for one
+    host is split over all of them (each process must hold its part of the weights)."""
+    n = jax.device_count()
+    if not 1 <= tensor <= n:
+        raise UserError(f"--tensor={tensor} but there are {n} devices")
+    if jax.process_count() == 1:
+        return Layout.build(MeshConfig(data=1, fsdp=1, tensor=tensor, rules=tuple(rules)), jax.devices()[:tensor])
+    if n % tensor:
+        raise UserError(f"--tensor={tensor} does not divide the {n} devices of the {jax.process_count()} processes")
+    return Layout.build(MeshConfig(data=1, fsdp=n // tensor, tensor=tensor, rules=tuple(rules)))
 
 
 def load_model(run_dir=None, checkpoint=None, hf=None, *, tensor: int = 1, need_tokenizer: bool = True) -> Loaded:
