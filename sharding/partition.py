@@ -82,9 +82,7 @@ def put_batch(local: Mapping[str, np.ndarray], layout: Layout) -> dict[str, jax.
     # The global shape is stated, not inferred: jax then checks each process's rows against it.
     scale = layout.batch_devices // len(_held_shards(layout))
     return {
-        k: jax.make_array_from_process_local_data(
-            batch_sharding(layout, v.ndim), v, (v.shape[0] * scale, *v.shape[1:])
-        )
+        k: jax.make_array_from_process_local_data(batch_sharding(layout, v.ndim), v, (v.shape[0] * scale, *v.shape[1:]))
         for k, v in local.items()
     }
 
