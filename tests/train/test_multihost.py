@@ -61,16 +61,23 @@ def child_pids(log_path) -> dict[int, int]:
     return {int(k[1:]): int(v) for k, v in (item.split("=") for item in match.group(1).split(", "))} if match else {}
 
 
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
 @pytest.fixture(scope="module")
-def one_process(tiny_corpus, tmp_path_factory) -> dict[int, float]:
-    """Losses of the reference run: one process with 8 fake CPU devices."""
+def one_process_run(tiny_corpus, tmp_path_factory):
+    """The reference run: one process with 8 fake CPU devices."""
     run_dir = tmp_path_factory.mktemp("one_process") / "run"
-    out = run_cli(
-        *tiny_train_args(tiny_corpus, run_dir, *SETS), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    )
+    out = run_cli(*tiny_train_args(tiny_corpus, run_dir, *SETS), env=EIGHT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "over 8 cpu devices; 1 process(es)" in out.stdout + out.stderr
-    return losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_run) -> dict[int, float]:
+    """Losses of the reference run."""
+    return losses(one_process_run)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,6 +242,47 @@ def test_a_tensor_axis_across_processes_trains_like_one_process(tiny_corpus, tmp
 
 
 @pytest.mark.slow
+def test_inference_on_two_processes_of_four_devices_equals_one_process_of_eight(one_process_run, tiny_corpus, tmp_path):
+    """generate (mesh tensor=8), score (fsdp=4 x tensor=2 on 2x4) and convert --hf-out (fsdp=2 x tensor=4)
+    joined across 2 processes: one output file each, written by process 0, equal to 1 process x 8
+    devices: the same tokens, the same NLL, the same safetensors bit for bit."""
+    run, text = one_process_run, sorted(tiny_corpus.glob("*.txt"))[0]
+    py = sys.executable
+    script = tmp_path / "infer.sh"
+    script.write_text(
+        "set -e\n"
+        f"{py} -m launch.generate --run-dir {run} --prompt 'def f' --prompt 'import os' --prompt 'x = 1' "
+        '--max-new-tokens 8 --tensor 8 --batch-size 2 --output "$OUT/gen.jsonl"\n'
+        f'{py} -m launch.score --run-dir {run} --input {text} --tensor 2 --json > "$OUT/score$NNXLM_PROCESS_ID.json"\n'
+        f'{py} -m launch.convert --run-dir {run} --hf-out "$OUT/hf" --tensor 4\n'
+    )
+    results = {}
+    for name in ("one", "two"):
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        env = {**os.environ, "OUT": str(out_dir), "PYTHONUNBUFFERED": "1"}
+        if name == "one":
+            command, env = ["bash", str(script)], {**env, **EIGHT, "NNXLM_PROCESS_ID": ""}
+        else:
+            command = [py, "-m", "launch.local_cluster", "--processes", "2", "--devices-per-process", "4", "--"]
+            command += ["bash", str(script)]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = out_dir
+    one, two = results["one"], results["two"]
+    assert sorted(p.name for p in two.iterdir()) == ["gen.jsonl", "hf", "score0.json", "score1.json"]
+    # gloo itself prints connection lines on stdout; the score is the one JSON line
+    scores = lambda f: [json.loads(line) for line in f.read_text().splitlines() if line.startswith("{")]
+    assert scores(two / "score1.json") == [], "only process 0 prints"
+    tokens = lambda d: [json.loads(line)["tokens"] for line in (d / "gen.jsonl").read_text().splitlines()]
+    assert len(tokens(two)) == 3 and tokens(two) == tokens(one)
+    nll = lambda f: scores(f)[-1]["mean_nll"]
+    assert nll(two / "score0.json") == pytest.approx(nll(one / "score.json"), rel=1e-5)
+    assert sorted(p.name for p in (two / "hf").iterdir()) == sorted(p.name for p in (one / "hf").iterdir())
+    assert (two / "hf" / "model.safetensors").read_bytes() == (one / "hf" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("relaunch", ["2x4", "1x8"])
 def test_killed_multiprocess_run_resumes_from_its_checkpoint(tiny_corpus, tmp_path, one_process, relaunch):
     """Kill both processes after checkpoint 3; relaunch on 2 processes, or on 1 (another host count)."""
@@ -256,8 +304,7 @@ def test_killed_multiprocess_run_resumes_from_its_checkpoint(tiny_corpus, tmp_pa
     if relaunch == "2x4":
         out = run_cli(*args)
     else:
-        eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-        out = run_cli(*tiny_train_args(tiny_corpus, run_dir, *SETS), env=eight)
+        out = run_cli(*tiny_train_args(tiny_corpus, run_dir, *SETS), env=EIGHT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout + out.stderr
     resumed = losses(run_dir)
