@@ -659,25 +659,30 @@ def save_hf(
         return
     if current or not shards:
         shards.append(current)
-    weight_map, total, written = {}, 0, []
-    for k, shard in enumerate(shards):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / f".{file}.partial", metadata={"format": "pt"})
-        written.append(file)
-        for name, tensor in shard.items():
-            weight_map[name] = file
-            total += tensor.nbytes
-        shards[k] = None  # free each shard once written
-    files = {f: None for f in written}
-    if len(written) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        files["model.safetensors.index.json"] = json.dumps(index, indent=2) + "\n"
-    files["config.json"] = json.dumps(config, indent=2) + "\n"
-    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
-    files["generation_config.json"] = json.dumps(generation, indent=2) + "\n"
-    for file, text in files.items():
-        if text is not None:
-            (out / f".{file}.partial").write_text(text)
+    weight_map, total, files = {}, 0, {}
+    try:
+        for k, shard in enumerate(shards):
+            file = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            files[file] = None
+            save_file(shard, out / f".{file}.partial", metadata={"format": "pt"})
+            for name, tensor in shard.items():
+                weight_map[name] = file
+                total += tensor.nbytes
+            shards[k] = None  # free each shard once written
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            files["model.safetensors.index.json"] = json.dumps(index, indent=2) + "\n"
+        files["config.json"] = json.dumps(config, indent=2) + "\n"
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+        generation = {k: config[k] for k in keys if config.get(k) is not None}
+        files["generation_config.json"] = json.dumps(generation, indent=2) + "\n"
+        for file, text in files.items():
+            if text is not None:
+                (out / f".{file}.partial").write_text(text)
+    except BaseException:
+        for file in files:
+            (out / f".{file}.partial").unlink(missing_ok=True)
+        raise
     # Only now, with every new file complete, the old weights go (model.safetensors or model-*-of-*
     # shards and their index; never model_ema.safetensors or other files), and the new ones take their place.
     old = [*out.glob("model-*-of-*.safetensors"), out / "model.safetensors", out / "model.safetensors.index.json"]

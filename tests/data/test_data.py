@@ -380,6 +380,36 @@ def test_prepare_reuses_cached_output(tmp_path):
     assert not prepare_corpus([str(corpus)], out, vocab_size=320, eval_fraction=0.2, seed=1, workers=1)["cached"]
 
 
+def test_prepare_never_replaces_a_run_tokenizer_nor_other_output_unasked(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i:02d}.py").write_text(synthetic_source(400 + i, 40))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text("{}")
+    (run / "tokenizer.model").write_bytes(b"the run's own")
+    out = tmp_path / "out"
+    prepare_corpus([str(corpus)], out, vocab_size=320, eval_fraction=0.2, workers=1)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    base = [sys.executable, "-m", "launch.prepare", "--input", str(corpus), "--vocab-size", "320"]
+    base += ["--eval-fraction", "0.2", "--workers", "1"]
+    for target, extra, message in [
+        (run, ["--overwrite"], "is a run directory"),
+        (out, ["--seed", "1"], "pass --overwrite to replace them"),
+    ]:
+        proc = subprocess.run([*base, "--out", str(target), *extra], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (run / "tokenizer.model").read_bytes() == b"the run's own" and sorted(p.name for p in run.iterdir()) == [
+        "recipe.json",
+        "tokenizer.model",
+    ]
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    # Asked to, it replaces them.
+    again = prepare_corpus([str(corpus)], out, vocab_size=320, eval_fraction=0.2, seed=1, workers=1, overwrite=True)
+    assert not again["cached"] and again["seed"] == 1
+
+
 def test_stdlib_split_is_deterministic_and_disjoint():
     files = stdlib_files()
     root = stdlib_root()
