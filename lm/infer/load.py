@@ -15,6 +15,7 @@ from lm.kernels import for_platform
 from lm.model import Transformer
 from lm.state.build import load_trained
 from lm.state.checkpoint import CheckpointMeta, find_checkpoint, read_meta
+from lm.state.source import check_base, find_source
 from sharding.mesh import Layout
 from sharding.partition import check_divisible
 
@@ -70,6 +71,8 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, need_tokenizer: 
     tokenizer = _run_tokenizer(run, meta, step) if need_tokenizer or _has_tokenizer(run) else None
     if tokenizer is not None:
         check_vocab(tokenizer, recipe.model.vocab_size, f"checkpoint {folder / str(step)}")
+    if recipe.lora.rank and recipe.init.from_:  # the adapter goes onto the base it was trained on, or nowhere
+        check_base(meta.base, find_source(recipe.init.from_), f"checkpoint {folder / str(step)}")
     layout = inference_layout(tensor, recipe.mesh.rules)
     check_divisible(recipe.model.logical_dims(), layout)
     with layout:
