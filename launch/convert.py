@@ -104,7 +104,7 @@ def export_hf(
 
     from lm import lora
     from lm.hf import save_hf, save_peft
-    from lm.infer.load import load_run
+    from lm.infer.load import load_run, merge_base
     from lm.state.checkpoint import find_checkpoint
 
     _, step, run = find_checkpoint(run_dir, checkpoint)
@@ -120,8 +120,9 @@ def export_hf(
         rank, base = recipe.lora.rank, recipe.init.from_
         print(f"exported the rank-{rank} adapter of step {step} of {run} to {hf_out} (base: {base})")
         return
-    with loaded.layout:
-        lora.merge(model)  # a LoRA run: fold the adapters into the base; no-op otherwise
+    if recipe.lora.rank:  # fold the adapters into the base as init.from holds it: not a 4-bit or bfloat16 copy
+        with loaded.layout:
+            model = lora.merge(model, merge_base(recipe, loaded.layout))
     ids = {}
     if tokenizer is not None:
         ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_id") for k in ("bos", "eos", "pad")}

@@ -13,7 +13,7 @@ from lm.errors import UserError
 from lm.hf import load_hf
 from lm.kernels import for_platform
 from lm.model import Transformer
-from lm.state.build import load_trained
+from lm.state.build import base_model, load_trained
 from lm.state.checkpoint import CheckpointMeta, find_checkpoint, read_meta
 from lm.state.source import check_base, find_source
 from sharding.mesh import Layout
@@ -86,6 +86,13 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, need_tokenizer: 
                 f"{str(e).splitlines()[0][:200]}"
             ) from None
     return Loaded(name=recipe.name, model=model, tokenizer=tokenizer, layout=layout, recipe=recipe, run=run, step=step)
+
+
+def merge_base(recipe: Recipe, layout: Layout):
+    """A LoRA run's base as init.from holds it, in its own dtype (not the run's quantised or bfloat16
+    copy): what a merged export folds the adapters into. Call under the layout."""
+    plain = dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, rank=0))
+    return base_model(plain, layout, find_source(recipe.init.from_) if recipe.init.from_ else None)
 
 
 def _has_tokenizer(folder: pathlib.Path) -> bool:
