@@ -143,6 +143,8 @@ def main(argv=None):
     args = parse(argv)
     if args.hf_in:
         _fresh(pathlib.Path(args.out), "--out")  # a run folder is never overwritten: --overwrite does not apply
+        if initialize_from_env_or_flags(args).source is not None:
+            raise UserError("--hf-in imports in one process (one host reads the folder); run it without a launcher")
         import_hf(pathlib.Path(args.hf_in), pathlib.Path(args.out))
         return
     hf_out = pathlib.Path(args.hf_out).expanduser()
