@@ -45,6 +45,12 @@ def parse(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size={args.batch_size} must be at least 1")
+    if args.window is not None and args.window < 2:
+        p.error(f"--window={args.window} must be at least 2")
+    if args.stride is not None and args.stride < 1:
+        p.error(f"--stride={args.stride} must be at least 1")
+    if args.stride is not None and args.window is not None and args.stride >= args.window:
+        p.error(f"--stride={args.stride} must be in [1, {args.window - 1}] for --window={args.window}")
     if args.dump_logits and not args.token_ids:
         p.error("--dump-logits needs --token-ids (logits are written for a given [batch, length] array)")
     return args

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from lm.infer.score import windows
+from lm.errors import UserError
+from lm.infer.score import check_window, windows
 
 CONTEXT = 64
 
@@ -23,6 +24,9 @@ def test_windows_score_every_token_once_with_window_minus_stride_before_it(windo
             if start > 0:  # every later window sees at least window - stride tokens of context
                 assert first - start >= window - (stride or window // 2)
         assert scored == list(range(1, n)), n
+    assert check_window(None, None, 64) == (64, 32) and check_window(None, None, 131072) == (4096, 2048)
+    with pytest.raises(UserError, match=r"--window=65 must be in \[2, 64\]"):
+        check_window(65, None, 64)
 
 
 # ---- against transformers (CLI, a tiny random Llama saved by the test) ---------------------------------
@@ -160,13 +164,13 @@ def test_bad_inputs_are_one_line_and_exit_2(models, tmp_path):
         "context is 64": ["--hf", str(models["bpe"]), "--token-ids", str(tmp_path / "long.npy")],
         "float64 values": ["--hf", str(models["bpe"]), "--token-ids", str(tmp_path / "float.npy")],
         "needs --token-ids": ["--hf", str(models["bpe"]), "--input", str(tmp_path / "a.txt"), "--dump-logits", "x"],
-        "--window=65 must be in [2, 64]": [
+        "--window=1 must be at least 2": [
             "--hf",
             str(models["bpe"]),
             "--input",
             str(tmp_path / "a.txt"),
             "--window",
-            "65",
+            "1",
         ],
         "--stride=8 must be in [1, 7] for --window=8": [
             *("--hf", str(models["bpe"]), "--input", str(tmp_path / "a.txt"), "--window", "8", "--stride", "8")
