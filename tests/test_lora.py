@@ -232,6 +232,7 @@ def test_dropout_acts_in_training_steps_only_and_is_reproducible():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_dtype, scan", [("nf4", True), ("bfloat16", False)], ids=["nf4-scanned", "bf16-unrolled"])
 def test_merge_into_the_original_base_is_exact_and_keeps_its_dtype(base_dtype, scan):
     """A QLoRA or bfloat16-base run's merged export: base + scale * A B over the float32 weights that

@@ -380,6 +380,7 @@ def test_prepare_reuses_cached_output(tmp_path):
     assert not prepare_corpus([str(corpus)], out, vocab_size=320, eval_fraction=0.2, seed=1, workers=1)["cached"]
 
 
+@pytest.mark.slow
 def test_prepare_never_replaces_a_run_tokenizer_nor_other_output_unasked(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
