@@ -1,9 +1,11 @@
 """What every entry point shares: one-line errors for bad input, quiet start-up, and huge-page malloc."""
 
 import argparse
+import contextlib
 import faulthandler
 import functools
 import os
+import pathlib
 import sys
 
 from lm.errors import UserError
@@ -61,6 +63,50 @@ def add_model_source(p: argparse.ArgumentParser, *, hf_flag: str = "--hf", hf_he
     src.add_argument("--checkpoint", help="a checkpoint folder, e.g. runs/x/checkpoints/300")
     src.add_argument(hf_flag, help=hf_help)
     return src
+
+
+def is_writer() -> bool:
+    """Process 0 of a multi-process job (or the only process) writes the user's outputs; the others
+    compute alongside it."""
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
+
+
+class OutputFile:
+    """A file the user asked for, written safely: an existing file is refused unless --overwrite (checked
+    before any work), the content goes to a temporary file beside it, and a rename puts it in place, so
+    a failed or interrupted command never leaves half a file where a good one was."""
+
+    def __init__(self, path: str, flag: str, overwrite: bool, *, inputs: tuple[str, ...] = ()):
+        self.path, self.flag = pathlib.Path(path).expanduser(), flag
+        if any(self.path.resolve() == pathlib.Path(i).expanduser().resolve() for i in inputs if i):
+            raise UserError(f"{flag} {path} is this command's input; write to another file")
+        if self.path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+        if self.path.exists() and not overwrite:
+            raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another file")
+        if not self.path.parent.is_dir():
+            raise UserError(f"{flag} {path}: the folder {self.path.parent} does not exist")
+        self.temp = self.path.with_name(f".{self.path.name}.partial")
+
+    @contextlib.contextmanager
+    def writing(self, keep_partial: bool = False):
+        """Yields the temporary path; renamed into place on success (and on failure with keep_partial,
+        when something was written: the results so far)."""
+        try:
+            yield self.temp
+        except BaseException:
+            if keep_partial and self.temp.is_file() and self.temp.stat().st_size:
+                os.replace(self.temp, self.path)
+                print(f"{self.flag} {self.path} holds the results written before the error", file=sys.stderr)
+            else:
+                self.temp.unlink(missing_ok=True)
+            raise
+        os.replace(self.temp, self.path)
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def load_recipe(name_or_file: str, overrides: list[str]):

@@ -14,7 +14,8 @@ import json
 import pathlib
 import shutil
 
-from launch.cli import HF_FOLDER, ArgumentParser, add_model_source, main_guard
+from launch.cli import HF_FOLDER, ArgumentParser, add_model_source, add_overwrite, is_writer, main_guard
+from launch.distributed import add_arguments, initialize_from_env_or_flags
 from lm.errors import UserError
 
 
@@ -30,10 +31,19 @@ def parse(argv=None) -> argparse.Namespace:
         "--max-shard-gb", type=float, default=5.0, help="export: largest safetensors file before splitting (GB)"
     )
     p.add_argument(
+        "--tensor",
+        type=int,
+        default=1,
+        help="export: tensor-parallel devices to load the model on (several processes: the model is split over "
+        "every device, --tensor of them on the tensor axis and the rest on fsdp)",
+    )
+    add_overwrite(p)
+    p.add_argument(
         "--adapter-only",
         action="store_true",
         help="export a LoRA run's adapter alone, in PEFT's format, instead of the merged model",
     )
+    add_arguments(p)
     args = p.parse_args(argv)
     if args.adapter_only and not args.hf_out:
         p.error("--adapter-only goes with --run-dir/--checkpoint and --hf-out")
@@ -48,10 +58,12 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _fresh(folder: pathlib.Path, flag: str) -> None:
-    """Never write over an earlier output."""
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise UserError(f"{flag} {folder} already exists and is not empty; choose a new folder")
+def _fresh(folder: pathlib.Path, flag: str, overwrite: bool = False) -> None:
+    """Never write over an earlier output unless asked to."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file; choose a folder")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise UserError(f"{flag} {folder} already exists and is not empty; choose a new folder or pass --overwrite")
 
 
 def import_hf(hf_in: pathlib.Path, out: pathlib.Path) -> None:
@@ -84,31 +96,43 @@ def import_hf(hf_in: pathlib.Path, out: pathlib.Path) -> None:
     print(f"imported {hf_in} ({cfg.n_params:,} parameters) into {out}")
 
 
-def export_hf(run_dir, checkpoint, hf_out: pathlib.Path, max_shard_bytes: int, adapter_only: bool = False) -> None:
+def export_hf(
+    run_dir, checkpoint, hf_out: pathlib.Path, max_shard_bytes: int, adapter_only: bool = False, tensor: int = 1
+) -> None:
+    """Every process loads its part of the model and gathers each tensor in turn; process 0 writes."""
+    import jax
+
     from lm import lora
     from lm.hf import save_hf, save_peft
-    from lm.infer.load import load_run
+    from lm.infer.load import load_run, merge_base
     from lm.state.checkpoint import find_checkpoint, read_meta
     from lm.state.source import adapter_base
 
-    _fresh(hf_out, "--hf-out")
     folder, step, run = find_checkpoint(run_dir, checkpoint)
-    loaded = load_run(run_dir, checkpoint, need_tokenizer=False)
+    loaded = load_run(run_dir, checkpoint, tensor, need_tokenizer=False)
     recipe, model, tokenizer = loaded.recipe, loaded.model, loaded.tokenizer
+    writer = is_writer()
     if adapter_only:
         if not recipe.lora.rank:
             raise UserError(f"--adapter-only needs a LoRA run (lora.rank > 0), but {run} trained every parameter")
+        if jax.process_count() > 1:
+            raise UserError("--adapter-only runs in one process (the adapter is small); start it without the cluster")
         base = adapter_base(read_meta(folder, step, run), recipe)
         save_peft(model, recipe.lora, hf_out, base_model_name_or_path=base)
         rank = recipe.lora.rank
         print(f"exported the rank-{rank} adapter of step {step} of {run} to {hf_out} (base: {base})")
         return
-    lora.merge(model)  # a LoRA run: fold the adapters into the base; no-op otherwise
+    if recipe.lora.rank:  # fold the adapters into the base as init.from holds it: not a 4-bit or bfloat16 copy
+        with loaded.layout:
+            model = lora.merge(model, merge_base(recipe, loaded.layout))
     ids = {}
     if tokenizer is not None:
         ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_id") for k in ("bos", "eos", "pad")}
         ids = {k: v for k, v in ids.items() if v is not None}
-    save_hf(model, hf_out, max_shard_bytes=max_shard_bytes, extra_config=ids)
+    with loaded.layout:
+        save_hf(model, hf_out, max_shard_bytes=max_shard_bytes, extra_config=ids, write=writer)
+    if not writer:
+        return
     if tokenizer is not None:
         tokenizer.save_pretrained(hf_out)
     if (run / "generation_config.json").is_file():  # an imported run keeps its original generation settings
@@ -120,11 +144,15 @@ def export_hf(run_dir, checkpoint, hf_out: pathlib.Path, max_shard_bytes: int, a
 def main(argv=None):
     args = parse(argv)
     if args.hf_in:
+        _fresh(pathlib.Path(args.out), "--out")  # a run folder is never overwritten: --overwrite does not apply
+        if initialize_from_env_or_flags(args).source is not None:
+            raise UserError("--hf-in imports in one process (one host reads the folder); run it without a launcher")
         import_hf(pathlib.Path(args.hf_in), pathlib.Path(args.out))
-    else:
-        export_hf(
-            args.run_dir, args.checkpoint, pathlib.Path(args.hf_out), int(args.max_shard_gb * 2**30), args.adapter_only
-        )
+        return
+    hf_out = pathlib.Path(args.hf_out).expanduser()
+    _fresh(hf_out, "--hf-out", args.overwrite)  # before joining a job or loading anything
+    initialize_from_env_or_flags(args)
+    export_hf(args.run_dir, args.checkpoint, hf_out, int(args.max_shard_gb * 2**30), args.adapter_only, args.tensor)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@ then a cached decode loop. Prompts get the tokenizer's BOS rule (as transformers
 rows stop at any of its stop ids (every eos id of generation_config.json)."""
 
 import argparse
+import contextlib
 import dataclasses
+import itertools
 import json
 import sys
 
-from launch.cli import ArgumentParser, add_model_source, main_guard
+from launch.cli import ArgumentParser, OutputFile, add_model_source, add_overwrite, is_writer, main_guard
 from launch.distributed import add_arguments, initialize_from_env_or_flags
 from lm.errors import UserError
 
@@ -39,8 +41,15 @@ def parse(argv=None) -> argparse.Namespace:
         help="off recomputes the whole sequence every step (to verify and measure the cache)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="prompts per batch")
-    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices for a model too large for one")
-    p.add_argument("--output", help="write one JSON object per prompt to this .jsonl file")
+    p.add_argument(
+        "--tensor",
+        type=int,
+        default=1,
+        help="tensor-parallel devices for a model too large for one (several processes: the model is split over "
+        "every device, --tensor of them on the tensor axis and the rest on fsdp)",
+    )
+    p.add_argument("--output", help="write one JSON object per prompt to this .jsonl file, batch by batch")
+    add_overwrite(p)
     add_arguments(p)
     args = p.parse_args(argv)
     if not (args.prompt or args.prompts_file or args.interactive):
@@ -82,6 +91,7 @@ def unescape(text: str) -> str:
 @main_guard
 def main(argv=None):
     args = parse(argv)
+    output = OutputFile(args.output, "--output", args.overwrite, inputs=(args.prompts_file,)) if args.output else None
     initialize_from_env_or_flags(args)
     import jax
 
@@ -90,6 +100,8 @@ def main(argv=None):
     from lm.infer.sampling import Sampling
     from lm.kernels import resolve_attention_impl
 
+    writer = is_writer()  # every process computes; process 0 alone prints and writes
+    say = print if writer else lambda *a, **k: None
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     loaded = load_model(args.run_dir, args.checkpoint, args.hf, tensor=args.tensor)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -98,7 +110,7 @@ def main(argv=None):
         model.cfg, jax.default_backend(), model.cfg.max_seq_len, packed=False
     )
 
-    def run(prompts: list[str], stream: bool):
+    def run(prompts: list[str], stream: bool, batch: int):
         texts = prompts
         if args.chat:  # each prompt is a user turn; the template writes its own BOS and special tokens
             texts = [
@@ -113,16 +125,17 @@ def main(argv=None):
                 max_new_tokens=args.max_new_tokens,
                 sampling=sampling,
                 seed=args.seed,
+                batch_index=batch,
                 stop=args.stop,
                 use_cache=args.kv_cache == "on",
-                stream=(lambda s: print(s, end="", flush=True)) if stream else None,
+                stream=(lambda s: say(s, end="", flush=True)) if stream else None,
                 add_bos=False if args.chat else None,
             )
         return [dataclasses.replace(c, prompt=p) for c, p in zip(completions, prompts)], gen
 
     if args.interactive:
-        print(f"{loaded.name} ({attention}): type a prompt, end with an empty line; Ctrl-D quits.", file=sys.stderr)
-        while True:
+        say(f"{loaded.name} ({attention}): type a prompt, end with an empty line; Ctrl-D quits.", file=sys.stderr)
+        for turn in itertools.count():
             lines = []
             for line in sys.stdin:
                 if not line.strip():
@@ -133,43 +146,44 @@ def main(argv=None):
                     return
             if lines:
                 prompt = "".join(lines).rstrip("\n")
-                print(prompt, end="", flush=True)
-                run([prompt], stream=True)
-                print("\n")
+                say(prompt, end="", flush=True)
+                run([prompt], stream=True, batch=turn)
+                say("\n")
 
     prompts = args.prompt or read_prompts(args.prompts_file)
     sep = "\n" if args.chat else ""
-    rows = []
-    for i in range(0, len(prompts), args.batch_size):
-        batch = prompts[i : i + args.batch_size]
-        single = len(prompts) == 1
-        if single:
-            print(batch[0], end="\n" if args.chat else "", flush=True)
-        completions, gen = run(batch, stream=single)
-        for c in completions:
-            if not single:
-                print(f"--- {c.prompt!r}\n{c.prompt}{sep}{c.completion}\n")
-            rows.append(
-                {
+    single = len(prompts) == 1
+    with contextlib.ExitStack() as stack:
+        # Streamed batch by batch: a failure in a later batch keeps the earlier batches' results.
+        path = stack.enter_context(output.writing(keep_partial=True)) if output and writer else None
+        f = stack.enter_context(open(path, "w", encoding="utf-8")) if path else None
+        for i in range(0, len(prompts), args.batch_size):
+            batch = prompts[i : i + args.batch_size]
+            if single:
+                say(batch[0], end="\n" if args.chat else "", flush=True)
+            completions, gen = run(batch, stream=single, batch=i // args.batch_size)
+            for c in completions:
+                if not single:
+                    say(f"--- {c.prompt!r}\n{c.prompt}{sep}{c.completion}\n")
+                row = {
                     "prompt": c.prompt,
                     "completion": c.completion,
                     "tokens": c.tokens,
                     "prefill_tokens_per_s": gen.prefill_tokens_per_s,
                     "decode_tokens_per_s": gen.decode_tokens_per_s,
                 }
-            )
-    if len(prompts) == 1:
-        print()
-    print(
-        f"[prefill {rows[-1]['prefill_tokens_per_s']:,.0f} tokens/s, decode {rows[-1]['decode_tokens_per_s']:,.0f} "
+                if f:
+                    f.write(json.dumps(row) + "\n")
+            if f:
+                f.flush()
+    if single:
+        say()
+    say(
+        f"[prefill {gen.prefill_tokens_per_s:,.0f} tokens/s, decode {gen.decode_tokens_per_s:,.0f} "
         f"tokens/s, kv-cache {args.kv_cache}, {attention}; the first batch includes compilation, "
         "see launch.bench decode]",
         file=sys.stderr,
     )
-    if args.output:
-        with open(args.output, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import argparse
 
-from launch.cli import ArgumentParser, main_guard
+from launch.cli import ArgumentParser, add_overwrite, main_guard
 from lm.data import prepare_corpus
 
 
@@ -10,7 +10,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(
         prog="python -m launch.prepare",
         description="Train (or copy) a sentencepiece tokenizer and write train/eval token files to --out. "
-        "Re-running with the same arguments reuses the output.",
+        "Re-running with the same arguments reuses the output; other earlier contents of --out are replaced only "
+        "with --overwrite, and a run directory never.",
     )
     p.add_argument(
         "--input",
@@ -29,6 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-fraction", type=float, default=0.02, help="share held out for eval, by file (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and tokenizer sampling (default 0)")
     p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
+    add_overwrite(p)
     return p.parse_args(argv)
 
 
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_fraction=args.eval_fraction,
         seed=args.seed,
         workers=args.workers,
+        overwrite=args.overwrite,
     )
     print(summary(meta, args.out))
 

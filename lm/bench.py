@@ -24,14 +24,14 @@ from lm.train.compile_cache import use_compilation_cache
 from lm.train.profile import summarize
 from lm.train.step import train_step
 from sharding.mesh import Layout, make_mesh
-from sharding.partition import batch_sharding, check_divisible, create_sharded, put_batch
+from sharding.partition import batch_sharding, check_divisible, create_sharded, process_rows, put_batch
 from sharding.rules import logical_rules
 
 
-def synthetic_batch(recipe: Recipe, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(recipe: Recipe, layout: Layout, seed: int = 0) -> dict[str, np.ndarray]:
     """Random tokens with the pipeline's layout: this process's rows of one global batch."""
     t, m = recipe.train, recipe.model
-    rows = t.batch_size // jax.process_count()
+    rows = len(process_rows(layout, t.batch_size))
     tokens = np.random.default_rng(seed).integers(0, m.vocab_size, (rows, t.seq_len + 1)).astype(np.int32)
     return {
         "tokens": tokens[:, :-1],
@@ -79,7 +79,7 @@ def bench_train(
     layout, model, opt = _setup(recipe, mesh_cfg)
     t = recipe.train
     with layout:
-        batch = put_batch(synthetic_batch(recipe), layout)
+        batch = put_batch(synthetic_batch(recipe, layout), layout)
         # The compiled step's memory analysis (CPU) and HLO names (the profile summary).
         need_hlo = profile_dir or jax.devices()[0].platform == "cpu"
         compiled = train_step.lower(model, opt, batch, grad_accum=t.grad_accum).compile() if need_hlo else None
@@ -211,7 +211,7 @@ def bench_compile(recipe: Recipe, depths=(2, 4, 8, 16), modes=("scan", "unrolled
             layout, model, opt = _setup(r)
             with layout:
                 jax.block_until_ready(
-                    train_step(model, opt, put_batch(synthetic_batch(r), layout), grad_accum=r.train.grad_accum)
+                    train_step(model, opt, put_batch(synthetic_batch(r, layout), layout), grad_accum=r.train.grad_accum)
                 )
             out[f"{'scan' if scan else 'unrolled'}_{depth}"] = time.perf_counter() - start
     return {"seconds_to_first_step": out}

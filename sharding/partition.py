@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from lm.errors import UserError
@@ -61,17 +62,37 @@ def batch_sharding(layout: Layout, ndim: int = 2) -> NamedSharding:
     return NamedSharding(layout.mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), layout.rules))
 
 
+def _held_shards(layout: Layout) -> list[int]:
+    """Which of the batch's data x fsdp shards this process's devices hold, in order."""
+    shards = layout.batch_devices
+    held = batch_sharding(layout, 1).addressable_devices_indices_map((shards,)).values()
+    return sorted({index[0].indices(shards)[0] for index in held})
+
+
+def process_rows(layout: Layout, n_rows: int) -> np.ndarray:
+    """The rows of an [n_rows, ...] global batch that this process's devices hold, in order: the rows
+    this process loads (lm.data.pipeline). Processes whose devices hold the same batch shards (a
+    tensor group that spans processes) load the same rows; n_rows must divide by data x fsdp."""
+    per_shard = n_rows // layout.batch_devices
+    return np.concatenate([np.arange(s * per_shard, (s + 1) * per_shard) for s in _held_shards(layout)])
+
+
 def put_batch(local: Mapping[str, np.ndarray], layout: Layout) -> dict[str, jax.Array]:
-    """Assemble global arrays from each process's rows (the rows are that process's slice of the
-    global batch; see lm.data.pipeline)."""
-    # The global shape is stated, not inferred: if the batch axes did not span every process, jax
-    # then refuses instead of silently building a smaller 'replicated' batch.
+    """Assemble global arrays from each process's rows: the rows of process_rows, in order."""
+    # The global shape is stated, not inferred: jax then checks each process's rows against it.
+    scale = layout.batch_devices // len(_held_shards(layout))
     return {
-        k: jax.make_array_from_process_local_data(
-            batch_sharding(layout, v.ndim), v, (v.shape[0] * jax.process_count(), *v.shape[1:])
-        )
+        k: jax.make_array_from_process_local_data(batch_sharding(layout, v.ndim), v, (v.shape[0] * scale, *v.shape[1:]))
         for k, v in local.items()
     }
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of an array on this host, also when other processes hold parts of it (then a
+    collective: every process must call it, in the same order)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def place(state):

@@ -230,3 +230,33 @@ def test_dropout_acts_in_training_steps_only_and_is_reproducible():
     opt = make_optimizer(m, OptimizerConfig(lr=1e-2, warmup_steps=0), 10, wrt=nnx.LoRAParam)
     losses = [float(train_step(m, opt, batch(seed=0))["loss"]) for _ in range(4)]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_dtype, scan", [("nf4", True), ("bfloat16", False)], ids=["nf4-scanned", "bf16-unrolled"])
+def test_merge_into_the_original_base_is_exact_and_keeps_its_dtype(base_dtype, scan):
+    """A QLoRA or bfloat16-base run's merged export: base + scale * A B over the float32 weights that
+    init.from holds, float32 like them (no 4-bit rounding, no bfloat16 under a float32 label)."""
+    m, original = model(scan), model(scan)
+    lora.apply(m, spec(base_dtype))
+    perturb(m)
+    folded = {}
+    for path, module in lora.adapters(m).items():
+        a, b = np.asarray(module.lora_a[...], np.float64), np.asarray(module.lora_b[...], np.float64)
+        folded[path] = (a, b, module.scale, module.n_in)
+    own = nnx.state(lora.merge(nnx.clone(m)), nnx.Param)  # the run's own base: rounded to 4 bits or bfloat16
+    merged = lora.merge(m, original)
+    assert merged is original and not lora.adapters(merged)
+    plain, own = dict(nnx.to_flat_state(nnx.state(model(scan), nnx.Param))), dict(nnx.to_flat_state(own))
+    for path, var in nnx.to_flat_state(nnx.state(merged, nnx.Param)):
+        dotted = ".".join(map(str, path[:-1]))
+        assert var.dtype == jnp.float32, path
+        if dotted not in folded:
+            np.testing.assert_array_equal(var[...], plain[path][...])
+            continue
+        a, b, scale, n_in = folded[dotted]
+        lead = a.ndim - n_in - 1
+        delta = a.reshape(*a.shape[:lead], -1, a.shape[-1]) @ b.reshape(*b.shape[: lead + 1], -1)
+        want = np.asarray(plain[path][...], np.float64) + scale * delta.reshape(var.shape)
+        np.testing.assert_allclose(var[...], want, atol=2e-6, rtol=0)
+        assert np.abs(np.asarray(own[path][...], np.float64) - want).max() > 1e-4  # what the old merge wrote

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -111,26 +112,23 @@ def make_dataset(
     seq_len: int,
     global_batch_size: int,
     seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows: Sequence[int] | None = None,
     shuffle: bool = True,
     num_epochs: int | None = None,
 ) -> grain.IterDataset:
-    """Batches of this process's `global_batch_size // process_count` rows; arrays are [rows, seq_len].
+    """Batches of the given `rows` of each global batch (default: all); arrays are [len(rows), seq_len].
 
-    The global batch at each step is the same whatever `process_count` is: the example sequence is
-    cut into process-local batches, and process p takes local batches p, p + P, p + 2P, ...
+    Global batch b is examples b*G .. b*G + G - 1 of the (shuffled) example sequence, whoever reads it:
+    a process reads only the rows its devices hold (sharding.partition.process_rows), so processes
+    that hold the same rows (a tensor group across processes) read the same examples, and the
+    iterator's state (the step) means the same thing for any number of processes.
     The shuffle is re-drawn each epoch (grain seeds epoch e with seed + e). `num_epochs=None` repeats forever.
     """
     if seq_len < 1 or global_batch_size < 1:
         raise UserError(f"seq_len={seq_len} and batch size={global_batch_size} must be positive")
-    if not 0 <= process_index < process_count:
-        raise UserError(f"process_index={process_index} is not in [0, process_count={process_count})")
-    if global_batch_size % process_count:
-        raise UserError(
-            f"train.batch_size={global_batch_size} is not divisible by the {process_count} processes; "
-            f"use a multiple of {process_count}"
-        )
+    rows = np.arange(global_batch_size) if rows is None else np.asarray(rows, dtype=np.int64)
+    if not len(rows) or rows.min() < 0 or rows.max() >= global_batch_size:
+        raise UserError(f"rows {rows.tolist()} are not a non-empty subset of the batch's {global_batch_size} rows")
     if not 0 <= seed < 2**32:
         raise UserError(f"seed={seed} must be in [0, 2**32); use e.g. train.seed=0")
     token_file = token_file if isinstance(token_file, TokenFile) else TokenFile(token_file)
@@ -141,12 +139,14 @@ def make_dataset(
             f"{token_file.path} has {len(token_file)} tokens but seq_len={seq_len} x batch={global_batch_size} "
             f"needs at least {needed}; use a smaller train.seq_len or train.batch_size, or more data"
         )
-    local_batch = global_batch_size // process_count
-    ds = grain.MapDataset.source(source)
+    examples = grain.MapDataset.source(source)
     if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).batch(local_batch, drop_remainder=True)
-    # Every process must see the same number of steps.
-    ds = ds[: len(ds) - len(ds) % process_count][process_index::process_count]
+        examples = examples.shuffle(seed=seed)
+    examples = examples.repeat(num_epochs)
+    per_batch, steps = len(rows), len(examples) // global_batch_size  # a last partial batch is dropped
+    ds = grain.MapDataset.range(steps * per_batch).map(
+        lambda j: examples[(j // per_batch) * global_batch_size + int(rows[j % per_batch])]
+    )
+    ds = ds.batch(per_batch, drop_remainder=True)
     # One background thread overlaps batch assembly with the training step; more would fight for the GIL.
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))

@@ -85,11 +85,14 @@ def prepare_corpus(
     workers: int = 2,
     format: str = "auto",
     seq_len: int | None = None,
+    overwrite: bool = True,
 ) -> dict:
     """Prepare `out_dir` for training; `inputs=None`, or 'stdlib' among them, means the stdlib `.py` files.
 
     JSONL with `prompt`/`completion` or chat `messages` (format auto, completion or chat) becomes
-    token files with a loss mask (lm.data.instruct); examples are truncated to `seq_len`."""
+    token files with a loss mask (lm.data.instruct); examples are truncated to `seq_len`.
+    overwrite=False refuses to replace anything already in `out_dir` (unless it is reused as it is);
+    a run directory is never prepared into (see _check_replace)."""
     started = time.perf_counter()
     check_eval_fraction(eval_fraction)
     inputs = [str(i) for i in inputs or [STDLIB]]
@@ -99,7 +102,9 @@ def prepare_corpus(
         raise UserError("found no standard library .py files; pass --input PATH_OR_GLOB instead")
     # A Hugging Face tokenizer (a folder) always takes the record path: it encodes JSONL records.
     if _instruct_format(files, format) or (tokenizer_path and Path(tokenizer_path).is_dir()):
-        return _prepare_instruct(files, inputs, Path(out_dir), tokenizer_path, format, seq_len, eval_fraction, seed)
+        return _prepare_instruct(
+            files, inputs, Path(out_dir), tokenizer_path, format, seq_len, eval_fraction, seed, overwrite
+        )
     args = {
         "format": FORMAT,
         "inputs": inputs,
@@ -115,7 +120,7 @@ def prepare_corpus(
     meta_path = out_dir / "meta.json"
     if cached := _reusable(meta_path, args):
         return {**cached, "cached": True}
-
+    _check_replace(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # from here until the end the directory is not a finished one
     train_docs, eval_docs, files_per_split = _splitter(files, text_field, eval_fraction, seed)
@@ -172,7 +177,24 @@ def _instruct_format(files: list[Path], format: str) -> bool:
     return True
 
 
-def _prepare_instruct(files, inputs, out_dir: Path, tokenizer_path, format, seq_len, eval_fraction, seed) -> dict:
+def _check_replace(out_dir: Path, overwrite: bool) -> None:
+    """Never prepare into a run directory (its tokenizer.model is the one its checkpoints were trained
+    with), and replace other earlier contents only when asked to."""
+    if (out_dir / "recipe.json").is_file():
+        raise UserError(
+            f"{out_dir} is a run directory (it holds recipe.json): preparing data there would replace the run's "
+            "tokenizer.model; choose another output folder"
+        )
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise UserError(
+            f"{out_dir} already holds files (data prepared with other arguments, or not prepared data); "
+            "pass --overwrite to replace them, or choose a new folder"
+        )
+
+
+def _prepare_instruct(
+    files, inputs, out_dir: Path, tokenizer_path, format, seq_len, eval_fraction, seed, overwrite=True
+) -> dict:
     """Instruction/chat records -> train/eval token files with masks, split per record by hash."""
     started = time.perf_counter()
     plain = [f for f in files if not is_jsonl(f)]
@@ -201,6 +223,7 @@ def _prepare_instruct(files, inputs, out_dir: Path, tokenizer_path, format, seq_
     meta_path = out_dir / "meta.json"
     if (cached := _reusable(meta_path, args, masked=True)) is not None:
         return {**cached, "cached": True}
+    _check_replace(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)
     tokenizer.save_pretrained(out_dir / "tokenizer")

@@ -28,7 +28,7 @@ from lm.config import EXECUTION, MeshConfig, ModelConfig
 from lm.errors import UserError
 from lm.model import Transformer
 from sharding.mesh import Layout
-from sharding.partition import check_divisible
+from sharding.partition import check_divisible, to_host
 
 # ------------------------------------------------------------------------------------------------
 # Layout transforms: `load` maps one HF tensor to our parameters (a tuple: a fused HF tensor feeds
@@ -432,7 +432,9 @@ def _int_if_whole(x: float) -> float | int:
 def _canonical(cfg: ModelConfig) -> ModelConfig:
     """cfg with the fields that do not change the numbers reset, and equivalent spellings made one."""
     defaults = ModelConfig()
-    cfg = dataclasses.replace(cfg, head_dim=cfg.dim_per_head, **{k: getattr(defaults, k) for k in (*EXECUTION, "init_std")})
+    cfg = dataclasses.replace(
+        cfg, head_dim=cfg.dim_per_head, **{k: getattr(defaults, k) for k in (*EXECUTION, "init_std")}
+    )
     if cfg.query_pre_attn_scalar is None:  # the default scale is head_dim ** -0.5
         cfg = dataclasses.replace(cfg, query_pre_attn_scalar=float(cfg.dim_per_head))
     if cfg.rope_type == "default":  # default is linear scaling by rope_scaling (1: none)
@@ -605,7 +607,8 @@ def load_hf(
 
 
 def hf_tensors(model: Transformer):
-    """(name, numpy array) for each Hugging Face tensor of the model, gathered one at a time."""
+    """(name, numpy array) for each Hugging Face tensor of the model, gathered one at a time (across
+    processes too: then every process must iterate, and each holds one whole tensor beyond its shards)."""
     cfg = model.cfg
     params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     for rule, paths in _active_rules(cfg, params):
@@ -614,24 +617,36 @@ def hf_tensors(model: Transformer):
             ours = []
             for p in paths:
                 value = params[_target(p, layer, cfg.scan_layers)].get_value()
-                ours.append(np.asarray(jax.device_get(value[layer] if stacked else value)))
+                ours.append(to_host(value[layer] if stacked else value))
             yield name, np.ascontiguousarray(rule.transform.save(tuple(ours), cfg))
 
 
-def save_hf(model: Transformer, out_dir, *, max_shard_bytes: int = 5 * 2**30, extra_config: dict | None = None) -> None:
+def save_hf(
+    model: Transformer,
+    out_dir,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    extra_config: dict | None = None,
+    write: bool = True,
+) -> None:
     """Write model-*.safetensors (+ model.safetensors.index.json beyond one shard), config.json and
     generation_config.json, as transformers' save_pretrained lays them out.
 
-    extra_config: more config.json keys, e.g. bos_token_id/eos_token_id (also written to
-    generation_config.json).
+    Each file is written under a temporary name and renamed into place; weights an earlier export left
+    in the folder are removed only after the new ones are complete. extra_config: more config.json
+    keys, e.g. bos_token_id/eos_token_id (also written to generation_config.json). write=False (the
+    other processes of a multi-process export): gather every tensor with process 0, write nothing.
     """
     from safetensors.numpy import save_file
 
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(out_dir).expanduser()
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     config = config_to_hf(model.cfg, extra_config)
     shards, current, size = [], {}, 0
     for name, tensor in hf_tensors(model):
+        if not write:
+            continue
         if current and size + tensor.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
@@ -640,28 +655,44 @@ def save_hf(model: Transformer, out_dir, *, max_shard_bytes: int = 5 * 2**30, ex
         if size >= max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
+    if not write:
+        return
     if current or not shards:
         shards.append(current)
-    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        stale.unlink()
-    weight_map, total = {}, 0
-    for k, shard in enumerate(shards):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / file, metadata={"format": "pt"})
-        for name, tensor in shard.items():
-            weight_map[name] = file
-            total += tensor.nbytes
-        shards[k] = None  # free each shard once written
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    weight_map, total, files = {}, 0, {}
+    try:
+        for k, shard in enumerate(shards):
+            file = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            files[file] = None
+            save_file(shard, out / f".{file}.partial", metadata={"format": "pt"})
+            for name, tensor in shard.items():
+                weight_map[name] = file
+                total += tensor.nbytes
+            shards[k] = None  # free each shard once written
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            files["model.safetensors.index.json"] = json.dumps(index, indent=2) + "\n"
+        files["config.json"] = json.dumps(config, indent=2) + "\n"
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+        generation = {k: config[k] for k in keys if config.get(k) is not None}
+        files["generation_config.json"] = json.dumps(generation, indent=2) + "\n"
+        for file, text in files.items():
+            if text is not None:
+                (out / f".{file}.partial").write_text(text)
+    except BaseException:
+        for file in files:
+            (out / f".{file}.partial").unlink(missing_ok=True)
+        raise
+    # Only now, with every new file complete, the old weights go (model.safetensors or model-*-of-*
+    # shards and their index; never model_ema.safetensors or other files), and the new ones take their place.
+    old = [*out.glob("model-*-of-*.safetensors"), out / "model.safetensors", out / "model.safetensors.index.json"]
+    for stale in old:
+        if stale.name not in files:
+            stale.unlink(missing_ok=True)
+    for file in files:
+        (out / f".{file}.partial").replace(out / file)
 
 
 def checkpoint_bytes(folder) -> int:
     """Total size of a folder's safetensors files."""
     return sum(p.stat().st_size for p in pathlib.Path(folder).glob("*.safetensors"))
-
-

@@ -26,7 +26,7 @@ from lm.hardware import platform
 from lm.infer.sampling import Sampling, apply_repetition_penalty, sample
 from lm.kernels.xla import CACHE_LENGTH_AXIS
 from lm.lora import adapters
-from sharding.partition import place
+from sharding.partition import place, to_host
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -214,7 +214,7 @@ def check_lengths(prompt_lengths: Sequence[int], max_new_tokens: int, max_seq_le
         )
 
 
-def _prefill_state(graphdef, params, prompts, cache_len, max_new_tokens, *, vocab_size, sampling, seed, eos_id,
+def _prefill_state(graphdef, params, prompts, cache_len, max_new_tokens, *, vocab_size, sampling, key, eos_id,
                    use_cache, cache_dtype) -> tuple[nnx.GraphDef, DecodeState]:  # fmt: skip
     """Every prompt through the model at once, right-padded (filling a fresh KV cache, or the uncached
     loop's token buffer), and each row's first token sampled: where the decode loop starts."""
@@ -223,7 +223,6 @@ def _prefill_state(graphdef, params, prompts, cache_len, max_new_tokens, *, voca
     tokens = np.zeros((batch, width), np.int32)
     for row, p in enumerate(prompts):
         tokens[row, : len(p)] = p
-    key = jax.random.key(seed)
     seen = jnp.zeros((batch, vocab_size), bool)
     if sampling.repetition_penalty != 1.0:
         seen = seen.at[jnp.arange(batch)[:, None], tokens].set(tokens != 0)
@@ -253,6 +252,7 @@ def generate(
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
     seed: int = 0,
+    batch_index: int = 0,
     eos_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     cache_dtype=None,
@@ -266,7 +266,8 @@ def generate(
     [batch, n] (for streaming and stop strings); it may return a bool [batch] of rows to stop.
     The model is not modified: the cache lives on a copy. eos_id may list several stop ids (Llama 3's
     generation_config does); a row ends at the first of any. min_window: the smallest attention window
-    of the cached loop (windows double from there; each is one compilation).
+    of the cached loop (windows double from there; each is one compilation). The sampling key is
+    key(seed) with batch_index folded in: the same prompt in two batches of one run gets its own sample.
     """
     cfg = model.cfg
     eos_id = (eos_id,) if isinstance(eos_id, int) else tuple(int(i) for i in eos_id or ())
@@ -281,9 +282,10 @@ def generate(
         # (adapters, a quantised base) decodes as it is: the twin is rebuilt from the plain config.
         model = decode_twin(model)
     graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
+    key = jax.random.fold_in(jax.random.key(seed), batch_index)
     start = time.perf_counter()
     graphdef, state = _prefill_state(
-        graphdef, params, prompts, cache_len, max_new_tokens, vocab_size=cfg.vocab_size, sampling=sampling, seed=seed,
+        graphdef, params, prompts, cache_len, max_new_tokens, vocab_size=cfg.vocab_size, sampling=sampling, key=key,
         eos_id=eos_id, use_cache=use_cache, cache_dtype=cache_dtype or cfg.compute_dtype,
     )  # fmt: skip
     first = jax.block_until_ready(state.last)
@@ -295,12 +297,12 @@ def generate(
         if stop is not None:
             state = dataclasses.replace(state, done=state.done | jnp.asarray(stop))
 
-    emit(np.asarray(first)[:, None])
+    emit(to_host(first)[:, None])
 
     start, emitted, windows = time.perf_counter(), 1, []
     step = chunk or max_new_tokens
     longest = max(lengths)
-    while emitted < max_new_tokens and not bool(state.done.all()):
+    while emitted < max_new_tokens and not to_host(state.done).all():
         until = min(emitted + step, max_new_tokens)
         window = None
         if use_cache:
@@ -313,10 +315,10 @@ def generate(
         state = _compiled_decode_chunk(platform())(
             graphdef, params, state, jnp.int32(until), sampling=sampling, eos_id=eos_id, window=window
         )
-        reached = int(state.step)
-        emit(np.asarray(state.out[:, emitted:reached]))
+        reached = int(to_host(state.step))
+        emit(to_host(state.out)[:, emitted:reached])
         emitted = reached
-    out = np.asarray(jax.block_until_ready(state.out))
+    out = to_host(jax.block_until_ready(state.out))
     decode_s = time.perf_counter() - start
 
     rows = [row.tolist() for row in out[:, :emitted]]
@@ -340,6 +342,7 @@ def complete(
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
     seed: int = 0,
+    batch_index: int = 0,
     stop: Sequence[str] = (),
     use_cache: bool = True,
     stream: Callable[[str], None] | None = None,
@@ -388,6 +391,7 @@ def complete(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         seed=seed,
+        batch_index=batch_index,
         eos_id=stop_ids,
         use_cache=use_cache,
         chunk=chunk if (stream or stop) else None,

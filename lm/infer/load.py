@@ -13,8 +13,9 @@ from lm.errors import UserError
 from lm.hf import load_hf
 from lm.kernels import for_platform
 from lm.model import Transformer
-from lm.state.build import load_trained
+from lm.state.build import base_model, load_trained
 from lm.state.checkpoint import CheckpointMeta, find_checkpoint, read_meta
+from lm.state.source import check_base, find_source
 from sharding.mesh import Layout
 from sharding.partition import check_divisible
 
@@ -34,12 +35,19 @@ class Loaded:
 
 
 def inference_layout(tensor: int = 1, rules=(), fsdp: int = 1) -> Layout:
-    """`tensor` devices on the tensor axis: the batch is not split, weights are. fsdp > 1 also splits
-    the weights' embed axis and the batch over that many devices (batches must then divide by it)."""
-    if tensor < 1 or fsdp < 1 or tensor * fsdp > jax.device_count():
-        raise UserError(f"--tensor={tensor} x --fsdp={fsdp} devices but there are {jax.device_count()} devices")
-    mesh = MeshConfig(data=1, fsdp=fsdp, tensor=tensor, rules=tuple(rules))
-    return Layout.build(mesh, jax.devices()[: tensor * fsdp])
+    """One process: `tensor` x `fsdp` of its devices; the batch is split over fsdp (batches must then
+    divide by it), the weights over both. Several processes: every device of every process, `tensor`
+    on the tensor axis and the rest on fsdp, so a model too large for one host is split over all of
+    them (each process holds its part of the weights)."""
+    n = jax.device_count()
+    if tensor < 1 or fsdp < 1 or tensor * fsdp > n:
+        raise UserError(f"--tensor={tensor} x --fsdp={fsdp} devices but there are {n} devices")
+    if jax.process_count() == 1:
+        mesh = MeshConfig(data=1, fsdp=fsdp, tensor=tensor, rules=tuple(rules))
+        return Layout.build(mesh, jax.devices()[: tensor * fsdp])
+    if n % tensor:
+        raise UserError(f"--tensor={tensor} does not divide the {n} devices of the {jax.process_count()} processes")
+    return Layout.build(MeshConfig(data=1, fsdp=n // tensor, tensor=tensor, rules=tuple(rules)))
 
 
 def load_model(
@@ -67,6 +75,8 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, fsdp: int = 1, n
     tokenizer = _run_tokenizer(run, meta, step) if need_tokenizer or _has_tokenizer(run) else None
     if tokenizer is not None:
         check_vocab(tokenizer, recipe.model.vocab_size, f"checkpoint {folder / str(step)}")
+    if recipe.lora.rank and recipe.init.from_:  # the adapter goes onto the base it was trained on, or nowhere
+        check_base(meta.base, find_source(recipe.init.from_), f"checkpoint {folder / str(step)}")
     layout = inference_layout(tensor, recipe.mesh.rules, fsdp)
     check_divisible(recipe.model.logical_dims(), layout)
     with layout:
@@ -80,6 +90,13 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, fsdp: int = 1, n
                 f"{str(e).splitlines()[0][:200]}"
             ) from None
     return Loaded(name=recipe.name, model=model, tokenizer=tokenizer, layout=layout, recipe=recipe, run=run, step=step)
+
+
+def merge_base(recipe: Recipe, layout: Layout):
+    """A LoRA run's base as init.from holds it, in its own dtype (not the run's quantised or bfloat16
+    copy): what a merged export folds the adapters into. Call under the layout."""
+    plain = dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, rank=0))
+    return base_model(plain, layout, find_source(recipe.init.from_) if recipe.init.from_ else None)
 
 
 def _has_tokenizer(folder: pathlib.Path) -> bool:

@@ -4,9 +4,11 @@ How a document is scored: it is encoded with the tokenizer's own rule and every 
 predicted from what precedes it. The first token is predicted from a context token: the BOS where the
 tokenizer adds one (Llama, Gemma), else the EOS (GPT-2, Qwen and our own models: documents are joined
 by EOS in training, so this is their document boundary, as in lm-eval's rolling log-likelihood).
-A document longer than the model's context L is scored in windows of L tokens that start every L/2
-tokens; each window scores only the tokens no earlier window scored, so every token is scored once,
-with at least L/2 tokens of context after the first window.
+A document longer than the window W (default min(context, 4096)) is scored in windows of W tokens that
+start every `stride` tokens (default W/2); each window scores only the tokens no earlier window
+scored, so every token is scored once, with at least W - stride tokens of context after the first
+window. The loss runs over a window in chunks of positions (lm.loss.chunked_cross_entropy_sum), so
+float32 logits never exist for a whole window.
 """
 
 import dataclasses
@@ -22,7 +24,11 @@ from flax import nnx
 from lm.data.instruct import Stats, encode_records
 from lm.errors import UserError
 from lm.infer.decode import bucket
-from lm.loss import cross_entropy_sum
+from lm.loss import chunked_cross_entropy_sum
+from sharding.partition import to_host
+
+DEFAULT_WINDOW = 4096
+LOGITS_PER_CHUNK = 1 << 22  # float32 logits per row of a loss chunk: 16 MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +60,25 @@ class Score:
         }
 
 
-def windows(n: int, context: int) -> list[tuple[int, int, int]]:
-    """(start, end, first_target) for a sequence of n tokens: window ids[start:end] scores the targets
-    first_target..end-1 (target t is predicted by position t-1)."""
-    stride = max(1, context // 2)
+def check_window(window: int | None, stride: int | None, context: int) -> tuple[int, int]:
+    """(window, stride) with their defaults: min(context, 4096) and half the window."""
+    window = min(context, DEFAULT_WINDOW) if window is None else window
+    if not 2 <= window <= context:
+        raise UserError(f"--window={window} must be in [2, {context}] (the model's context is {context})")
+    stride = max(1, window // 2) if stride is None else stride
+    if not 1 <= stride < window:  # windows overlap by a token at least: a target needs the position before it
+        raise UserError(f"--stride={stride} must be in [1, {window - 1}] for --window={window}")
+    return window, stride
+
+
+def windows(n: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(start, end, first_target) for a sequence of n tokens: ids[start:end] scores the targets
+    first_target..end-1 (target t is predicted by position t-1). Windows start every `stride` tokens
+    (default window // 2)."""
+    stride = max(1, window // 2) if stride is None else stride
     out, start, done = [], 0, 0  # done: targets below this index are scored
     while True:
-        end = min(start + context, n)
+        end = min(start + window, n)
         out.append((start, end, max(done, start + 1)))
         if end == n:
             return out
@@ -73,11 +91,21 @@ def _logits(graphdef, params, tokens):
     return nnx.merge(graphdef, params)(tokens, positions)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _nll(graphdef, params, tokens, weights):
-    """Summed NLL of tokens[:, 1:] given the prefix, weighted by weights[:, 1:]."""
-    logits = _logits(graphdef, params, tokens)
-    return cross_entropy_sum(logits[:, :-1], tokens[:, 1:], weights[:, 1:])
+def loss_chunk(cfg, length: int) -> int:
+    """Positions per loss chunk: the model's own setting, else at most LOGITS_PER_CHUNK logits a row."""
+    return cfg.loss_chunk_for(length) or min(length, max(1, LOGITS_PER_CHUNK // cfg.vocab_size))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
+def _nll(graphdef, params, tokens, weights, chunk: int):
+    """Summed NLL of tokens[:, 1:] given the prefix, weighted by weights[:, 1:], `chunk` positions'
+    logits at a time."""
+    model = nnx.merge(graphdef, params)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    hidden = model(tokens, positions, return_hidden=True)
+    return chunked_cross_entropy_sum(
+        hidden[:, :-1], model.head(), tokens[:, 1:], weights[:, 1:], chunk, model.cfg.final_softcap
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -132,15 +160,17 @@ def _rows(rows: list[np.ndarray], weights: list[np.ndarray], context: int, batch
     return jnp.asarray(tokens), jnp.asarray(w)
 
 
-def _score_rows(model, items: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int) -> tuple[float, int]:
+def _score_rows(
+    model, items: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int, context: int | None = None
+) -> tuple[float, int]:
     graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
-    context = model.cfg.max_seq_len
+    context = context or model.cfg.max_seq_len
     total, count, batch = 0.0, 0, []
 
     def flush():
         nonlocal total, count
         tokens, w = _rows([r for r, _ in batch], [w for _, w in batch], context, batch_size)
-        s, n = _nll(graphdef, params, tokens, w)
+        s, n = _nll(graphdef, params, tokens, w, loss_chunk(model.cfg, tokens.shape[1] - 1))
         total, count = total + float(s), count + int(n)
         batch.clear()
 
@@ -153,9 +183,11 @@ def _score_rows(model, items: Iterator[tuple[np.ndarray, np.ndarray]], batch_siz
     return total, count
 
 
-def score_texts(model, tokenizer, texts: Iterable[str], *, batch_size: int = 8) -> Score:
+def score_texts(
+    model, tokenizer, texts: Iterable[str], *, batch_size: int = 8, window: int | None = None, stride: int | None = None
+) -> Score:
     """Score documents (see the module docstring for the rule). Call under the model's mesh and rules."""
-    context = model.cfg.max_seq_len
+    context, stride = check_window(window, stride, model.cfg.max_seq_len)
     prefix = [] if tokenizer.add_bos else [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     stats = {"documents": 0, "bytes": 0}
 
@@ -168,12 +200,12 @@ def score_texts(model, tokenizer, texts: Iterable[str], *, batch_size: int = 8) 
                 raise UserError(
                     f"the tokenizer produced id {int(ids.max())} but the model has vocab_size={model.cfg.vocab_size}"
                 )
-            for start, end, first in windows(len(ids), context) if len(ids) > 1 else []:
+            for start, end, first in windows(len(ids), context, stride) if len(ids) > 1 else []:
                 w = np.zeros(end - start, np.float32)
                 w[first - start :] = 1.0
                 yield ids[start:end], w
 
-    total, count = _score_rows(model, items(), batch_size)
+    total, count = _score_rows(model, items(), batch_size, context)
     if count == 0:
         raise UserError("the input holds no text to score (every document is empty)")
     return Score(count, total, stats["documents"], stats["bytes"])
@@ -220,12 +252,9 @@ def score_token_ids(model, ids: np.ndarray, *, batch_size: int = 8) -> Score:
     return Score(count, total, len(ids))
 
 
-def logits_of(model, ids: np.ndarray, *, batch_size: int = 8, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 logits [batch, length, vocab] for ids [batch, length], computed batch_size rows at a time
-    into `out` (e.g. a memory-mapped .npy) or a new array."""
+def logits_of(model, ids: np.ndarray, *, batch_size: int = 8) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float32 logits [rows, length, vocab]) for ids [batch, length], batch_size rows at a
+    time, each block whole on this host (with several processes, every process must iterate)."""
     graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
-    if out is None:
-        out = np.empty((*ids.shape, model.cfg.vocab_size), np.float32)
     for i in range(0, len(ids), batch_size):
-        out[i : i + batch_size] = np.asarray(_logits(graphdef, params, jnp.asarray(ids[i : i + batch_size])))
-    return out
+        yield i, to_host(_logits(graphdef, params, jnp.asarray(ids[i : i + batch_size])))

@@ -103,7 +103,8 @@ def resolve_init(recipe: Recipe, overrides: list[str] = ()) -> tuple[Recipe, Ini
 
     The recipe file's own model section (a preset, which launch.plan uses before any download) gives
     way to the source's. A `model.*` override (`--set model.n_layers=3`) that disagrees with the source
-    is refused; the execution options (lm.config.EXECUTION) are the recipe's.
+    is refused; the execution options (lm.config.EXECUTION) are the recipe's. init.from becomes an
+    absolute path, so the run's recipe names its base from whatever folder a later command runs in.
     """
     if not recipe.init.from_:
         return recipe, None
@@ -118,4 +119,15 @@ def resolve_init(recipe: Recipe, overrides: list[str] = ()) -> tuple[Recipe, Ini
                 f"{key}={getattr(recipe.model, name)!r} conflicts with init.from={recipe.init.from_}, whose model "
                 f"has {name}={getattr(source.model, name)!r}; the model comes from init.from, so drop --set {key}"
             )
-    return dataclasses.replace(recipe, model=source.model.with_execution_of(recipe.model)), source
+    init = dataclasses.replace(recipe.init, from_=str(source.path))
+    return dataclasses.replace(recipe, model=source.model.with_execution_of(recipe.model), init=init), source
+
+
+def check_base(base: dict | None, source: InitSource, where: str) -> None:
+    """A LoRA checkpoint's adapter belongs to the base it was trained on (`base`, its stored identity):
+    refuse init.from when its files are no longer those weights."""
+    if base and base.get("fingerprint") != source.fingerprint:
+        raise UserError(
+            f"{where} holds a LoRA adapter trained on the base {base.get('weights')}, but init.from={source.path} "
+            "now holds other weights (a newer checkpoint, or changed files); restore that base"
+        )

@@ -42,7 +42,7 @@ from lm.state.source import InitSource, resolve_init
 from lm.train.compile_cache import use_compilation_cache
 from lm.train.metrics import MetricsLog
 from sharding.mesh import Layout
-from sharding.partition import check_divisible
+from sharding.partition import check_divisible, process_rows
 
 
 def say(*args) -> None:
@@ -268,9 +268,10 @@ def setup(recipe: Recipe, run_dir: pathlib.Path, source: InitSource | None = Non
     use_compilation_cache(t.compilation_cache, run_dir)  # after every input check: bad input writes nothing
 
     pid, nproc = jax.process_index(), jax.process_count()
-    train_iter = iter(make_dataset(TokenFile(data_dir / "train"), t.seq_len, t.batch_size, t.seed, pid, nproc))
+    rows = process_rows(layout, t.batch_size)  # this process's devices' rows: any mesh, any axis across processes
+    train_iter = iter(make_dataset(TokenFile(data_dir / "train"), t.seq_len, t.batch_size, t.seed, rows))
     eval_ds = make_dataset(
-        TokenFile(data_dir / "eval"), t.seq_len, t.batch_size, t.seed, pid, nproc, shuffle=False, num_epochs=1
+        TokenFile(data_dir / "eval"), t.seq_len, t.batch_size, t.seed, rows, shuffle=False, num_epochs=1
     )
     eval_batches = [b for _, b in zip(range(t.eval_batches), eval_ds)]
 

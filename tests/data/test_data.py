@@ -242,9 +242,8 @@ def test_global_batch_independent_of_process_count(tmp_path, num_epochs):
     for processes in (2, 4):
         per_process = []
         for p in range(processes):
-            ds = make_dataset(
-                tf, 6, global_batch, seed=3, process_index=p, process_count=processes, num_epochs=num_epochs
-            )
+            rows = range(p * global_batch // processes, (p + 1) * global_batch // processes)
+            ds = make_dataset(tf, 6, global_batch, seed=3, rows=rows, num_epochs=num_epochs)
             per_process.append(take(iter(ds), steps))
             assert per_process[-1][0]["tokens"].shape == (global_batch // processes, 6)
         joined = [
@@ -252,17 +251,22 @@ def test_global_batch_independent_of_process_count(tmp_path, num_epochs):
             for s in range(steps)
         ]
         assert_batches_equal(joined, reference)
+    # Any subset of rows, in any grouping (a process holding rows 1 and 5; two processes of one
+    # tensor group holding the same rows): each reads exactly those rows of every global batch.
+    for rows in ([1, 5], [1, 5], [0, 1, 2, 3, 4, 5, 6, 7]):
+        got = take(iter(make_dataset(tf, 6, global_batch, seed=3, rows=rows, num_epochs=num_epochs)), steps)
+        assert_batches_equal(got, [{k: v[rows] for k, v in b.items()} for b in reference])
     if num_epochs is not None:
         steps_per_process = {
-            len(list(make_dataset(tf, 6, 8, seed=3, process_index=p, process_count=4, num_epochs=2))) for p in range(4)
+            len(list(make_dataset(tf, 6, 8, seed=3, rows=[2 * p, 2 * p + 1], num_epochs=2))) for p in range(4)
         }
         assert len(steps_per_process) == 1
 
 
 def test_pipeline_errors_are_user_errors(tmp_path):
     tf = char_token_file(tmp_path, ["abcdefghij"])  # 11 tokens
-    with pytest.raises(UserError, match="not divisible"):
-        make_dataset(tf, 2, 6, seed=0, process_count=4)
+    with pytest.raises(UserError, match="not a non-empty subset"):
+        make_dataset(tf, 2, 6, seed=0, rows=[6])
     with pytest.raises(UserError, match="has 11 tokens.*needs at least 33.*train.seq_len"):
         make_dataset(tf, 4, 8, seed=0)
     assert len(list(make_dataset(tf, 5, 2, seed=0, num_epochs=1))) == 1
@@ -270,7 +274,7 @@ def test_pipeline_errors_are_user_errors(tmp_path):
 
 def test_iterator_state_resumes_exactly(tmp_path):
     tf = char_token_file(tmp_path, numbered_docs(100, seed=2))
-    make = lambda: make_dataset(tf, 8, 4, seed=7, process_index=1, process_count=2)
+    make = lambda: make_dataset(tf, 8, 4, seed=7, rows=[2, 3])
     iterator = iter(make())
     take(iterator, 37)
     state = iterator.get_state()
@@ -374,6 +378,37 @@ def test_prepare_reuses_cached_output(tmp_path):
     assert not prepare_corpus([str(corpus)], out, vocab_size=320, eval_fraction=0.2, seed=1, workers=1)["cached"]
     (corpus / "m00.py").write_text("changed = True\n")
     assert not prepare_corpus([str(corpus)], out, vocab_size=320, eval_fraction=0.2, seed=1, workers=1)["cached"]
+
+
+@pytest.mark.slow
+def test_prepare_never_replaces_a_run_tokenizer_nor_other_output_unasked(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i:02d}.py").write_text(synthetic_source(400 + i, 40))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text("{}")
+    (run / "tokenizer.model").write_bytes(b"the run's own")
+    out = tmp_path / "out"
+    prepare_corpus([str(corpus)], out, vocab_size=320, eval_fraction=0.2, workers=1)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    base = [sys.executable, "-m", "launch.prepare", "--input", str(corpus), "--vocab-size", "320"]
+    base += ["--eval-fraction", "0.2", "--workers", "1"]
+    for target, extra, message in [
+        (run, ["--overwrite"], "is a run directory"),
+        (out, ["--seed", "1"], "pass --overwrite to replace them"),
+    ]:
+        proc = subprocess.run([*base, "--out", str(target), *extra], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (run / "tokenizer.model").read_bytes() == b"the run's own" and sorted(p.name for p in run.iterdir()) == [
+        "recipe.json",
+        "tokenizer.model",
+    ]
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    # Asked to, it replaces them.
+    again = prepare_corpus([str(corpus)], out, vocab_size=320, eval_fraction=0.2, seed=1, workers=1, overwrite=True)
+    assert not again["cached"] and again["seed"] == 1
 
 
 def test_stdlib_split_is_deterministic_and_disjoint():

@@ -56,9 +56,17 @@ def test_import_run_scores_like_transformers_and_exports_back(tmp_path):
     theirs, ours = (transformers.AutoTokenizer.from_pretrained(p) for p in (hf, out))
     assert ours("def f(x): hello")["input_ids"] == theirs("def f(x): hello")["input_ids"]
 
-    # Neither direction writes over an earlier output.
+    # Neither direction writes over an earlier output unasked; --overwrite replaces the weights and
+    # leaves other files (a model_ema.safetensors beside them) alone.
     again = run_cli("launch.convert", "--run-dir", str(run), "--hf-out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr
+    first = (out / "model.safetensors").read_bytes()
+    (out / "model_ema.safetensors").write_bytes(b"not ours")
+    again = run_cli("launch.convert", "--run-dir", str(run), "--hf-out", str(out), "--overwrite")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "model.safetensors").read_bytes() == first
+    assert (out / "model_ema.safetensors").read_bytes() == b"not ours"
+    assert not list(out.glob(".*partial"))
 
 
 def _bad_folder(tmp_path, what):

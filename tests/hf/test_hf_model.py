@@ -256,3 +256,42 @@ def test_truncated_safetensors_file_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="model.safetensors"):
         load_hf(tmp_path)
+
+
+def test_save_hf_replaces_weights_only_once_the_new_ones_are_written(tiny_cfg, tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    from lm.model import Transformer
+
+    model = Transformer(tiny_cfg, rngs=nnx.Rngs(0))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_ema.safetensors").write_bytes(b"not ours")  # matches model*.safetensors, but is not the weights
+    save_hf(model, out, max_shard_bytes=20_000)  # several shards and an index
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "model.safetensors.index.json" in old and sum(n.startswith("model-0") for n in old) > 1
+
+    writes = []
+
+    def failing(tensors, path, metadata=None):
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError("disk full")
+        return real(tensors, path, metadata=metadata)
+
+    real = safetensors.numpy.save_file
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing)
+    with pytest.raises(OSError, match="disk full"):
+        save_hf(model, out, max_shard_bytes=20_000)
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # the earlier export whole, no leftovers
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_hf(model, "~/out")  # one file now: the old shards and their index go, model_ema stays
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "model_ema.safetensors"]
+    assert (out / "model_ema.safetensors").read_bytes() == b"not ours"
+    want, got = flat_params(model), flat_params(load_hf(out, scan_layers=tiny_cfg.scan_layers))
+    assert want.keys() == got.keys()
+    for path in want:
+        np.testing.assert_array_equal(got[path], want[path])

@@ -90,3 +90,23 @@ def test_unknown_run_and_foreign_tokenizer(run_dir, tmp_path, tiny_corpus):
     train_tokenizer(iter_documents(sorted(tiny_corpus.glob("*.txt"))), 600, copy / "tokenizer.model")
     out = generate("--run-dir", str(copy), "--prompt", "x")
     assert out.returncode == 2 and "is not the tokenizer checkpoint 8 was trained with" in out.stderr, out.stderr[-500:]
+
+
+def test_output_streams_by_batch_samples_each_batch_anew_and_is_never_overwritten(run_dir, tmp_path):
+    """The same prompt in batches 0 and 1 gets two samples (the batch index is folded into the key);
+    an over-long prompt in batch 2 ends the command with one line, and --output keeps batches 0-1;
+    a second command refuses to replace that file without --overwrite."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def \ndef \n" + "x" * 400 + "\n")
+    output = tmp_path / "out.jsonl"
+    sample = ["--temperature", "1.0", "--seed", "3", "--batch-size", "1", "--max-new-tokens", "12"]
+    out = generate("--run-dir", str(run_dir), "--prompts-file", str(prompts), *sample, "--output", str(output))
+    assert out.returncode == 2 and "exceeds the model's context" in out.stderr.strip().splitlines()[-1], out.stderr
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["def ", "def "]
+    assert rows[0]["tokens"] != rows[1]["tokens"]
+    assert not list(tmp_path.glob(".*partial"))
+    before = output.read_bytes()
+    out = generate("--run-dir", str(run_dir), "--prompt", "def ", "--output", str(output))
+    assert out.returncode == 2 and "already exists; pass --overwrite" in out.stderr, out.stderr[-500:]
+    assert output.read_bytes() == before

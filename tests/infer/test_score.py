@@ -8,20 +8,25 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from lm.infer.score import windows
+from lm.errors import UserError
+from lm.infer.score import check_window, windows
 
 CONTEXT = 64
 
 
-def test_windows_score_every_token_once_with_half_a_context_before_it():
+@pytest.mark.parametrize("window, stride", [(CONTEXT, None), (CONTEXT, 5), (16, 15), (17, 1)])
+def test_windows_score_every_token_once_with_window_minus_stride_before_it(window, stride):
     for n in (2, 5, 63, 64, 65, 100, 200, 257):
         scored = []
-        for start, end, first in windows(n, CONTEXT):
-            assert end - start <= CONTEXT and start < first <= end
+        for start, end, first in windows(n, window, stride):
+            assert end - start <= window and start < first <= end
             scored += list(range(first, end))
-            if start > 0:
-                assert first - start >= CONTEXT // 2  # every later window sees at least half a context
+            if start > 0:  # every later window sees at least window - stride tokens of context
+                assert first - start >= window - (stride or window // 2)
         assert scored == list(range(1, n)), n
+    assert check_window(None, None, 64) == (64, 32) and check_window(None, None, 131072) == (4096, 2048)
+    with pytest.raises(UserError, match=r"--window=65 must be in \[2, 64\]"):
+        check_window(65, None, 64)
 
 
 # ---- against transformers (CLI, a tiny random Llama saved by the test) ---------------------------------
@@ -46,8 +51,8 @@ def models(tmp_path_factory):
     }
 
 
-def reference_nll(folder, texts) -> tuple[float, int]:
-    """transformers' NLL by the perplexity guide's strided windows (stride = context / 2), BOS or EOS first."""
+def reference_nll(folder, texts, window: int = CONTEXT, stride: int = CONTEXT // 2) -> tuple[float, int]:
+    """transformers' NLL by the perplexity guide's strided windows, BOS or EOS first."""
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     total, count = 0.0, 0
@@ -57,12 +62,12 @@ def reference_nll(folder, texts) -> tuple[float, int]:
             ids = [tok.eos_token_id, *ids]
         ids = torch.tensor([ids])
         prev_end = 0
-        for begin in range(0, ids.shape[1], CONTEXT // 2):
-            end = min(begin + CONTEXT, ids.shape[1])
-            window = ids[:, begin:end]
+        for begin in range(0, ids.shape[1], stride):
+            end = min(begin + window, ids.shape[1])
+            piece = ids[:, begin:end]
             with torch.no_grad():
-                logp = torch.log_softmax(model(window).logits.float(), dim=-1)
-            nll = -logp[0, :-1].gather(-1, window[0, 1:, None])[:, 0]
+                logp = torch.log_softmax(model(piece).logits.float(), dim=-1)
+            nll = -logp[0, :-1].gather(-1, piece[0, 1:, None])[:, 0]
             new = max(prev_end, begin + 1)  # targets not scored by an earlier window
             total += float(nll[new - begin - 1 :].sum())
             count += end - new
@@ -95,6 +100,11 @@ def test_score_mean_nll_equals_transformers(models, kind, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     total, count = reference_nll(models[kind], TEXTS[1:2])
     assert f"{count:,} tokens" in out.stdout and f"mean NLL {total / count:.4f}" in out.stdout
+    if kind == "bpe":  # a shorter window and stride than the context: the same rule, by transformers
+        out = score("--hf", str(models[kind]), "--input", str(tmp_path / "one.txt"), "--window", "24", "--stride", "7")
+        assert out.returncode == 0, out.stderr[-3000:]
+        total, count = reference_nll(models[kind], TEXTS[1:2], window=24, stride=7)
+        assert f"{count:,} tokens" in out.stdout and f"mean NLL {total / count:.4f}" in out.stdout
 
 
 @pytest.mark.slow
@@ -125,6 +135,16 @@ def test_dump_logits_equal_transformers_without_tokenizer_files(models, tmp_path
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     logp = torch.log_softmax(torch.tensor(theirs), -1)[:, :-1].gather(-1, torch.tensor(ids)[:, 1:, None])
     assert json.loads(out.stdout)["mean_nll"] == pytest.approx(float(-logp.mean()), rel=1e-5)
+    # The file is never replaced silently, and never the input itself (even with --overwrite).
+    before = (tmp_path / "logits.npy").read_bytes()
+    for target, extra, message in [
+        ("logits.npy", [], "already exists; pass --overwrite"),
+        ("ids.npy", ["--overwrite"], "is this command's input"),
+    ]:
+        args = ["--hf", str(weights_only), "--token-ids", str(tmp_path / "ids.npy"), *extra]
+        out = score(*args, "--dump-logits", str(tmp_path / target))
+        assert out.returncode == 2 and message in out.stderr, out.stderr[-1000:]
+    assert (tmp_path / "logits.npy").read_bytes() == before and np.array_equal(np.load(tmp_path / "ids.npy"), ids)
 
 
 @pytest.mark.slow
@@ -144,6 +164,17 @@ def test_bad_inputs_are_one_line_and_exit_2(models, tmp_path):
         "context is 64": ["--hf", str(models["bpe"]), "--token-ids", str(tmp_path / "long.npy")],
         "float64 values": ["--hf", str(models["bpe"]), "--token-ids", str(tmp_path / "float.npy")],
         "needs --token-ids": ["--hf", str(models["bpe"]), "--input", str(tmp_path / "a.txt"), "--dump-logits", "x"],
+        "--window=1 must be at least 2": [
+            "--hf",
+            str(models["bpe"]),
+            "--input",
+            str(tmp_path / "a.txt"),
+            "--window",
+            "1",
+        ],
+        "--stride=8 must be in [1, 7] for --window=8": [
+            *("--hf", str(models["bpe"]), "--input", str(tmp_path / "a.txt"), "--window", "8", "--stride", "8")
+        ],
     }
     for expected, args in cases.items():
         out = score(*args)

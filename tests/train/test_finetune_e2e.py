@@ -228,3 +228,29 @@ def test_bad_finetune_input_is_one_line(setup, tmp_path, sets, message):
 def test_finetune_recipe_needs_init_from(tmp_path):
     out = run_cli("launch.train", "--recipe", "finetune_tiny", "--run-dir", str(tmp_path / "r"))
     assert out.returncode == 2 and "init.from" in out.stderr.strip().splitlines()[-1]
+
+
+def test_lora_base_is_checked_at_inference_and_export_and_a_relative_init_from_works_anywhere(setup, tmp_path):
+    """Trained from another folder with a relative init.from, the run still finds its base from the
+    repository root (else the error would be that init.from=base does not exist); once the base's
+    files change, convert (and generate and score, which load the same way) refuse with one line."""
+    import os
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    root, base, chat = setup
+    work = tmp_path / "work"
+    shutil.copytree(base, work / "base")
+    args = train_args("lora", "base", chat, "train.steps=2", "train.eval_every=100", "train.sample_tokens=0")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", *args], cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = work / "lora"
+    weights = load_file(work / "base" / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1  # other weights in the same place
+    save_file(weights, work / "base" / "model.safetensors", metadata={"format": "pt"})
+    out = run_cli("launch.convert", "--run-dir", str(run), "--hf-out", str(tmp_path / "merged"))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "trained on the base" in lines[-1] and "now holds other weights" in lines[-1], lines
+    assert not (tmp_path / "merged").exists()
