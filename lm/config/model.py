@@ -33,10 +33,16 @@ class ModelConfig:
     positions: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10_000.0
     rope_scaling: float = 1.0  # the RoPE scaling factor; default and linear divide positions by it
-    rope_type: Literal["default", "linear", "llama3"] = "default"  # llama3: Llama 3.1's per-frequency scaling
+    # llama3: Llama 3.1's per-frequency scaling; yarn: YaRN (Qwen 2.5/3's long context), which also
+    # scales the attention logits by rope_attention_factor squared.
+    rope_type: Literal["default", "linear", "llama3", "yarn"] = "default"
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_len: int = 8192  # llama3 only: the context the model was pre-trained with
+    rope_original_max_len: int = 8192  # llama3 and yarn: the context the model was pre-trained with
+    rope_beta_fast: float = 32.0  # yarn only: rotations below which a frequency is interpolated ...
+    rope_beta_slow: float = 1.0  # yarn only: ... and above which it is kept; the band between is blended
+    rope_attention_factor: float | None = None  # yarn only: cos/sin multiplier; None: 0.1 ln(factor) + 1
+    rope_truncate: bool = True  # yarn only: round the blended band outwards to whole dimensions
     qkv_bias: bool = False  # Qwen2
     mlp_bias: bool = False  # GPT-2
     attn_out_bias: bool = False  # GPT-2: a bias on the attention output projection
@@ -105,10 +111,17 @@ class ModelConfig:
                 f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be positive and below "
                 f"model.rope_high_freq_factor={self.rope_high_freq_factor} for rope_type=llama3"
             )
+        if self.rope_type == "yarn" and not 0 < self.rope_beta_slow < self.rope_beta_fast:
+            raise UserError(
+                f"model.rope_beta_slow={self.rope_beta_slow} must be positive and below "
+                f"model.rope_beta_fast={self.rope_beta_fast} for rope_type=yarn"
+            )
+        if self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
+            raise UserError(f"model.rope_attention_factor={self.rope_attention_factor} must be positive (or none)")
         for name, allowed in (
             ("norm", ("rms", "rms_plus_one", "layer")),
             ("mlp", ("swiglu", "geglu", "gelu")),
-            ("rope_type", ("default", "linear", "llama3")),
+            ("rope_type", ("default", "linear", "llama3", "yarn")),
             ("positions", ("rope", "learned")),
             ("remat", ("none", "full", "dots", "dots_no_batch")),
             ("attention_impl", ("auto", "xla", "cudnn", "splash", "splash_interpret")),
