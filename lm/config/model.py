@@ -10,7 +10,9 @@ from lm.hardware import is_accelerator
 
 # The options that change speed and memory but never the numbers: they may differ between training
 # and inference, and between a run and the source its weights come from (init.from, an HF folder).
-EXECUTION = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "max_segments", "loss_chunk")
+EXECUTION = (
+    "dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "max_segments", "loss_chunk", "prefill_chunk",
+)  # fmt: skip
 # Of those, the ones a checkpoint's stored layout depends on: a resumed run keeps them.
 STORED = ("param_dtype", "scan_layers")
 
@@ -72,6 +74,9 @@ class ModelConfig:
     # Sequence positions per cross-entropy chunk (the full [batch, length, vocab] logits never exist);
     # None: automatic (see loss_chunk_for); 0: never chunk.
     loss_chunk: int | None = None
+    # Prompt tokens per prefill step: a longer prompt fills the KV cache chunk by chunk, so prefill
+    # memory follows the chunk rather than the prompt (lm.infer.decode); 0: the whole prompt at once.
+    prefill_chunk: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_segments"):
@@ -92,6 +97,8 @@ class ModelConfig:
                 "model.attention_impl=cudnn needs model.dtype=bfloat16 (or auto on a GPU); cuDNN flash "
                 "attention has no float32 kernel"
             )
+        if self.prefill_chunk < 0:
+            raise UserError(f"model.prefill_chunk={self.prefill_chunk} must be >= 0 (0: prefill in one pass)")
         if self.loss_chunk is not None and self.loss_chunk < 0:
             raise UserError(f"model.loss_chunk={self.loss_chunk} must be >= 0 (0: never chunk the loss)")
         if self.positions == "rope" and self.dim_per_head % 2:

@@ -129,6 +129,7 @@ def attention(
     max_segments: int = 32,
     decode_positions=None,
     own=None,
+    chunk_positions=None,
 ):
     """Attention by the chosen kernel: causal self-attention over whole sequences, or (with
     `decode_positions`) one decode step over the KV cache.
@@ -137,6 +138,8 @@ def attention(
     Decode: q [batch, 1, heads, head_dim], k/v the heads-major cache [batch, kv_heads, cache_length,
     head_dim], decode_positions int [batch] (each row's slot), own (k, v) [batch, kv_heads, head_dim]
     of the token being decoded (see `xla.cached_attention`).
+    Chunked prefill: q [batch, chunk, heads, head_dim] over the heads-major cache k/v, with its tokens
+    already written; chunk_positions int [batch, chunk] (see `xla.chunk_attention`).
 
     segment_ids [batch, length] keep packed documents apart (0 = padding): each kernel gets
     causality, documents and the window in its own form, never a dense [T, T] mask.
@@ -151,6 +154,9 @@ def attention(
         return xla.cached_attention(
             q, k, v, decode_positions, own, sliding_window=sliding_window, scale=scale, softcap=softcap
         )
+    if chunk_positions is not None:
+        options = dict(sliding_window=sliding_window, scale=scale, softcap=softcap)
+        return xla.chunk_attention(q, k, v, chunk_positions, **options)
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     chosen, _ = choose_attention_impl(

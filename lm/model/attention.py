@@ -5,9 +5,11 @@ variables (`cached_key`, `cached_value`). `__call__` is ours: RoPE must go betwe
 projection and the cache write, where the parent has no hook, and the parent's decode mode takes
 exactly one token per call with one cache index for the whole batch.
 
-Three modes, chosen by the caller:
+Four modes, chosen by the caller:
   train    full sequences, no cache.
   prefill  full (right-padded) prompts; their keys and values are written to cache rows [0, length).
+  chunk    one chunk of (right-padded) prompts at the same positions in every row (chunked prefill):
+           written to the cache at those positions, each query attending the cache up to itself.
   decode   one token per row, written at that row's own position.
 The attention itself is `lm.kernels.attention`, which picks the kernel.
 """
@@ -24,7 +26,7 @@ from lm.config import ModelConfig
 from lm.kernels import attention
 from sharding.rules import axes, logical_constraint
 
-Mode = Literal["train", "prefill", "decode"]
+Mode = Literal["train", "prefill", "chunk", "decode"]
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -189,6 +191,13 @@ class Attention(nnx.MultiHeadAttention):
             out = attention(q, cached_k, cached_v, decode_positions=at, own=(new_k, new_v), **options)
             self.cached_key[...] = cached_k.at[rows, :, at].set(new_k)
             self.cached_value[...] = cached_v.at[rows, :, at].set(new_v)
+        elif mode == "chunk":
+            # Slots past a row's prompt hold padding that no prompt query reaches (each sees only the
+            # slots up to its own position) and that decoding overwrites before it reads them.
+            for cache, new in ((self.cached_key, k), (self.cached_value, v)):
+                new = new.transpose(0, 2, 1, 3).astype(cache.dtype)
+                cache[...] = jax.lax.dynamic_update_slice_in_dim(cache[...], new, positions[0, 0], axis=2)
+            out = attention(q, self.cached_key[...], self.cached_value[...], chunk_positions=positions, **options)
         else:
             if mode == "prefill":
                 length = x.shape[1]
