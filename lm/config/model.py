@@ -12,6 +12,7 @@ from lm.hardware import is_accelerator
 # and inference, and between a run and the source its weights come from (init.from, an HF folder).
 EXECUTION = (
     "dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "max_segments", "loss_chunk", "prefill_chunk",
+    "context_parallel",
 )  # fmt: skip
 # Of those, the ones a checkpoint's stored layout depends on: a resumed run keeps them.
 STORED = ("param_dtype", "scan_layers")
@@ -77,6 +78,9 @@ class ModelConfig:
     # Prompt tokens per prefill step: a longer prompt fills the KV cache chunk by chunk, so prefill
     # memory follows the chunk rather than the prompt (lm.infer.decode); 0: the whole prompt at once.
     prefill_chunk: int = 0
+    # Attention when mesh.context > 1 splits the sequence (lm.kernels.context): allgather gathers
+    # K/V whole on every device; ring passes K/V blocks around the devices (two blocks in memory).
+    context_parallel: Literal["allgather", "ring"] = "allgather"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_segments"):
@@ -132,6 +136,7 @@ class ModelConfig:
             ("positions", ("rope", "learned")),
             ("remat", ("none", "full", "dots", "dots_no_batch")),
             ("attention_impl", ("auto", "xla", "cudnn", "splash", "splash_interpret")),
+            ("context_parallel", ("allgather", "ring")),
             ("dtype", ("auto", "float32", "bfloat16", "float16")),
             ("param_dtype", ("float32", "bfloat16", "float16")),
         ):

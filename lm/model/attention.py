@@ -204,6 +204,7 @@ class Attention(nnx.MultiHeadAttention):
                 for cache, new in ((self.cached_key, k), (self.cached_value, v)):
                     cache[...] = cache[...].at[:, :, :length].set(new.transpose(0, 2, 1, 3).astype(cache.dtype))
             out = attention(q, k, v, segment_ids, impl=cfg.attention_impl, packed=mode == "train",
-                            max_segments=cfg.max_segments, **options)  # fmt: skip
+                            max_segments=cfg.max_segments, positions=positions,
+                            context_parallel=cfg.context_parallel, **options)  # fmt: skip
         out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return per_token(self.out, out, n_in=2)

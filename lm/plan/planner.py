@@ -191,7 +191,7 @@ def _peak(device) -> tuple[float, str]:
 def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, int], list[str]]:
     """The mesh training would build on topo (axis sizes = ICI part x DCN part), without devices."""
     m = recipe.mesh
-    dcn = {"data": m.dcn_data, "fsdp": m.dcn_fsdp, "tensor": 1}
+    dcn = {"data": m.dcn_data, "fsdp": m.dcn_fsdp, "context": 1, "tensor": 1}
     n_slices = m.dcn_data * m.dcn_fsdp
     notes = []
     if topo.n_devices % n_slices:
@@ -206,7 +206,7 @@ def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, i
             f"{topo.name} has {topo.slices} slices but the mesh has no DCN axis, so some ICI axes cross slices and "
             f"their collectives are timed too fast; set mesh.dcn_data={topo.slices}"
         )
-    ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices)
+    ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices, m.context)
     shape = tuple(i * dcn[a] for i, a in zip(ici, AXES))
     return AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES)), dcn, notes
 
