@@ -114,3 +114,26 @@ def test_context_attention_is_used_and_reordering_keeps_the_loss():
 
         plain, balanced = float(loss(model, batch)), float(loss(model, reordered))
     assert abs(plain - balanced) < 1e-4 * abs(plain), (plain, balanced)
+
+
+@pytest.mark.parametrize(
+    "platform, mode, collective",
+    [("tpu", "ring", "stablehlo.collective_permute"), ("cuda", "allgather", "stablehlo.all_gather")],
+)
+def test_context_parallel_lowers_with_its_collective_and_no_square_operand(platform, mode, collective):
+    """The train step lowered for a TPU or a GPU under mesh.context=4 (beside tensor=2) at length
+    1024: the mode's collective is there (fsdp is 1, so no other all-gather is in the lowered
+    program), and no [T, T] array is (allgather's scores are [T/4, T] per device, ring's [T/4, T/4])."""
+    cfg = dataclasses.replace(CFG, context_parallel=mode, dtype="bfloat16", attention_impl="xla")
+    layout = Layout.build(MeshConfig(data=1, fsdp=1, context=4, tensor=2))
+
+    def make():
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+
+    with layout:
+        model, opt = create_sharded(make, layout)
+        batch = put_batch(packed_batch(1024, batch=2), layout)
+        text = train_step.trace(model, opt, batch).lower(lowering_platforms=(platform,)).as_text()
+    assert collective in text, mode
+    assert "1024x1024x" not in text and "x1024x1024" not in text, mode
