@@ -124,14 +124,15 @@ def _prefill(graphdef, params, cache, tokens, lengths, key, seen, *, sampling):
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "chunk"), donate_argnames=("cache",))
 def _prefill_chunked(graphdef, params, cache, tokens, lengths, key, seen, *, sampling, chunk: int):
     """`_prefill` one chunk of positions at a time (a scan over chunks, the cache in its carry): the
-    activations and attention scores of one chunk are alive at once, not the whole prompt's."""
+    activations and attention scores of one chunk are alive at once, not the whole prompt's.
+    Where chunk does not divide the width, the last chunk ends at the width and overlaps the one
+    before: it rewrites the same keys and values, and the cache never outgrows the prompt bucket."""
     batch, width = tokens.shape
-    chunks = tokens.reshape(batch, width // chunk, chunk).transpose(1, 0, 2)
-    starts = jnp.arange(0, width, chunk, dtype=jnp.int32)
+    starts = jnp.asarray(np.minimum(np.arange(0, width, chunk), width - chunk), jnp.int32)
 
-    def body(carry, xs):
+    def body(carry, start):
         cache, params, last = carry
-        toks, start = xs
+        toks = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
         model = nnx.merge(graphdef, params, cache)
         positions = jnp.broadcast_to(start + jnp.arange(chunk), toks.shape)
         hidden = model(toks, positions, mode="chunk", return_hidden=True)
@@ -142,7 +143,7 @@ def _prefill_chunked(graphdef, params, cache, tokens, lengths, key, seen, *, sam
 
     model = nnx.merge(graphdef, params, cache)
     last = jnp.zeros((batch, model.cfg.d_model), model.cfg.compute_dtype)
-    (cache, _, last), _ = jax.lax.scan(body, (cache, params, last), (chunks, starts))
+    (cache, _, last), _ = jax.lax.scan(body, (cache, params, last), starts)
     return cache, _pick(model.logits(last), seen, key, 0, sampling)
 
 
@@ -247,12 +248,7 @@ def _prefill_state(graphdef, params, prompts, cache_len, max_new_tokens, *, voca
     where the decode loop starts."""
     batch, lengths = len(prompts), jnp.asarray([len(p) for p in prompts], jnp.int32)
     width = min(bucket(max(len(p) for p in prompts)), cache_len)
-    chunk = prefill_chunk if use_cache else 0
-    if 0 < chunk < width:  # whole chunks; the cache grows to hold the last one's padding
-        width = -(-width // chunk) * chunk
-        cache_len = max(cache_len, width)
-    else:
-        chunk = 0
+    chunk = prefill_chunk if use_cache and prefill_chunk < width else 0
     tokens = np.zeros((batch, width), np.int32)
     for row, p in enumerate(prompts):
         tokens[row, : len(p)] = p

@@ -61,7 +61,7 @@ def test_chunked_prefill_equals_one_pass_logits_and_cache(scan):
 
 def test_generate_with_chunked_prefill_equals_recompute():
     """Prompts longer than the chunk, one shorter; a chunk (12) that does not divide the prompt
-    bucket, so the last chunk's padding widens the cache."""
+    bucket (64), so the last chunk (52..63) overlaps the one before."""
     rng = np.random.default_rng(1)
     prompts = [rng.integers(4, 256, n).tolist() for n in (30, 5, 53)]
     model = Transformer(dataclasses.replace(CFG, prefill_chunk=12), rngs=nnx.Rngs(1))

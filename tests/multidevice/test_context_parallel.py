@@ -22,17 +22,15 @@ from sharding.mesh import Layout
 from sharding.partition import create_sharded, put_batch
 
 CFG = ModelConfig(
-    vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=1024,
+    vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=1024,
     sliding_window=48, sliding_window_every=2,
 )  # fmt: skip
 # (data, fsdp, context, tensor), mode, length
 CASES = [
     ((1, 1, 8, 1), "allgather", 256),
-    ((1, 1, 8, 1), "ring", 256),
-    ((1, 2, 4, 1), "ring", 1024),
+    ((1, 2, 4, 1), "ring", 256),
     ((1, 2, 2, 2), "allgather", 1024),
-    ((2, 1, 2, 2), "ring", 256),
-    ((1, 1, 2, 4), "allgather", 256),  # tensor 4 > kv_heads 2 (kept whole): K/V repeated to the query heads
+    ((1, 1, 2, 4), "ring", 1024),  # tensor 4 > kv_heads 2 (kept whole): K/V repeated to the query heads
 ]
 
 
@@ -102,9 +100,9 @@ def test_context_attention_is_used_and_reordering_keeps_the_loss():
     layout = Layout.build(MeshConfig(data=1, fsdp=2, context=4, tensor=1))
     with layout:
         model = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), layout)
-        assert context_size(512) == 4
-        batch = put_batch(packed_batch(512), layout)
-        order = zigzag(512, 4)
+        assert context_size(256) == 4
+        batch = put_batch(packed_batch(256), layout)
+        order = zigzag(256, 4)
         reordered = {k: v[:, order] for k, v in batch.items()}
 
         @nnx.jit
