@@ -75,7 +75,7 @@ def _ring(q, k, v, seg, pos, *, axes, n, sliding_window, scale, softcap):
     @jax.checkpoint
     def block(state, kb, vb, seg_k, pos_k):
         """Merge one K/V block into the running (max, sum, output) of the online softmax."""
-        m, l, acc = state
+        m, total, acc = state
         s = jnp.einsum("bkgqd,bksd->bkgqs", qg, kb.astype(jnp.float32)) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
@@ -85,7 +85,7 @@ def _ring(q, k, v, seg, pos, *, axes, n, sliding_window, scale, softcap):
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         acc = acc * correction[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p, vb.astype(jnp.float32))
-        return m_new, l * correction + p.sum(-1), acc
+        return m_new, total * correction + p.sum(-1), acc
 
     state = (jnp.full(qg.shape[:-1], low), jnp.zeros(qg.shape[:-1]), jnp.zeros(qg.shape))
     blocks = (heads_major(k), heads_major(v), seg, pos)
@@ -95,8 +95,8 @@ def _ring(q, k, v, seg, pos, *, axes, n, sliding_window, scale, softcap):
         incoming = jax.lax.ppermute(blocks, axes, ring) if step < n - 1 else None
         state = block(state, *blocks)
         blocks = incoming
-    m, l, acc = state
-    return ungroup_queries((acc / l[..., None]).astype(q.dtype))
+    _, total, acc = state
+    return ungroup_queries((acc / total[..., None]).astype(q.dtype))
 
 
 def context_attention(q, k, v, segment_ids, positions, *, mode="allgather", sliding_window=None, scale=None,
