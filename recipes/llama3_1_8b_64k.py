@@ -1,5 +1,5 @@
 """Llama 3.1 8B continued pretraining at 65,536-token sequences on a TPU v5p-128 slice: each sequence
-split over 8 chips (mesh.context=8, ring attention), FSDP over the other 8.
+split over 8 chips (mesh.context=8, ring attention), FSDP over the other 8, remat=dots.
 
 Plan it first: python -m launch.plan --recipe llama3_1_8b_64k
 """
@@ -11,7 +11,7 @@ from recipes._common import llama3_tpu
 
 
 def recipe():
-    base = llama3_tpu("llama3_1_8b", "v5p-128", per_device_batch=1, remat="full", steps=10_000)
+    base = llama3_tpu("llama3_1_8b", "v5p-128", per_device_batch=1, remat="dots", steps=10_000)
     return dataclasses.replace(
         base,
         name="llama3_1_8b_64k",

@@ -10,11 +10,12 @@ sequence be reordered (`zigzag`) without changing a number.
 Two modes (model.context_parallel):
   allgather  K/V (with their positions and segment ids) gathered whole on every device; each device
              attends its queries to all of them. One collective per layer; K/V of the whole
-             sequence in memory, the scores of the local queries only.
+             sequence in memory.
   ring       K/V blocks passed around the devices with `ppermute`, the next block in flight while
-             the current one is attended; an online softmax (running max, sum and output) merges
-             the blocks. Memory holds two K/V blocks at a time; each block step is rematerialised
-             in the backward pass, so what is saved for it is the blocks, not their scores.
+             the current one is attended. Memory holds two K/V blocks at a time.
+Both merge keys KEY_BLOCK at a time with an online softmax (running max, sum and output), so the
+scores in memory are [local queries, KEY_BLOCK] per head, never [T, T]; each merge is
+rematerialised in the backward pass, so what is saved for it is its K/V, not its scores.
 """
 
 import functools
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.kernels.xla import attend, group_queries, heads_major, ungroup_queries
+from lm.kernels.xla import group_queries, ungroup_queries
 from sharding.rules import current_rules, logical_to_spec
 
 Q_NAMES = ("batch", "length", "heads", "head_dim")
@@ -57,26 +58,28 @@ def _mask(seg_q, pos_q, seg_k, pos_k, sliding_window):
     return mask
 
 
-def _allgather(q, k, v, seg, pos, *, axes, sliding_window, scale, softcap):
-    gather = functools.partial(jax.lax.all_gather, axis_name=axes, axis=1, tiled=True)
-    k_all, v_all, seg_k, pos_k = gather(k), gather(v), gather(seg), gather(pos)
-    mask = _mask(seg, pos, seg_k, pos_k, sliding_window)[:, None, None]
-    out = attend(
-        group_queries(q, k.shape[2]), heads_major(k_all), heads_major(v_all), mask, scale=scale, softcap=softcap
-    )
-    return ungroup_queries(out)
+KEY_BLOCK = 512  # keys per score block: a device holds [its queries, KEY_BLOCK] scores per head at a time
 
 
-def _ring(q, k, v, seg, pos, *, axes, n, sliding_window, scale, softcap):
-    qg = group_queries(q, k.shape[2]).astype(jnp.float32)  # [batch, kv_heads, group, q, head_dim]
+def _online_softmax(q, seg, pos, kv_heads, *, sliding_window, scale, softcap):
+    """(initial state, merge, finish) of an online softmax (a running max, sum and output per query)
+    of the local queries over K/V that arrive in blocks.
+
+    merge(state, block) takes a block (k, v [batch, keys, kv_heads, head_dim], their segment ids and
+    positions [batch, keys]) KEY_BLOCK keys at a time, so the scores stay [queries, KEY_BLOCK].
+    The key blocks are a lax.scan whose body is rematerialised: the backward pass recomputes one
+    block at a time (unrolled, XLA:CPU scheduled every recomputation at once and memory grew with the
+    square of the length). finish(state) is the attention output [batch, length, heads, head_dim].
+    """
+    qg = group_queries(q, kv_heads).astype(jnp.float32)  # [batch, kv_heads, group, length, head_dim]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     low = jnp.finfo(jnp.float32).min
 
     @jax.checkpoint
-    def block(state, kb, vb, seg_k, pos_k):
-        """Merge one K/V block into the running (max, sum, output) of the online softmax."""
+    def step(state, block):
         m, total, acc = state
-        s = jnp.einsum("bkgqd,bksd->bkgqs", qg, kb.astype(jnp.float32)) * scale
+        kb, vb, seg_k, pos_k = block
+        s = jnp.einsum("bkgqd,bskd->bkgqs", qg, kb.astype(jnp.float32)) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         mask = _mask(seg, pos, seg_k, pos_k, sliding_window)[:, None, None]
@@ -84,19 +87,43 @@ def _ring(q, k, v, seg, pos, *, axes, n, sliding_window, scale, softcap):
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
-        acc = acc * correction[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p, vb.astype(jnp.float32))
-        return m_new, total * correction + p.sum(-1), acc
+        acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, vb.astype(jnp.float32))
+        return (m_new, total * correction + p.sum(-1), acc), None
 
-    state = (jnp.full(qg.shape[:-1], low), jnp.zeros(qg.shape[:-1]), jnp.zeros(qg.shape))
-    blocks = (heads_major(k), heads_major(v), seg, pos)
+    def merge(state, block):
+        keys = block[0].shape[1]
+        n = -(-keys // KEY_BLOCK)
+        while keys % n:
+            n += 1
+        stacked = [jnp.moveaxis(x.reshape(x.shape[0], n, keys // n, *x.shape[2:]), 1, 0) for x in block]
+        return jax.lax.scan(step, state, stacked)[0]
+
+    def finish(state):
+        _, total, acc = state
+        return ungroup_queries((acc / total[..., None]).astype(q.dtype))
+
+    return (jnp.full(qg.shape[:-1], low), jnp.zeros(qg.shape[:-1]), jnp.zeros(qg.shape)), merge, finish
+
+
+def _allgather(q, k, v, seg, pos, *, axes, **options):
+    gather = functools.partial(jax.lax.all_gather, axis_name=axes, axis=1, tiled=True)
+    state, merge, finish = _online_softmax(q, seg, pos, k.shape[2], **options)
+    return finish(merge(state, (gather(k), gather(v), gather(seg), gather(pos))))
+
+
+def _ring(q, k, v, seg, pos, *, axes, n, **options):
+    state, merge, finish = _online_softmax(q, seg, pos, k.shape[2], **options)
     ring = [(i, (i + 1) % n) for i in range(n)]
-    for step in range(n):
-        # The next block is sent before this one is attended, so the transfer can overlap the work.
-        incoming = jax.lax.ppermute(blocks, axes, ring) if step < n - 1 else None
-        state = block(state, *blocks)
-        blocks = incoming
-    _, total, acc = state
-    return ungroup_queries((acc / total[..., None]).astype(q.dtype))
+
+    def step(carry, _):
+        state, block = carry
+        # The next block is sent before this one is merged, so the transfer can overlap the work.
+        incoming = jax.lax.ppermute(block, axes, ring)
+        return (merge(state, block), incoming), None
+
+    # n - 1 blocks arrive; a scan over them, so their backward passes too run one after another.
+    (state, last), _ = jax.lax.scan(step, (state, (k, v, seg, pos)), None, length=n - 1)
+    return finish(merge(state, last))
 
 
 def context_attention(q, k, v, segment_ids, positions, *, mode="allgather", sliding_window=None, scale=None,

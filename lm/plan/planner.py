@@ -20,6 +20,7 @@ from jax.sharding import AbstractMesh, AxisType
 from lm.config import ModelConfig, Recipe
 from lm.errors import UserError
 from lm.hardware import Topology, device_for_kind, measure_peak_tflops, topology
+from lm.kernels.context import KEY_BLOCK
 from lm.model import Transformer
 from lm.state.optimizer import make_optimizer
 from sharding.mesh import AXES, Layout, resolve_shape
@@ -311,9 +312,8 @@ def _per_token(c, model: ModelConfig, seq_len: int, tensor: int, context: int = 
     tp_heads = tensor if h % tensor == 0 else 1
     tp_mlp = tensor if model.d_ff % tensor == 0 else 1
     # Flash attention (splash, cuDNN) never materializes the [seq, seq] scores: O(seq) memory, not O(seq^2).
-    # Context-parallel attention (XLA in each shard) does: each query against all keys (allgather) or
-    # one ring block of them.
-    keys = seq_len / context if model.context_parallel == "ring" else seq_len
+    # Context-parallel attention (XLA in each shard) holds each query's scores for KEY_BLOCK keys.
+    keys = min(KEY_BLOCK, seq_len / context) if context > 1 else seq_len
     scores = h * keys / tp_heads if model.attention_impl == "xla" or context > 1 else 0.0
     qkvo = (2 * h + 2 * kv) * hd / tp_heads
     return c[0] + c[1] * model.d_model + c[2] * qkvo + c[3] * model.d_ff / tp_mlp + c[4] * scores
@@ -325,8 +325,8 @@ def activation_bytes(
     """(kept by all layers, working set of one layer) in bytes per device, for `rows` sequences of one
     microbatch: rows * seq_len / context * act_bytes * (n_layers * KEPT[remat] . x, WORKING[remat] . x)
     where x = (1, d_model, (2H + 2Hkv) * head_dim / tp, d_ff / tp, H * keys / tp), keys = seq_len
-    (seq_len / context for the ring). mesh.context splits the tokens; allgather's working set also
-    holds the layer's K/V gathered whole."""
+    (the context kernel's key block under mesh.context). mesh.context splits the tokens; allgather's
+    working set also holds the layer's K/V gathered whole."""
     tokens = rows * seq_len / context * act_bytes
     kept = model.n_layers * _per_token(KEPT[remat], model, seq_len, tensor, context)
     working = tokens * _per_token(WORKING[remat], model, seq_len, tensor, context)
