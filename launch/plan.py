@@ -84,7 +84,7 @@ def report(plan, recipe) -> str:
         f"step: {s.step_s * 1e3:,.1f} ms predicted -> {s.tokens_per_s:,.0f} tokens/s "
         f"(compute {s.compute_s * 1e3:,.1f} ms at MFU {s.mfu:.2f} of {s.peak_tflops:.3g} TFLOP/s per device "
         f"[{s.peak_source}]; FSDP {s.fsdp_s * 1e3:,.1f} ms, data {s.data_s * 1e3:,.1f} ms, "
-        f"tensor {s.tensor_s * 1e3:,.1f} ms, DCN {s.dcn_s * 1e3:,.1f} ms)",
+        f"tensor {s.tensor_s * 1e3:,.1f} ms, context {s.context_s * 1e3:,.1f} ms, DCN {s.dcn_s * 1e3:,.1f} ms)",
     ]
     if plan.compiled:
         c = plan.compiled

@@ -12,7 +12,7 @@ MeshAxes = str | tuple[str, ...] | None
 # Activation axes: batch, length, embed, heads, kv_heads, mlp, vocab, cache_length.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),  # context parallelism: each device holds a slice of the sequence
     ("cache_length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),

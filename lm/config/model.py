@@ -10,7 +10,10 @@ from lm.hardware import is_accelerator
 
 # The options that change speed and memory but never the numbers: they may differ between training
 # and inference, and between a run and the source its weights come from (init.from, an HF folder).
-EXECUTION = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "max_segments", "loss_chunk")
+EXECUTION = (
+    "dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "max_segments", "loss_chunk", "prefill_chunk",
+    "context_parallel",
+)  # fmt: skip
 # Of those, the ones a checkpoint's stored layout depends on: a resumed run keeps them.
 STORED = ("param_dtype", "scan_layers")
 
@@ -33,10 +36,16 @@ class ModelConfig:
     positions: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10_000.0
     rope_scaling: float = 1.0  # the RoPE scaling factor; default and linear divide positions by it
-    rope_type: Literal["default", "linear", "llama3"] = "default"  # llama3: Llama 3.1's per-frequency scaling
+    # llama3: Llama 3.1's per-frequency scaling; yarn: YaRN (Qwen 2.5/3's long context), which also
+    # scales the attention logits by rope_attention_factor squared.
+    rope_type: Literal["default", "linear", "llama3", "yarn"] = "default"
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_len: int = 8192  # llama3 only: the context the model was pre-trained with
+    rope_original_max_len: int = 8192  # llama3 and yarn: the context the model was pre-trained with
+    rope_beta_fast: float = 32.0  # yarn only: rotations below which a frequency is interpolated ...
+    rope_beta_slow: float = 1.0  # yarn only: ... and above which it is kept; the band between is blended
+    rope_attention_factor: float | None = None  # yarn only: cos/sin multiplier; None: 0.1 ln(factor) + 1
+    rope_truncate: bool = True  # yarn only: round the blended band outwards to whole dimensions
     qkv_bias: bool = False  # Qwen2
     mlp_bias: bool = False  # GPT-2
     attn_out_bias: bool = False  # GPT-2: a bias on the attention output projection
@@ -66,6 +75,12 @@ class ModelConfig:
     # Sequence positions per cross-entropy chunk (the full [batch, length, vocab] logits never exist);
     # None: automatic (see loss_chunk_for); 0: never chunk.
     loss_chunk: int | None = None
+    # Prompt tokens per prefill step: a longer prompt fills the KV cache chunk by chunk, so prefill
+    # memory follows the chunk rather than the prompt (lm.infer.decode); 0: the whole prompt at once.
+    prefill_chunk: int = 0
+    # Attention when mesh.context > 1 splits the sequence (lm.kernels.context): allgather gathers
+    # K/V whole on every device; ring passes K/V blocks around the devices (two blocks in memory).
+    context_parallel: Literal["allgather", "ring"] = "allgather"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_segments"):
@@ -86,6 +101,8 @@ class ModelConfig:
                 "model.attention_impl=cudnn needs model.dtype=bfloat16 (or auto on a GPU); cuDNN flash "
                 "attention has no float32 kernel"
             )
+        if self.prefill_chunk < 0:
+            raise UserError(f"model.prefill_chunk={self.prefill_chunk} must be >= 0 (0: prefill in one pass)")
         if self.loss_chunk is not None and self.loss_chunk < 0:
             raise UserError(f"model.loss_chunk={self.loss_chunk} must be >= 0 (0: never chunk the loss)")
         if self.positions == "rope" and self.dim_per_head % 2:
@@ -105,13 +122,21 @@ class ModelConfig:
                 f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be positive and below "
                 f"model.rope_high_freq_factor={self.rope_high_freq_factor} for rope_type=llama3"
             )
+        if self.rope_type == "yarn" and not 0 < self.rope_beta_slow < self.rope_beta_fast:
+            raise UserError(
+                f"model.rope_beta_slow={self.rope_beta_slow} must be positive and below "
+                f"model.rope_beta_fast={self.rope_beta_fast} for rope_type=yarn"
+            )
+        if self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
+            raise UserError(f"model.rope_attention_factor={self.rope_attention_factor} must be positive (or none)")
         for name, allowed in (
             ("norm", ("rms", "rms_plus_one", "layer")),
             ("mlp", ("swiglu", "geglu", "gelu")),
-            ("rope_type", ("default", "linear", "llama3")),
+            ("rope_type", ("default", "linear", "llama3", "yarn")),
             ("positions", ("rope", "learned")),
             ("remat", ("none", "full", "dots", "dots_no_batch")),
             ("attention_impl", ("auto", "xla", "cudnn", "splash", "splash_interpret")),
+            ("context_parallel", ("allgather", "ring")),
             ("dtype", ("auto", "float32", "bfloat16", "float16")),
             ("param_dtype", ("float32", "bfloat16", "float16")),
         ):

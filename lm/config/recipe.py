@@ -30,25 +30,27 @@ def _check(key: str, value, ok: bool, how: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh. One of data/fsdp/tensor may be -1: it takes whatever devices are left.
+    """Device mesh. One of data/fsdp/context/tensor may be -1: it takes whatever devices are left.
+    context > 1 splits each sequence over that many devices (context parallelism, model.context_parallel).
     dcn_* > 1 make a multi-slice mesh: those axes span slices over the data-centre network."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    context: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
     rules: tuple[tuple[str, Any], ...] = ()  # overrides of sharding.rules.DEFAULT_RULES
 
     def __post_init__(self):
-        for name in ("data", "fsdp", "tensor"):
+        for name in ("data", "fsdp", "tensor", "context"):
             _check(
                 f"mesh.{name}",
                 getattr(self, name),
                 getattr(self, name) == -1 or getattr(self, name) >= 1,
                 "must be at least 1, or -1 for the devices left over",
             )
-        fills = [n for n in ("data", "fsdp", "tensor") if getattr(self, n) == -1]
+        fills = [n for n in ("data", "fsdp", "tensor", "context") if getattr(self, n) == -1]
         if len(fills) > 1:
             raise UserError(
                 f"mesh.{' and mesh.'.join(fills)} are all -1; at most one axis may take the devices left over"
@@ -403,7 +405,11 @@ class Recipe:
     def logical_dims(self) -> dict[str, tuple[int, str]]:
         """The model's shardable sizes plus the (micro)batch, for sharding.partition.check_divisible."""
         t = self.train
-        return {**self.model.logical_dims(), "batch": (t.batch_size // t.grad_accum, "train.batch_size/grad_accum")}
+        return {
+            **self.model.logical_dims(),
+            "batch": (t.batch_size // t.grad_accum, "train.batch_size/grad_accum"),
+            "length": (t.seq_len, "train.seq_len"),
+        }
 
     def to_dict(self) -> dict:
         return _to_dict(self)

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from lm.config import EXECUTION, MeshConfig, ModelConfig
 from lm.errors import UserError
 from lm.model import Transformer
+from lm.model.attention import yarn_mscale
 from sharding.mesh import Layout
 from sharding.partition import check_divisible, to_host
 
@@ -294,12 +295,14 @@ def _rope(hf: dict, where) -> dict:
     if not isinstance(params, dict) or "rope_theta" not in params and any(isinstance(v, dict) for v in params.values()):
         raise UserError(f"{where}: per-layer rope_parameters are not supported")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        raise UserError(f"{where}: rope_type={rope_type!r} is not supported; supported: default, linear, llama3")
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
+        raise UserError(f"{where}: rope_type={rope_type!r} is not supported; supported: default, linear, llama3, yarn")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         factor = params["partial_rotary_factor"]
         raise UserError(f"{where}: partial_rotary_factor={factor} is not supported; supported: 1.0")
     out = dict(rope_type=rope_type, rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10_000.0))))
+    if rope_type == "yarn":
+        return out | _yarn(params, hf)
     if rope_type != "default":
         out["rope_scaling"] = float(params["factor"])
     if rope_type == "llama3":
@@ -309,6 +312,23 @@ def _rope(hf: dict, where) -> dict:
             rope_original_max_len=int(params["original_max_position_embeddings"]),
         )
     return out
+
+
+def _yarn(params: dict, hf: dict) -> dict:
+    """YaRN's keys, with transformers' defaults (_compute_yarn_parameters) made explicit."""
+    old_len = int(params.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048))
+    factor = params.get("factor") or hf.get("max_position_embeddings", old_len) / old_len  # DeepSeek leaves it out
+    attention_factor, mscale, mscale_all_dim = (params.get(k) for k in ("attention_factor", "mscale", "mscale_all_dim"))
+    if attention_factor is None and mscale and mscale_all_dim:  # DeepSeek's form
+        attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return dict(
+        rope_scaling=float(factor),
+        rope_original_max_len=old_len,
+        rope_beta_fast=float(params.get("beta_fast") or 32.0),
+        rope_beta_slow=float(params.get("beta_slow") or 1.0),
+        rope_attention_factor=None if attention_factor is None else float(attention_factor),
+        rope_truncate=bool(params.get("truncate", True)),
+    )
 
 
 def _sliding(hf: dict, model_type: str, n_layers: int, where) -> tuple[int | None, int, int]:
@@ -382,6 +402,15 @@ def config_to_hf(cfg: ModelConfig, extra: dict | None = None) -> dict:
                 high_freq_factor=cfg.rope_high_freq_factor,
                 original_max_position_embeddings=cfg.rope_original_max_len,
             )
+        if cfg.rope_type == "yarn":
+            rope.update(
+                original_max_position_embeddings=cfg.rope_original_max_len,
+                beta_fast=cfg.rope_beta_fast,
+                beta_slow=cfg.rope_beta_slow,
+                truncate=cfg.rope_truncate,
+            )
+            if cfg.rope_attention_factor is not None:
+                rope["attention_factor"] = cfg.rope_attention_factor
         out.update(
             hidden_size=cfg.d_model,
             intermediate_size=cfg.d_ff,
@@ -441,7 +470,11 @@ def _canonical(cfg: ModelConfig) -> ModelConfig:
         cfg = dataclasses.replace(cfg, rope_type="linear")
     rope = ("rope_theta", "rope_scaling", "rope_type") if cfg.positions == "learned" else ()
     if cfg.rope_type != "llama3":
-        rope += ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
+        rope += ("rope_low_freq_factor", "rope_high_freq_factor")
+    if cfg.rope_type not in ("llama3", "yarn"):
+        rope += ("rope_original_max_len",)
+    if cfg.rope_type != "yarn":
+        rope += ("rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_truncate")
     cfg = dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in rope})
     if not any(cfg.sliding_layers):
         cfg = dataclasses.replace(cfg, sliding_window=None, sliding_window_first=0, sliding_window_every=1)

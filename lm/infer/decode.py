@@ -1,4 +1,5 @@
-"""Autoregressive generation: one-pass prefill into the KV cache, then a jitted decode loop.
+"""Autoregressive generation: prefill into the KV cache (in one pass, or `model.prefill_chunk`
+tokens at a time), then a jitted decode loop.
 
 Prompts of different lengths are right-padded into one batch. Each row keeps its own position, so
 row b's next token is written at cache slot lengths[b] + step. Shapes are bucketed to powers of
@@ -120,6 +121,32 @@ def _prefill(graphdef, params, cache, tokens, lengths, key, seen, *, sampling):
     return nnx.state(model, nnx.Cache), first
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "chunk"), donate_argnames=("cache",))
+def _prefill_chunked(graphdef, params, cache, tokens, lengths, key, seen, *, sampling, chunk: int):
+    """`_prefill` one chunk of positions at a time (a scan over chunks, the cache in its carry): the
+    activations and attention scores of one chunk are alive at once, not the whole prompt's.
+    Where chunk does not divide the width, the last chunk ends at the width and overlaps the one
+    before: it rewrites the same keys and values, and the cache never outgrows the prompt bucket."""
+    batch, width = tokens.shape
+    starts = jnp.asarray(np.minimum(np.arange(0, width, chunk), width - chunk), jnp.int32)
+
+    def body(carry, start):
+        cache, params, last = carry
+        toks = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
+        model = nnx.merge(graphdef, params, cache)
+        positions = jnp.broadcast_to(start + jnp.arange(chunk), toks.shape)
+        hidden = model(toks, positions, mode="chunk", return_hidden=True)
+        at = lengths - 1 - start  # each row's last prompt token, if it is in this chunk
+        here = (at >= 0) & (at < chunk)
+        last = jnp.where(here[:, None], _logits_at(hidden, jnp.clip(at, 0, chunk - 1)), last)
+        return (nnx.state(model, nnx.Cache), params, last), None
+
+    model = nnx.merge(graphdef, params, cache)
+    last = jnp.zeros((batch, model.cfg.d_model), model.cfg.compute_dtype)
+    (cache, _, last), _ = jax.lax.scan(body, (cache, params, last), starts)
+    return cache, _pick(model.logits(last), seen, key, 0, sampling)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
@@ -215,11 +242,13 @@ def check_lengths(prompt_lengths: Sequence[int], max_new_tokens: int, max_seq_le
 
 
 def _prefill_state(graphdef, params, prompts, cache_len, max_new_tokens, *, vocab_size, sampling, key, eos_id,
-                   use_cache, cache_dtype) -> tuple[nnx.GraphDef, DecodeState]:  # fmt: skip
-    """Every prompt through the model at once, right-padded (filling a fresh KV cache, or the uncached
-    loop's token buffer), and each row's first token sampled: where the decode loop starts."""
+                   use_cache, cache_dtype, prefill_chunk=0) -> tuple[nnx.GraphDef, DecodeState]:  # fmt: skip
+    """Every prompt through the model, right-padded (filling a fresh KV cache, at once or prefill_chunk
+    positions at a time; or the uncached loop's token buffer), and each row's first token sampled:
+    where the decode loop starts."""
     batch, lengths = len(prompts), jnp.asarray([len(p) for p in prompts], jnp.int32)
     width = min(bucket(max(len(p) for p in prompts)), cache_len)
+    chunk = prefill_chunk if use_cache and prefill_chunk < width else 0
     tokens = np.zeros((batch, width), np.int32)
     for row, p in enumerate(prompts):
         tokens[row, : len(p)] = p
@@ -232,7 +261,11 @@ def _prefill_state(graphdef, params, prompts, cache_len, max_new_tokens, *, voca
         clone.init_cache(batch, cache_len, cache_dtype)
         graphdef, _, cache = nnx.split(clone, nnx.Not(nnx.Cache), nnx.Cache)
         cache = place(cache)  # under a mesh: kv heads split like the parameters
-        cache, first = _prefill(graphdef, params, cache, jnp.asarray(tokens), lengths, key, seen, sampling=sampling)
+        args = (graphdef, params, cache, jnp.asarray(tokens), lengths, key, seen)
+        if chunk:
+            cache, first = _prefill_chunked(*args, sampling=sampling, chunk=chunk)
+        else:
+            cache, first = _prefill(*args, sampling=sampling)
     else:
         buffer = jnp.zeros((batch, cache_len), jnp.int32).at[:, :width].set(tokens)
         first = _full_first(graphdef, params, buffer, lengths, key, seen, sampling=sampling)
@@ -287,6 +320,7 @@ def generate(
     graphdef, state = _prefill_state(
         graphdef, params, prompts, cache_len, max_new_tokens, vocab_size=cfg.vocab_size, sampling=sampling, key=key,
         eos_id=eos_id, use_cache=use_cache, cache_dtype=cache_dtype or cfg.compute_dtype,
+        prefill_chunk=cfg.prefill_chunk,
     )  # fmt: skip
     first = jax.block_until_ready(state.last)
     prefill_s = time.perf_counter() - start

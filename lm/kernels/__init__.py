@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from lm.config import ModelConfig
 from lm.errors import UserError
 from lm.hardware import platform as platform_of
-from lm.kernels import cudnn, splash, xla
+from lm.kernels import context, cudnn, splash, xla
 
 AUTO = {"tpu": "splash", "gpu": "cudnn"}  # the flash kernel `auto` picks on each platform
 NEEDS = {"cudnn": "gpu", "splash": "tpu"}  # the platform each real kernel needs (splash_interpret: any)
@@ -129,6 +129,9 @@ def attention(
     max_segments: int = 32,
     decode_positions=None,
     own=None,
+    chunk_positions=None,
+    positions=None,
+    context_parallel: str = "allgather",
 ):
     """Attention by the chosen kernel: causal self-attention over whole sequences, or (with
     `decode_positions`) one decode step over the KV cache.
@@ -137,6 +140,8 @@ def attention(
     Decode: q [batch, 1, heads, head_dim], k/v the heads-major cache [batch, kv_heads, cache_length,
     head_dim], decode_positions int [batch] (each row's slot), own (k, v) [batch, kv_heads, head_dim]
     of the token being decoded (see `xla.cached_attention`).
+    Chunked prefill: q [batch, chunk, heads, head_dim] over the heads-major cache k/v, with its tokens
+    already written; chunk_positions int [batch, chunk] (see `xla.chunk_attention`).
 
     segment_ids [batch, length] keep packed documents apart (0 = padding): each kernel gets
     causality, documents and the window in its own form, never a dense [T, T] mask.
@@ -146,13 +151,23 @@ def attention(
     scale: logit scale, default head_dim ** -0.5.
     max_segments: documents per packed row that cuDNN can keep apart (model.max_segments).
     impl: model.attention_impl; `auto` picks by jax.default_backend() at trace time.
+    positions [batch, length]: where the `length` rule splits the sequence over devices (mesh.context),
+    attention runs by `context.context_attention` in mode `context_parallel` (allgather or ring).
     """
     if decode_positions is not None:
         return xla.cached_attention(
             q, k, v, decode_positions, own, sliding_window=sliding_window, scale=scale, softcap=softcap
         )
+    if chunk_positions is not None:
+        options = dict(sliding_window=sliding_window, scale=scale, softcap=softcap)
+        return xla.chunk_attention(q, k, v, chunk_positions, **options)
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    if positions is not None and context.context_size(q.shape[1]) > 1:
+        return context.context_attention(
+            q, k, v, segment_ids, positions, mode=context_parallel, sliding_window=sliding_window, scale=scale,
+            softcap=softcap,
+        )  # fmt: skip
     chosen, _ = choose_attention_impl(
         impl, jax.default_backend(), dtype=q.dtype, head_dim=q.shape[-1],
         packed=packed, softcap=softcap, sliding_window=sliding_window,

@@ -123,3 +123,20 @@ def cached_attention(q, cache_k, cache_v, positions, own, *, sliding_window=None
     out = attend(group_queries(q, cache_k.shape[1]), cache_k.astype(q.dtype), cache_v.astype(q.dtype),
                  mask[:, None, None, None], scale=scale, softcap=softcap, own=own)  # fmt: skip
     return ungroup_queries(out)
+
+
+def chunk_attention(q, cache_k, cache_v, positions, *, sliding_window=None, scale=None, softcap=None):
+    """A chunk of prompt queries over the cache that already holds their keys: each query sees the
+    slots up to its own position (and within the window). Scores are [chunk, cache_length] per head,
+    so memory follows the chunk, not the square of the prompt.
+
+    q: [batch, chunk, heads, head_dim]; cache_k/v: [batch, kv_heads, cache_length, head_dim];
+    positions: int [batch, chunk]. Returns [batch, chunk, heads, head_dim].
+    """
+    slots = jnp.arange(cache_k.shape[CACHE_LENGTH_AXIS])[None, None, :]
+    mask = slots <= positions[:, :, None]
+    if sliding_window is not None:
+        mask = mask & (positions[:, :, None] - slots < sliding_window)
+    out = attend(group_queries(q, cache_k.shape[1]), cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                 mask[:, None, None], scale=scale, softcap=softcap)  # fmt: skip
+    return ungroup_queries(out)

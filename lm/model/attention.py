@@ -5,9 +5,11 @@ variables (`cached_key`, `cached_value`). `__call__` is ours: RoPE must go betwe
 projection and the cache write, where the parent has no hook, and the parent's decode mode takes
 exactly one token per call with one cache index for the whole batch.
 
-Three modes, chosen by the caller:
+Four modes, chosen by the caller:
   train    full sequences, no cache.
   prefill  full (right-padded) prompts; their keys and values are written to cache rows [0, length).
+  chunk    one chunk of (right-padded) prompts at the same positions in every row (chunked prefill):
+           written to the cache at those positions, each query attending the cache up to itself.
   decode   one token per row, written at that row's own position.
 The attention itself is `lm.kernels.attention`, which picks the kernel.
 """
@@ -24,15 +26,17 @@ from lm.config import ModelConfig
 from lm.kernels import attention
 from sharding.rules import axes, logical_constraint
 
-Mode = Literal["train", "prefill", "decode"]
+Mode = Literal["train", "prefill", "chunk", "decode"]
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
     """RoPE inverse frequencies, float32 [head_dim // 2], computed as transformers computes them
-    (modeling_rope_utils: default, linear and llama3)."""
+    (modeling_rope_utils: default, linear, llama3 and yarn)."""
     dim = cfg.dim_per_head
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2).astype(np.float32) / dim))
     factor = cfg.rope_scaling
+    if cfg.rope_type == "yarn":
+        return _yarn_frequencies(cfg, inv_freq)
     if cfg.rope_type != "llama3":
         return (inv_freq / factor).astype(np.float32)
     # Llama 3.1: long wavelengths are divided by factor, short ones kept, the band between blended.
@@ -45,13 +49,48 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
+def _yarn_frequencies(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
+    """YaRN (Peng et al. 2023): dimensions that turn more than beta_fast times over the original
+    context keep their frequency, those that turn fewer than beta_slow times are divided by factor,
+    and a linear ramp blends the dimensions between."""
+    dim, base, old_len = cfg.dim_per_head, cfg.rope_theta, cfg.rope_original_max_len
+
+    def dimension(rotations):  # the dimension that turns `rotations` times over the original context
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension(cfg.rope_beta_fast), dimension(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: the original frequency (extrapolated), 0: divided by factor (interpolated)
+    return (inv_freq / cfg.rope_scaling * (1 - keep) + inv_freq * keep).astype(np.float32)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention scale for a context stretched by `factor` (1 where nothing is stretched)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor YaRN multiplies cos and sin by (so the attention logits by its square); 1 otherwise."""
+    if cfg.rope_type != "yarn":
+        return 1.0
+    return yarn_mscale(cfg.rope_scaling) if cfg.rope_attention_factor is None else cfg.rope_attention_factor
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq, factor: float = 1.0) -> jax.Array:
     """Rotary embedding, 'rotate half' layout (as in Llama and Hugging Face).
 
     x: [batch, length, heads, head_dim], positions: [batch, length], inv_freq: [head_dim // 2].
+    factor: multiplies cos and sin (YaRN's attention factor; see rope_attention_factor).
     """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [batch, length, half]
     sin, cos = jnp.sin(angles)[:, :, None, None, :], jnp.cos(angles)[:, :, None, None, :]
+    if factor != 1.0:
+        sin, cos = sin * factor, cos * factor
     # The halves as an axis of their own ([..., 2, half]), not split and concatenated along head_dim:
     # the same numbers, and a backward pass with fewer copies.
     halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
@@ -133,8 +172,8 @@ class Attention(nnx.MultiHeadAttention):
         if self.normalize_qk:
             q, k = self.query_ln(q), self.key_ln(k)
         if cfg.positions == "rope":
-            inv_freq = rope_frequencies(cfg)
-            q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+            inv_freq, factor = rope_frequencies(cfg), rope_attention_factor(cfg)
+            q, k = rope(q, positions, inv_freq, factor), rope(k, positions, inv_freq, factor)
         q = logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
@@ -152,12 +191,20 @@ class Attention(nnx.MultiHeadAttention):
             out = attention(q, cached_k, cached_v, decode_positions=at, own=(new_k, new_v), **options)
             self.cached_key[...] = cached_k.at[rows, :, at].set(new_k)
             self.cached_value[...] = cached_v.at[rows, :, at].set(new_v)
+        elif mode == "chunk":
+            # Slots past a row's prompt hold padding that no prompt query reaches (each sees only the
+            # slots up to its own position) and that decoding overwrites before it reads them.
+            for cache, new in ((self.cached_key, k), (self.cached_value, v)):
+                new = new.transpose(0, 2, 1, 3).astype(cache.dtype)
+                cache[...] = jax.lax.dynamic_update_slice_in_dim(cache[...], new, positions[0, 0], axis=2)
+            out = attention(q, self.cached_key[...], self.cached_value[...], chunk_positions=positions, **options)
         else:
             if mode == "prefill":
                 length = x.shape[1]
                 for cache, new in ((self.cached_key, k), (self.cached_value, v)):
                     cache[...] = cache[...].at[:, :, :length].set(new.transpose(0, 2, 1, 3).astype(cache.dtype))
             out = attention(q, k, v, segment_ids, impl=cfg.attention_impl, packed=mode == "train",
-                            max_segments=cfg.max_segments, **options)  # fmt: skip
+                            max_segments=cfg.max_segments, positions=positions,
+                            context_parallel=cfg.context_parallel, **options)  # fmt: skip
         out = logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return per_token(self.out, out, n_in=2)

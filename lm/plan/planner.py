@@ -20,6 +20,7 @@ from jax.sharding import AbstractMesh, AxisType
 from lm.config import ModelConfig, Recipe
 from lm.errors import UserError
 from lm.hardware import Topology, device_for_kind, measure_peak_tflops, topology
+from lm.kernels.context import KEY_BLOCK
 from lm.model import Transformer
 from lm.state.optimizer import make_optimizer
 from sharding.mesh import AXES, Layout, resolve_shape
@@ -112,6 +113,7 @@ class StepTime:
     dcn_s: float  # the part of these collectives that crosses slices
     step_s: float
     tokens_per_s: float
+    context_s: float = 0.0  # K/V moved between the devices of mesh.context (all-gather or ring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +193,7 @@ def _peak(device) -> tuple[float, str]:
 def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, int], list[str]]:
     """The mesh training would build on topo (axis sizes = ICI part x DCN part), without devices."""
     m = recipe.mesh
-    dcn = {"data": m.dcn_data, "fsdp": m.dcn_fsdp, "tensor": 1}
+    dcn = {"data": m.dcn_data, "fsdp": m.dcn_fsdp, "context": 1, "tensor": 1}
     n_slices = m.dcn_data * m.dcn_fsdp
     notes = []
     if topo.n_devices % n_slices:
@@ -206,7 +208,7 @@ def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, i
             f"{topo.name} has {topo.slices} slices but the mesh has no DCN axis, so some ICI axes cross slices and "
             f"their collectives are timed too fast; set mesh.dcn_data={topo.slices}"
         )
-    ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices)
+    ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices, m.context)
     shape = tuple(i * dcn[a] for i, a in zip(ici, AXES))
     return AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES)), dcn, notes
 
@@ -305,32 +307,40 @@ def compute_dtype_bytes(model: ModelConfig, device_name: str) -> int:
     return jnp.dtype(model.dtype).itemsize
 
 
-def _per_token(c, model: ModelConfig, seq_len: int, tensor: int) -> float:
+def _per_token(c, model: ModelConfig, seq_len: int, tensor: int, context: int = 1) -> float:
     h, kv, hd = model.n_heads, model.n_kv_heads, model.dim_per_head
     tp_heads = tensor if h % tensor == 0 else 1
     tp_mlp = tensor if model.d_ff % tensor == 0 else 1
     # Flash attention (splash, cuDNN) never materializes the [seq, seq] scores: O(seq) memory, not O(seq^2).
-    scores = h * seq_len / tp_heads if model.attention_impl == "xla" else 0.0
+    # Context-parallel attention (XLA in each shard) holds each query's scores for KEY_BLOCK keys.
+    keys = min(KEY_BLOCK, seq_len / context) if context > 1 else seq_len
+    scores = h * keys / tp_heads if model.attention_impl == "xla" or context > 1 else 0.0
     qkvo = (2 * h + 2 * kv) * hd / tp_heads
     return c[0] + c[1] * model.d_model + c[2] * qkvo + c[3] * model.d_ff / tp_mlp + c[4] * scores
 
 
 def activation_bytes(
-    model: ModelConfig, rows: float, seq_len: int, remat: str, tensor: int, act_bytes: int
+    model: ModelConfig, rows: float, seq_len: int, remat: str, tensor: int, act_bytes: int, context: int = 1
 ) -> tuple[int, int]:
     """(kept by all layers, working set of one layer) in bytes per device, for `rows` sequences of one
-    microbatch: rows * seq_len * act_bytes * (n_layers * KEPT[remat] . x, WORKING[remat] . x) where
-    x = (1, d_model, (2H + 2Hkv) * head_dim / tp, d_ff / tp, H * seq_len / tp)."""
-    tokens = rows * seq_len * act_bytes
-    kept = model.n_layers * _per_token(KEPT[remat], model, seq_len, tensor)
-    return int(tokens * kept), int(tokens * _per_token(WORKING[remat], model, seq_len, tensor))
+    microbatch: rows * seq_len / context * act_bytes * (n_layers * KEPT[remat] . x, WORKING[remat] . x)
+    where x = (1, d_model, (2H + 2Hkv) * head_dim / tp, d_ff / tp, H * keys / tp), keys = seq_len
+    (the context kernel's key block under mesh.context). mesh.context splits the tokens; allgather's
+    working set also holds the layer's K/V gathered whole."""
+    tokens = rows * seq_len / context * act_bytes
+    kept = model.n_layers * _per_token(KEPT[remat], model, seq_len, tensor, context)
+    working = tokens * _per_token(WORKING[remat], model, seq_len, tensor, context)
+    if context > 1 and model.context_parallel == "allgather":
+        working += rows * seq_len * act_bytes * 2 * model.n_kv_heads * model.dim_per_head / tensor
+    return int(tokens * kept), int(working)
 
 
-def logits_bytes(model: ModelConfig, rows: float, seq_len: int, tensor: int) -> int:
-    """Float32 logits of one microbatch (split over tensor by vocab) and their gradient. With the
-    chunked loss (model.loss_chunk_for) only one chunk of positions has logits at a time."""
+def logits_bytes(model: ModelConfig, rows: float, seq_len: int, tensor: int, context: int = 1) -> int:
+    """Float32 logits of one microbatch (split over tensor by vocab, over context by position) and
+    their gradient. With the chunked loss (model.loss_chunk_for) only one chunk of positions has
+    logits at a time."""
     tp = tensor if model.vocab_size % tensor == 0 else 1
-    positions = model.loss_chunk_for(seq_len) or seq_len
+    positions = model.loss_chunk_for(seq_len) or seq_len / context
     return int(LOGIT_COPIES * rows * positions * model.vocab_size / tp * 4)
 
 
@@ -393,9 +403,16 @@ def step_time(
     rows = t.batch_size / k / (mesh_shape["data"] * mesh_shape["fsdp"])
     tp = mesh_shape["tensor"]
     # Megatron-style: two all-reduces of [rows, seq, d_model] per layer forward, two backward.
-    activation = rows * t.seq_len * m.d_model * act_bytes
+    activation = rows * t.seq_len / mesh_shape.get("context", 1) * m.d_model * act_bytes
     tensor_s = k * m.n_layers * 4 * ring(tp, activation, dev.ici_bytes_per_s, reduce=True)
-    step_s = max(compute_s, fsdp_ici + data_s + dcn_s) + tensor_s
+    # Context parallelism: per layer, K/V of the whole sequence reach every device of mesh.context in
+    # the forward pass and their gradients go back in the backward (the same bytes for both modes).
+    # The all-gather waits on the critical path; the ring sends the next block while attending this one.
+    cp = mesh_shape.get("context", 1)
+    kv = rows * t.seq_len * 2 * m.n_kv_heads * m.dim_per_head / (tp if m.n_kv_heads % tp == 0 else 1) * act_bytes
+    context_s = k * m.n_layers * 2 * ring(cp, kv, dev.ici_bytes_per_s)
+    overlapped = context_s if m.context_parallel == "ring" else 0.0
+    step_s = max(compute_s, fsdp_ici + data_s + dcn_s + overlapped) + tensor_s + (context_s - overlapped)
     return StepTime(
         flops_per_step=flops,
         hardware_flops_per_step=flops + recompute,
@@ -406,6 +423,7 @@ def step_time(
         fsdp_s=fsdp_ici,
         data_s=data_s,
         tensor_s=tensor_s,
+        context_s=context_s,
         dcn_s=dcn_s,
         step_s=step_s,
         tokens_per_s=tokens / step_s,
@@ -416,10 +434,10 @@ def step_time(
 # The plan
 
 
-def _max_rows(m: ModelConfig, seq_len: int, remat: str, tp: int, act_bytes: int, free: float) -> int:
+def _max_rows(m: ModelConfig, seq_len: int, remat: str, tp: int, act_bytes: int, free: float, cp: int = 1) -> int:
     """How many rows per device fit in `free` bytes: activations and logits are linear in the rows."""
-    kept, working = activation_bytes(m, 1, seq_len, remat, tp, act_bytes)
-    return max(0, int(free // (kept + max(working, logits_bytes(m, 1, seq_len, tp)))))
+    kept, working = activation_bytes(m, 1, seq_len, remat, tp, act_bytes, cp)
+    return max(0, int(free // (kept + max(working, logits_bytes(m, 1, seq_len, tp, cp)))))
 
 
 def estimate(
@@ -473,8 +491,9 @@ def estimate(
         gathered += int(m.vocab_size * m.d_model * jnp.dtype(m.param_dtype).itemsize / vocab_tp)
 
     rows = t.batch_size / t.grad_accum / (mesh_shape["data"] * mesh_shape["fsdp"])
-    logits = logits_bytes(m, rows, t.seq_len, tp)
-    acts = {r: activation_bytes(m, rows, t.seq_len, r, tp, act_bytes) for r in REMATS}
+    cp = mesh_shape["context"]
+    logits = logits_bytes(m, rows, t.seq_len, tp, cp)
+    acts = {r: activation_bytes(m, rows, t.seq_len, r, tp, act_bytes, cp) for r in REMATS}
     by_remat = {r: kept + max(working, logits) for r, (kept, working) in acts.items()}
     memory = Memory(
         params=int(param_bytes),
@@ -489,7 +508,7 @@ def estimate(
     )
     capacity = int(topo.device.hbm_bytes * USABLE_FRACTION)
     fixed = memory.state + memory.gradients + memory.gathered
-    max_rows = {r: _max_rows(m, t.seq_len, r, tp, act_bytes, capacity - fixed) for r in REMATS}
+    max_rows = {r: _max_rows(m, t.seq_len, r, tp, act_bytes, capacity - fixed, cp) for r in REMATS}
     chosen = next((r for r in REMATS if fixed + by_remat[r] <= capacity), None)
 
     grad_shard = grad_bytes / grad_copies

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lm.kernels.context import balance
 from lm.lora import seed_dropout
 from lm.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from lm.train.objectives import dpo_objective, grpo_loss, reference_token_logps, token_logps
@@ -33,6 +34,7 @@ def compute_params(params, dtype):
 
 
 def _loss_sums(model, batch):
+    batch = balance(batch)  # zig-zag order where mesh.context splits the sequence
     chunk = model.cfg.loss_chunk_for(batch["tokens"].shape[1])
     if chunk:  # large vocabularies: never materialise [batch, length, vocab] logits
         hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)

@@ -79,8 +79,8 @@ def _bad_folder(tmp_path, what):
     config = json.loads((folder / "config.json").read_text())
     if what == "unknown_architecture":
         config.update(model_type="falcon", architectures=["FalconForCausalLM"])
-    elif what == "rope_yarn":
-        config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    elif what == "rope_longrope":
+        config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0}
     elif what == "wrong_shape":
         config["intermediate_size"] = 80
     elif what == "missing_shard":
@@ -93,7 +93,7 @@ def _bad_folder(tmp_path, what):
     "what, message",
     [
         ("unknown_architecture", "model_type='falcon' is not supported"),
-        ("rope_yarn", "rope_type='yarn' is not supported"),
+        ("rope_longrope", "rope_type='longrope' is not supported"),
         ("missing_shard", "lacks shard model-00001-of-"),
         ("wrong_shape", "has shape [96, 48]"),
         ("not_a_model", "is not a Hugging Face model folder"),

@@ -157,8 +157,8 @@ def test_unknown_architecture_is_refused(tmp_path):
 
 def test_unsupported_rope_type_is_refused(tmp_path):
     save_hf_checkpoint("llama", tmp_path)
-    _edit_config(tmp_path, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
-    with pytest.raises(UserError, match="rope_type='yarn' is not supported"):
+    _edit_config(tmp_path, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
+    with pytest.raises(UserError, match="rope_type='longrope' is not supported"):
         config_from_hf(tmp_path)
     # transformers 4.x spelling
     _edit_config(tmp_path, rope_parameters=None, rope_theta=10000.0, rope_scaling={"type": "dynamic", "factor": 2.0})
@@ -295,3 +295,31 @@ def test_save_hf_replaces_weights_only_once_the_new_ones_are_written(tiny_cfg, t
     assert want.keys() == got.keys()
     for path in want:
         np.testing.assert_array_equal(got[path], want[path])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(),
+        dict(truncate=False, beta_fast=8.0, beta_slow=0.5),
+        dict(mscale=0.707, mscale_all_dim=1.0),  # DeepSeek's form of the attention factor
+        dict(attention_factor=1.5),
+    ],
+    ids=["defaults", "untruncated", "mscale", "explicit"],
+)
+def test_yarn_frequencies_and_attention_factor_match_transformers(tmp_path, extra):
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lm.model.attention import rope_attention_factor, rope_frequencies
+
+    rope = dict(rope_type="yarn", rope_theta=500.0, factor=8.0, original_max_position_embeddings=64, **extra)
+    hf = transformers.Qwen2Config(
+        hidden_size=128, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, rope_parameters=rope
+    )
+    want_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    hf.save_pretrained(tmp_path)
+    cfg = config_from_hf(tmp_path)
+    np.testing.assert_allclose(rope_frequencies(cfg), want_freq.numpy(), rtol=1e-6)
+    assert rope_attention_factor(cfg) == pytest.approx(want_factor, rel=1e-7)
+    assert cfg.rope_type == "yarn" and cfg.rope_scaling == 8.0 and cfg.rope_original_max_len == 64

@@ -98,7 +98,7 @@ def test_every_divisibility_problem_is_listed_as_trainings_error(tmp_path):
         (["--topology", "v9z-12"], "unknown topology"),
         (["--devices", "0"], "must be positive"),
         (["--mfu", "1.5"], "out of range"),
-        (["--set", "mesh.fsdp=3"], "mesh data*fsdp*tensor = 1*3*1"),
+        (["--set", "mesh.fsdp=3"], "mesh data*fsdp*context*tensor = 1*3*1*1"),
         (["--devices", "4", "--set", "mesh.data=3"], "do not divide the 4 devices"),
         (["--topology", "v5p-128", "--set", "mesh.dcn_data=2"], "slices requested"),
     ],
@@ -179,3 +179,26 @@ def test_predicted_step_time_is_within_2x_of_the_benchmark_on_this_cpu():
     peak = (before + measure_peak_tflops()) / 2
     predicted = estimate(recipe, "cpu", peak_tflops=peak).step.step_s
     assert 0.5 <= predicted / measured <= 2.0, (predicted, measured, peak)
+
+
+def test_context_parallelism_splits_activations_and_costs_kv_traffic():
+    """mesh.context=c divides the tokens on each device (activations and logits fall about as 1/c,
+    the all-gathered K/V aside), and K/V crossing the context axis is in the step time: on the
+    critical path for allgather, overlapped for ring."""
+    keys = ["model.attention_impl=xla", "train.batch_size=8", "train.seq_len=8192", "train.grad_accum=1", "mesh.fsdp=8"]
+    plans = {
+        (c, mode): estimate(
+            load_recipe("qwen3_0_6b", [*keys, f"mesh.context={c}", f"model.context_parallel={mode}"]),
+            f"h100-80gb x{8 * c}",
+        )
+        for c, mode in ((1, "allgather"), (4, "allgather"), (4, "ring"))
+    }
+    one, gathered, ring = plans[1, "allgather"], plans[4, "allgather"], plans[4, "ring"]
+    acts = {key: p.memory.activations_by_remat["full"] for key, p in plans.items()}
+    assert acts[4, "allgather"] < acts[1, "allgather"] / 4 * 1.25, acts
+    assert acts[4, "ring"] < acts[4, "allgather"], acts  # the ring holds blocks, not the whole K/V
+    m, bw = load_recipe("qwen3_0_6b").model, 450e9
+    kv = 8192 * 2 * m.n_kv_heads * m.dim_per_head * 2  # one row per device, bf16
+    assert one.step.context_s == 0
+    assert math.isclose(gathered.step.context_s, m.n_layers * 2 * (3 / 4) * kv / bw, rel_tol=1e-6)
+    assert math.isclose(gathered.step.step_s - ring.step.step_s, gathered.step.context_s, rel_tol=1e-6)

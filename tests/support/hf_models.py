@@ -58,6 +58,29 @@ CASES = {
             tie_word_embeddings=True,
         ),
     ),
+    # YaRN past the original context: sample_tokens() has 16 positions, the original context is 8;
+    # theta 10, head_dim 16 and the betas put a blended band (dimensions 0..6) between the kept and
+    # the interpolated frequencies; the default attention factor (0.1 ln 4 + 1) scales cos and sin.
+    "qwen2_yarn": (
+        "Qwen2Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10.0,
+                factor=4.0,
+                original_max_position_embeddings=8,
+                beta_fast=4.0,
+                beta_slow=0.25,
+            ),
+        ),
+    ),
     # q/k norms and an explicit head_dim (heads * head_dim != hidden size).
     "qwen3": (
         "Qwen3Config",
