@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
 
-# Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers, position.
+# Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, expert, expert_mlp, norm, layers, position.
 # Activation axes: batch, length, embed, heads, kv_heads, mlp, vocab, cache_length.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),
@@ -19,6 +19,8 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("expert", None),  # experts of an MoE layer's kernels
+    ("expert_mlp", "tensor"),  # each expert's hidden width
     ("vocab", "tensor"),
     ("norm", None),
     ("position", None),

@@ -10,7 +10,9 @@ from lm.hardware import is_accelerator
 
 # The options that change speed and memory but never the numbers: they may differ between training
 # and inference, and between a run and the source its weights come from (init.from, an HF folder).
-EXECUTION = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "max_segments", "loss_chunk")
+EXECUTION = (
+    "dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "max_segments", "loss_chunk", "moe_impl",
+)  # fmt: skip
 # Of those, the ones a checkpoint's stored layout depends on: a resumed run keeps them.
 STORED = ("param_dtype", "scan_layers")
 
@@ -54,6 +56,20 @@ class ModelConfig:
     sliding_window_every: int = 1  # Gemma 2: 2 (even layers slide, odd layers are global)
     init_std: float = 0.02
 
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): n_experts > 0 replaces the MLP of the layers
+    # `moe_layers` names with experts_per_token of n_experts routed experts, each moe_d_ff wide.
+    n_experts: int = 0  # 0: dense
+    experts_per_token: int = 2
+    moe_d_ff: int | None = None  # None: d_ff
+    n_shared_experts: int = 0  # Qwen2-MoE: experts every token passes, behind a sigmoid gate
+    shared_expert_d_ff: int | None = None  # their total width; None: n_shared_experts * moe_d_ff
+    moe_layer_step: int = 1  # layer i has experts when (i + 1) % step == 0 (transformers' decoder_sparse_step)
+    dense_layers: tuple[int, ...] = ()  # layers kept dense (transformers' mlp_only_layers)
+    router_norm_topk: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral, Qwen3-MoE); Qwen2-MoE: no
+    router_aux_loss: float = 0.0  # load-balancing loss coefficient (transformers' router_aux_loss_coef)
+    router_z_loss: float = 0.0  # router z-loss coefficient (ST-MoE)
+    capacity_factor: float | None = None  # None: dropless (grouped matmuls); else tokens per expert capped
+
     # Execution options (EXECUTION): they change speed and memory, never the numbers.
     dtype: str = "auto"  # compute dtype of activations and matmuls; auto: bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
@@ -66,6 +82,9 @@ class ModelConfig:
     # Sequence positions per cross-entropy chunk (the full [batch, length, vocab] logits never exist);
     # None: automatic (see loss_chunk_for); 0: never chunk.
     loss_chunk: int | None = None
+    # Grouped matmul of the dropless MoE dispatch: auto is megablox on TPU where its tiles fit, XLA's
+    # ragged_dot elsewhere (lm.kernels.grouped_matmul); megablox_interpret runs the kernel interpreted.
+    moe_impl: Literal["auto", "ragged_dot", "megablox", "megablox_interpret"] = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_segments"):
@@ -105,6 +124,7 @@ class ModelConfig:
                 f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be positive and below "
                 f"model.rope_high_freq_factor={self.rope_high_freq_factor} for rope_type=llama3"
             )
+        self._check_moe()
         for name, allowed in (
             ("norm", ("rms", "rms_plus_one", "layer")),
             ("mlp", ("swiglu", "geglu", "gelu")),
@@ -112,11 +132,71 @@ class ModelConfig:
             ("positions", ("rope", "learned")),
             ("remat", ("none", "full", "dots", "dots_no_batch")),
             ("attention_impl", ("auto", "xla", "cudnn", "splash", "splash_interpret")),
+            ("moe_impl", ("auto", "ragged_dot", "megablox", "megablox_interpret")),
             ("dtype", ("auto", "float32", "bfloat16", "float16")),
             ("param_dtype", ("float32", "bfloat16", "float16")),
         ):
             if getattr(self, name) not in allowed:
                 raise UserError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+
+    def _check_moe(self):
+        if self.n_experts < 0:
+            raise UserError(f"model.n_experts={self.n_experts} must be >= 0 (0: a dense model)")
+        if not self.n_experts:
+            return
+        if not self.gated_mlp:
+            raise UserError(f"model.n_experts={self.n_experts} needs model.mlp=swiglu or geglu, got {self.mlp}")
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise UserError(
+                f"model.experts_per_token={self.experts_per_token} must be in 1..model.n_experts={self.n_experts}"
+            )
+        for name in ("moe_d_ff", "shared_expert_d_ff"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"model.{name}={getattr(self, name)} must be positive (or none for the default)")
+        if self.n_shared_experts < 0 or self.moe_layer_step < 1:
+            raise UserError(
+                f"model.n_shared_experts={self.n_shared_experts} must be >= 0 and "
+                f"model.moe_layer_step={self.moe_layer_step} >= 1"
+            )
+        bad = [i for i in self.dense_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise UserError(f"model.dense_layers={list(self.dense_layers)} names layers outside 0..{self.n_layers - 1}")
+        if not any(self.moe_layers):
+            raise UserError(
+                f"model.n_experts={self.n_experts} but model.moe_layer_step={self.moe_layer_step} and "
+                f"model.dense_layers={list(self.dense_layers)} leave no layer with experts; set model.n_experts=0"
+            )
+        if self.scan_layers and not all(self.moe_layers):
+            raise UserError(
+                f"model.moe_layer_step={self.moe_layer_step} and model.dense_layers={list(self.dense_layers)} mix "
+                "dense and expert layers, which one layer scan cannot stack; set model.scan_layers=false"
+            )
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise UserError(f"model.capacity_factor={self.capacity_factor} must be positive (or none: dropless)")
+        if self.router_aux_loss < 0 or self.router_z_loss < 0:
+            raise UserError(
+                f"model.router_aux_loss={self.router_aux_loss} and model.router_z_loss={self.router_z_loss} "
+                "must be >= 0"
+            )
+
+    @property
+    def moe_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether its MLP is a mixture of experts."""
+        return tuple(
+            self.n_experts > 0 and (i + 1) % self.moe_layer_step == 0 and i not in self.dense_layers
+            for i in range(self.n_layers)
+        )
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.moe_d_ff or self.d_ff
+
+    @property
+    def shared_d_ff(self) -> int:
+        """Total width of the shared experts (0: none)."""
+        if not self.n_shared_experts:
+            return 0
+        return self.shared_expert_d_ff or self.n_shared_experts * self.expert_d_ff
 
     @property
     def compute_dtype(self):
@@ -167,10 +247,23 @@ class ModelConfig:
             mlp += f * (2 if self.gated_mlp else 1) + d
         norm = d * (2 if self.norm == "layer" else 1)
         qk = 2 * hd if self.qk_norm else 0
-        block = attn + mlp + (4 if self.post_norms else 2) * norm + qk
+        block = attn + (4 if self.post_norms else 2) * norm + qk
+        mlps = sum(self._moe_params(active=False) if moe else mlp for moe in self.moe_layers)
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         pos = self.max_seq_len * d if self.positions == "learned" else 0
-        return self.n_layers * block + embed + pos + norm
+        return self.n_layers * block + mlps + embed + pos + norm
+
+    @property
+    def n_active_params(self) -> int:
+        """Parameters one token passes through: each MoE layer counts experts_per_token experts."""
+        inactive = self._moe_params(active=False) - self._moe_params(active=True)
+        return self.n_params - sum(self.moe_layers) * inactive
+
+    def _moe_params(self, *, active: bool) -> int:
+        """One MoE layer's parameters (router, routed experts, shared experts and their gate)."""
+        d, experts = self.d_model, self.experts_per_token if active else self.n_experts
+        shared = 3 * d * self.shared_d_ff + d if self.shared_d_ff else 0
+        return d * self.n_experts + experts * 3 * d * self.expert_d_ff + shared
 
     def loss_chunk_for(self, length: int) -> int:
         """Positions per loss chunk for sequences of `length`; 0 means one unchunked pass.
@@ -193,6 +286,8 @@ class ModelConfig:
             "heads": (self.n_heads, "model.n_heads"),
             "kv_heads": (self.n_kv_heads, "model.n_kv_heads"),
             "mlp": (self.d_ff, "model.d_ff"),
+            **({"expert": (self.n_experts, "model.n_experts")} if self.n_experts else {}),
+            **({"expert_mlp": (self.expert_d_ff, "model.moe_d_ff")} if self.n_experts else {}),
         }
 
     def flops_per_token(self, seq_len: int, convention: Literal["palm", "maxtext"] = "palm") -> float:
@@ -202,12 +297,15 @@ class ModelConfig:
         causal attention counted as a full square. "maxtext" is MaxText's
         calculate_tflops_training_per_device: matmul weights only (no norms or biases), the
         unembedding but not the embedding lookup, and causal attention halved (6 instead of 12).
+        With experts, only the active parameters count (n_active_params): MFU counts what is computed.
         """
         if convention == "maxtext":
             d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.dim_per_head
-            matmul = d * hd * (2 * h + 2 * kv) + (3 if self.gated_mlp else 2) * d * f
-            return 6 * (self.n_layers * matmul + d * self.vocab_size) + 6 * self.n_layers * seq_len * h * hd
-        n = self.n_params - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+            dense = (3 if self.gated_mlp else 2) * d * f
+            mlps = sum(self._moe_params(active=True) if moe else dense for moe in self.moe_layers)
+            matmul = self.n_layers * d * hd * (2 * h + 2 * kv) + mlps
+            return 6 * (matmul + d * self.vocab_size) + 6 * self.n_layers * seq_len * h * hd
+        n = self.n_active_params - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         n += self.vocab_size * self.d_model  # the LM head is a matmul even when tied
         if self.positions == "learned":
             n -= self.max_seq_len * self.d_model
