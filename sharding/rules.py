@@ -11,7 +11,7 @@ MeshAxes = str | tuple[str, ...] | None
 # Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, expert, expert_mlp, norm, layers, position.
 # Activation axes: batch, length, embed, heads, kv_heads, mlp, vocab, cache_length.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("cache_length", None),
     ("embed", "fsdp"),
@@ -19,7 +19,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("expert", None),  # experts of an MoE layer's kernels
+    ("expert", "expert"),  # experts of an MoE layer's kernels
     ("expert_mlp", "tensor"),  # each expert's hidden width
     ("vocab", "tensor"),
     ("norm", None),

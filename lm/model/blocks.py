@@ -107,7 +107,9 @@ class MoE(nnx.Module):
         logits = jnp.dot(tokens, self.router.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
         probs, weights, experts = moe.route(logits, cfg)
         kernels = tuple(p.kernel[...].astype(x.dtype) for p in (self.gate, self.up, self.down))
-        if cfg.capacity_factor is None:
+        if cfg.capacity_factor is None and moe.expert_devices() > 1:
+            y, kept = moe.expert_parallel(tokens, experts, weights.astype(x.dtype), kernels, cfg), None
+        elif cfg.capacity_factor is None:
             y, kept = moe.dropless(tokens, experts, weights.astype(x.dtype), kernels, cfg), None
         else:
             y, kept = moe.capacity_dispatch(tokens, experts, weights.astype(x.dtype), kernels, cfg)

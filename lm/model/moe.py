@@ -6,6 +6,9 @@ renormalised to sum to 1 when router_norm_topk (Mixtral's softmax over the top-k
 numbers). Two dispatches compute the same layer:
   dropless (capacity_factor None)  assignments sorted by expert, grouped matmuls
                                    (`lm.kernels.grouped_matmul`); no [tokens, experts, ...] tensor.
+  expert-parallel (dropless on a mesh whose `expert` rule splits the experts): inside shard_map,
+                                   assignments travel to their experts' devices by all_to_all, are
+                                   multiplied there by grouped matmuls, and travel back.
   capacity (capacity_factor set)   one-hot [tokens, experts, capacity] dispatch and combine einsums;
                                    assignments past an expert's capacity are dropped (GShard).
 """
@@ -15,9 +18,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from lm.config import ModelConfig
 from lm.kernels import grouped_matmul
+from sharding.rules import current_rules, logical_to_spec
 
 
 class RouterStats(NamedTuple):
@@ -72,6 +77,66 @@ def dropless(tokens, experts, weights, kernels, cfg: ModelConfig):
     out = grouped_matmul(h, down, sizes, impl=cfg.moe_impl)  # [n * k, d], in sorted order
     out = out[jnp.argsort(order)].reshape(n, k, -1)  # back to [token, slot]
     return jnp.einsum("nkd,nk->nd", out, weights)
+
+
+def expert_devices() -> int:
+    """How many ways the enclosing mesh and rules split the experts (1: no expert parallelism)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not current_rules():
+        return 1
+    axes = logical_to_spec(("expert",))[0]
+    axes = (axes,) if isinstance(axes, str) else axes or ()
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def expert_parallel(tokens, experts, weights, kernels, cfg: ModelConfig):
+    """dropless() with the experts split over the mesh's expert axis, inside shard_map.
+
+    Each device routes its own tokens (the batch is split over the expert axis too), sends every
+    assignment to the device that holds its expert (all_to_all), runs its local experts with grouped
+    matmuls, and sends the results back. XLA:CPU has no ragged_all_to_all, so each device sends a
+    buffer with room for all its assignments to every peer: exact (nothing is ever dropped) at the
+    cost of expert_devices times the bytes. The expert kernels arrive split by experts (and by tensor
+    along their hidden width, summed with a psum); an fsdp split is gathered by the caller's GSPMD.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    row = logical_to_spec(("batch", None))
+    expert_axes = logical_to_spec(("expert",))[0]
+    hidden_axes = logical_to_spec(("expert_mlp",))[0]
+    up_spec = P(expert_axes, None, hidden_axes)
+    down_spec = P(expert_axes, hidden_axes, None)
+    ep = expert_devices()
+    local_experts = cfg.n_experts // ep
+    act = _activation(cfg)
+
+    def local(tokens, experts, weights, gate, up, down):
+        n, k = experts.shape
+        flat = experts.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        dest = flat[order] // local_experts  # the device each sorted assignment goes to
+        start = jnp.searchsorted(dest, jnp.arange(ep), side="left")  # first sorted slot per device
+        slot = jnp.arange(n * k) - start[dest]  # its row in that device's part of the buffer
+        send = jnp.zeros((ep, n * k, tokens.shape[-1]), tokens.dtype).at[dest, slot].set(tokens[order // k])
+        # The local expert of each sent row; rows never filled say local_experts (in no group).
+        ids = jnp.full((ep, n * k), local_experts, jnp.int32).at[dest, slot].set(flat[order] % local_experts)
+        recv = jax.lax.all_to_all(send, expert_axes, 0, 0, tiled=True).reshape(ep * n * k, -1)
+        recv_ids = jax.lax.all_to_all(ids, expert_axes, 0, 0, tiled=True).reshape(-1)
+        by_expert = jnp.argsort(recv_ids, stable=True)
+        rows = recv[by_expert]
+        sizes = jnp.bincount(recv_ids, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+        h = act(grouped_matmul(rows, gate, sizes, impl=cfg.moe_impl)) * grouped_matmul(rows, up, sizes, impl=cfg.moe_impl)
+        out = grouped_matmul(h, down, sizes, impl=cfg.moe_impl)
+        if hidden_axes is not None:
+            out = jax.lax.psum(out, hidden_axes)  # each device summed over its part of the hidden width
+        out = out[jnp.argsort(by_expert)].reshape(ep, n * k, -1)
+        back = jax.lax.all_to_all(out, expert_axes, 0, 0, tiled=True)
+        mine = back[dest, slot][jnp.argsort(order)].reshape(n, k, -1)
+        return jnp.einsum("nkd,nk->nd", mine, weights)
+
+    gate, up, down = kernels
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(row, row, row, up_spec, up_spec, down_spec), out_specs=row, check_vma=False
+    )(tokens, experts, weights, gate, up, down)
 
 
 def capacity(n_tokens: int, cfg: ModelConfig) -> int:

@@ -191,7 +191,7 @@ def _peak(device) -> tuple[float, str]:
 def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, int], list[str]]:
     """The mesh training would build on topo (axis sizes = ICI part x DCN part), without devices."""
     m = recipe.mesh
-    dcn = {"data": m.dcn_data, "fsdp": m.dcn_fsdp, "tensor": 1}
+    dcn = {"data": m.dcn_data, "fsdp": m.dcn_fsdp, "tensor": 1, "expert": 1}
     n_slices = m.dcn_data * m.dcn_fsdp
     notes = []
     if topo.n_devices % n_slices:
@@ -206,7 +206,7 @@ def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, i
             f"{topo.name} has {topo.slices} slices but the mesh has no DCN axis, so some ICI axes cross slices and "
             f"their collectives are timed too fast; set mesh.dcn_data={topo.slices}"
         )
-    ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices)
+    ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices, m.expert)
     shape = tuple(i * dcn[a] for i, a in zip(ici, AXES))
     return AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES)), dcn, notes
 
@@ -389,7 +389,7 @@ def step_time(
     fsdp_ici, fsdp_dcn = fsdp(fs_ici, dev.ici_bytes_per_s), fsdp(fs_dcn, dev.dcn_bytes_per_s)
     data_s = ring(da_ici, grad_bytes, dev.ici_bytes_per_s, reduce=True)
     dcn_s = fsdp_dcn + ring(da_dcn, grad_bytes, dev.dcn_bytes_per_s, reduce=True)
-    rows = t.batch_size / k / (mesh_shape["data"] * mesh_shape["fsdp"])
+    rows = t.batch_size / k / (mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"])
     tp = mesh_shape["tensor"]
     # Megatron-style: two all-reduces of [rows, seq, d_model] per layer forward, two backward.
     activation = rows * t.seq_len * m.d_model * act_bytes
@@ -433,7 +433,7 @@ def estimate(
     machine's kind, or on the recipe's own `hardware`. Raises UserError for a mesh that cannot be built."""
     topo = resolve_hardware(recipe, hardware, devices)
     mesh, dcn, notes = plan_mesh(recipe, topo)
-    recipe = recipe.with_batch_for(mesh.shape["data"] * mesh.shape["fsdp"])
+    recipe = recipe.with_batch_for(mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"])
     mesh_shape = dict(mesh.shape)
     m, t = recipe.model, recipe.train
     problems = divisibility_problems(recipe, mesh)
@@ -471,7 +471,7 @@ def estimate(
         gathered = int(2 * gathered_copy / m.n_layers)
         gathered += int(m.vocab_size * m.d_model * jnp.dtype(m.param_dtype).itemsize / vocab_tp)
 
-    rows = t.batch_size / t.grad_accum / (mesh_shape["data"] * mesh_shape["fsdp"])
+    rows = t.batch_size / t.grad_accum / (mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"])
     logits = logits_bytes(m, rows, t.seq_len, tp)
     acts = {r: activation_bytes(m, rows, t.seq_len, r, tp, act_bytes) for r in REMATS}
     by_remat = {r: kept + max(working, logits) for r, (kept, working) in acts.items()}
