@@ -13,6 +13,7 @@ numbers). Two dispatches compute the same layer:
                                    assignments past an expert's capacity are dropped (GShard).
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -63,6 +64,12 @@ def _activation(cfg: ModelConfig):
     return jax.nn.silu if cfg.mlp == "swiglu" else lambda h: jax.nn.gelu(h, approximate=True)
 
 
+def grouped_experts(rows, kernels, sizes, cfg: ModelConfig):
+    """The gated MLP of each group's expert on rows [n, d] sorted by expert (sizes [experts])."""
+    gate, up, down = (functools.partial(grouped_matmul, rhs=w, group_sizes=sizes, impl=cfg.moe_impl) for w in kernels)
+    return down(_activation(cfg)(gate(rows)) * up(rows))
+
+
 def dropless(tokens, experts, weights, kernels, cfg: ModelConfig):
     """tokens [n, d], experts/weights [n, k] -> [n, d]: every assignment computed, by grouped matmuls
     over the assignments sorted by expert."""
@@ -71,10 +78,7 @@ def dropless(tokens, experts, weights, kernels, cfg: ModelConfig):
     order = jnp.argsort(flat, stable=True)  # assignment slots grouped by expert
     rows = tokens[order // k]  # [n * k, d]
     sizes = jnp.bincount(flat, length=cfg.n_experts).astype(jnp.int32)
-    gate, up, down = kernels
-    act = _activation(cfg)
-    h = act(grouped_matmul(rows, gate, sizes, impl=cfg.moe_impl)) * grouped_matmul(rows, up, sizes, impl=cfg.moe_impl)
-    out = grouped_matmul(h, down, sizes, impl=cfg.moe_impl)  # [n * k, d], in sorted order
+    out = grouped_experts(rows, kernels, sizes, cfg)  # [n * k, d], in sorted order
     out = out[jnp.argsort(order)].reshape(n, k, -1)  # back to [token, slot]
     return jnp.einsum("nkd,nk->nd", out, weights)
 
@@ -107,7 +111,6 @@ def expert_parallel(tokens, experts, weights, kernels, cfg: ModelConfig):
     down_spec = P(expert_axes, hidden_axes, None)
     ep = expert_devices()
     local_experts = cfg.n_experts // ep
-    act = _activation(cfg)
 
     def local(tokens, experts, weights, gate, up, down):
         n, k = experts.shape
@@ -124,8 +127,7 @@ def expert_parallel(tokens, experts, weights, kernels, cfg: ModelConfig):
         by_expert = jnp.argsort(recv_ids, stable=True)
         rows = recv[by_expert]
         sizes = jnp.bincount(recv_ids, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-        h = act(grouped_matmul(rows, gate, sizes, impl=cfg.moe_impl)) * grouped_matmul(rows, up, sizes, impl=cfg.moe_impl)
-        out = grouped_matmul(h, down, sizes, impl=cfg.moe_impl)
+        out = grouped_experts(rows, (gate, up, down), sizes, cfg)
         if hidden_axes is not None:
             out = jax.lax.psum(out, hidden_axes)  # each device summed over its part of the hidden width
         out = out[jnp.argsort(by_expert)].reshape(ep, n * k, -1)

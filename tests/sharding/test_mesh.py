@@ -59,4 +59,8 @@ def test_rules_table_overrides_and_one_axis_per_dimension():
     assert logical_to_spec(("embed", "vocab"), rules) == logical_to_spec(("embed", None), rules)
     assert tuple(logical_to_spec(("embed", "mlp"), rules)) == ("fsdp", "tensor")  # fsdp already taken by embed
     assert tuple(logical_to_spec(("batch", "length", "embed"))) == (None, None, None)  # no rules in context
-    assert tuple(logical_to_spec(("batch", "length", "embed"), logical_rules())) == (("data", "fsdp", "expert"), None, None)
+    assert tuple(logical_to_spec(("batch", "length", "embed"), logical_rules())) == (
+        ("data", "fsdp", "expert"),
+        None,
+        None,
+    )
