@@ -164,3 +164,16 @@ def test_invalid_moe_configs_are_one_line_user_errors():
         assert "\n" not in str(e.value)
     mixed = dataclasses.replace(CFG, n_layers=4, moe_layer_step=2, dense_layers=(3,), scan_layers=False)
     assert mixed.moe_layers == (False, True, False, False)
+
+
+def test_mesh_expert_must_divide_the_experts():
+    from jax.sharding import AbstractMesh, AxisType
+
+    from sharding.mesh import AXES, Layout
+    from sharding.partition import check_divisible
+    from sharding.rules import logical_rules
+
+    mesh = AbstractMesh((1, 1, 1, 4), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    check_divisible(dataclasses.replace(CFG, n_experts=8).logical_dims(), Layout(mesh, logical_rules()))
+    with pytest.raises(UserError, match=r"model.n_experts=6 is not divisible by mesh.expert=4; choose mesh.expert in"):
+        check_divisible(dataclasses.replace(CFG, n_experts=6).logical_dims(), Layout(mesh, logical_rules()))
