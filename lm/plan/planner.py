@@ -126,6 +126,7 @@ class Plan:
     params: int
     params_embedding: int
     params_non_embedding: int
+    active_params: int  # what one token passes through: MoE layers count experts_per_token experts
     trainable_params: int
     flops_per_token: float
     tokens_per_step: int
@@ -367,7 +368,7 @@ def step_time(
     # Remat recomputes part of the forward pass (a third of the training FLOPs): all of it under
     # `full`, the attention score matmuls under `dots_no_batch`, nothing that is a matmul under `dots`.
     attn_fwd = 4 * m.n_layers * t.seq_len * m.n_heads * m.dim_per_head * tokens
-    layer_fwd = 2 * (m.n_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)) * tokens + attn_fwd
+    layer_fwd = 2 * (m.n_active_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)) * tokens + attn_fwd
     recompute = {"none": 0.0, "dots": 0.0, "dots_no_batch": attn_fwd, "full": layer_fwd}[m.remat]
     peak, source = (peak_tflops, "given") if peak_tflops else _peak(dev)
     mfu = mfu or dev.mfu
@@ -504,6 +505,7 @@ def estimate(
         params=n_params,
         params_embedding=embedding,
         params_non_embedding=n_params - embedding,
+        active_params=n_params - (m.n_params - m.n_active_params),
         trainable_params=trainable,
         flops_per_token=m.flops_per_token(t.seq_len),
         tokens_per_step=t.batch_size * t.seq_len,

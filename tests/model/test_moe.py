@@ -177,3 +177,18 @@ def test_mesh_expert_must_divide_the_experts():
     check_divisible(dataclasses.replace(CFG, n_experts=8).logical_dims(), Layout(mesh, logical_rules()))
     with pytest.raises(UserError, match=r"model.n_experts=6 is not divisible by mesh.expert=4; choose mesh.expert in"):
         check_divisible(dataclasses.replace(CFG, n_experts=6).logical_dims(), Layout(mesh, logical_rules()))
+
+
+def test_active_params_count_k_of_the_routed_experts():
+    from lm.model import Transformer
+
+    cfg = dataclasses.replace(CFG, **VARIANTS["qwen2_moe"])
+    params = dict(nnx.to_flat_state(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+    total = sum(v.get_value().size for v in params.values())
+    routed = sum(
+        v.get_value().size for p, v in params.items() if p[-3:-1] in (("mlp", "gate"), ("mlp", "up"), ("mlp", "down"))
+    )
+    assert cfg.n_params == total
+    assert cfg.n_active_params == total - routed * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts
+    # MFU counts what is computed: the FLOPs follow the active parameters, not the total.
+    assert cfg.flops_per_token(16) < dataclasses.replace(cfg, experts_per_token=cfg.n_experts).flops_per_token(16)
