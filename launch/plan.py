@@ -52,6 +52,7 @@ def report(plan, recipe) -> str:
         *([f"about: {recipe.description}"] if recipe.description else []),
         f"parameters: {plan.params:,} ({plan.params_non_embedding:,} non-embedding, {plan.params_embedding:,} "
         f"embedding{', tied head' if m.tie_embeddings else ''})"
+        + (f"; active per token {plan.active_params:,}" if plan.active_params != plan.params else "")
         + (f"; trainable {plan.trainable_params:,}" if plan.trainable_params != plan.params else ""),
         f"FLOPs per token: {plan.flops_per_token / 1e9:.3f} GFLOP (6N + 12*L*T*H*D at seq {recipe.train.seq_len}); "
         f"{plan.tokens_per_step:,} tokens per step ({plan.batch_size} x {recipe.train.seq_len}, "

@@ -1,4 +1,6 @@
-"""Building blocks the recipes share: pretraining on prepared token files, and the Llama 3 TPU recipes."""
+"""Building blocks the recipes share: pretraining on prepared token files, and the Llama 3 and MoE TPU recipes."""
+
+from dataclasses import replace
 
 from lm.config import (
     CheckpointConfig,
@@ -70,4 +72,18 @@ def gpt2_124m(hardware: str, grad_accum: int) -> Recipe:
             steps=19_073, batch_size=512, grad_accum=grad_accum, seq_len=1024, eval_every=250, sample_prompt="The"
         ),
         checkpoint=CheckpointConfig(every=1000, keep=3),
+    )
+
+
+def moe_tpu(model: str, hardware: str, per_device_batch: int, *, expert: int, remat: str, steps: int) -> Recipe:
+    """Mixture-of-experts pretraining on a TPU slice: the experts split over mesh.expert (tokens reach
+    them by all-to-all), every weight also split by FSDP over the rest, splash attention, 4096-token
+    sequences."""
+    recipe = llama3_tpu(model, hardware, per_device_batch, remat=remat, steps=steps)
+    return replace(
+        recipe,
+        description=f"{model} pretraining on {hardware} (expert parallel {expert} x FSDP); data: launch.prepare "
+        "token files in data/pretrain",
+        mesh=MeshConfig(data=1, fsdp=-1, expert=expert),
+        train=replace(recipe.train, seq_len=4096),
     )

@@ -1,4 +1,4 @@
-"""Build the device mesh from the recipe: axes (data, fsdp, context, tensor), -1 fills, multi-slice DCN axes;
+"""Build the device mesh from the recipe: axes (data, fsdp, context, tensor, expert), -1 fills, multi-slice DCN axes;
 and the Layout, the mesh with its logical-axis rules, that every sharded computation runs under."""
 
 import contextlib
@@ -14,15 +14,19 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 from lm.errors import UserError
 from sharding.rules import MeshAxes, logical_rules
 
-AXES = ("data", "fsdp", "context", "tensor")  # context: the sequence split (context parallelism)
+# context: the sequence split (context parallelism); expert: an MoE layer's experts split (expert
+# parallelism). The order is MaxText's: the axes that talk most are innermost, nearest neighbours.
+AXES = ("data", "fsdp", "context", "tensor", "expert")
 
 
-def resolve_shape(data: int, fsdp: int, tensor: int, n_devices: int, context: int = 1) -> tuple[int, ...]:
+def resolve_shape(
+    data: int, fsdp: int, tensor: int, n_devices: int, context: int = 1, expert: int = 1
+) -> tuple[int, ...]:
     """Fill the one -1 axis so that the product of the axes (in AXES order) == n_devices, or explain
     why it can't."""
-    shape = [data, fsdp, context, tensor]
+    shape = [data, fsdp, context, tensor, expert]
     if sum(s == -1 for s in shape) > 1:
-        raise UserError(f"mesh {dict(zip(AXES, shape))}: at most one of mesh.data/fsdp/context/tensor may be -1")
+        raise UserError(f"mesh {dict(zip(AXES, shape))}: at most one of mesh.data/fsdp/context/tensor/expert may be -1")
     if any(s == 0 or s < -1 for s in shape):
         raise UserError(f"mesh {dict(zip(AXES, shape))}: sizes must be positive or -1")
     known = math.prod(s for s in shape if s != -1)
@@ -34,8 +38,8 @@ def resolve_shape(data: int, fsdp: int, tensor: int, n_devices: int, context: in
         shape[shape.index(-1)] = n_devices // known
     if math.prod(shape) != n_devices:
         raise UserError(
-            f"mesh data*fsdp*context*tensor = {'*'.join(map(str, shape))} = {math.prod(shape)} but there are "
-            f"{n_devices} devices; set one of mesh.data/fsdp/context/tensor to -1 to fill"
+            f"mesh data*fsdp*context*tensor*expert = {'*'.join(map(str, shape))} = {math.prod(shape)} but there are "
+            f"{n_devices} devices; set one of mesh.data/fsdp/context/tensor/expert to -1 to fill"
         )
     return tuple(shape)
 
@@ -48,14 +52,15 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 
 def device_grid(mesh_cfg, devices: list) -> np.ndarray:
-    """Devices arranged [data, fsdp, context, tensor]. With dcn_data/dcn_fsdp > 1 they are grouped by slice
-    (`device.slice_index`): the ICI part of each axis stays inside a slice, and only the DCN part
+    """Devices arranged [data, fsdp, context, tensor, expert]. With dcn_data/dcn_fsdp > 1 they are grouped
+    by slice (`device.slice_index`): the ICI part of each axis stays inside a slice, and only the DCN part
     (the outer factor of data or fsdp) spans slices over the data-centre network."""
-    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1, 1)
+    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1, 1, 1)
     n_slices = math.prod(dcn)
     if len(devices) % n_slices:
         raise UserError(f"{len(devices)} devices cannot form mesh.dcn_data*dcn_fsdp={n_slices} slices")
-    ici = resolve_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, len(devices) // n_slices, mesh_cfg.context)
+    m = mesh_cfg
+    ici = resolve_shape(m.data, m.fsdp, m.tensor, len(devices) // n_slices, m.context, m.expert)
     if n_slices > 1:
         found = len({getattr(d, "slice_index", 0) for d in devices})
         if found != n_slices:
@@ -94,8 +99,9 @@ class Layout:
 
     @property
     def batch_devices(self) -> int:
-        """How many ways the batch is split (data x fsdp)."""
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        """How many ways the batch is split (data x fsdp x expert: expert-parallel devices hold different
+        tokens outside the MoE layers)."""
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"] * self.mesh.shape["expert"]
 
     def __enter__(self) -> "Layout":
         stack = contextlib.ExitStack()

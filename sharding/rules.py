@@ -8,10 +8,10 @@ from jax.sharding import PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
 
-# Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers, position.
+# Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, expert, expert_mlp, norm, layers, position.
 # Activation axes: batch, length, embed, heads, kv_heads, mlp, vocab, cache_length.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", "context"),  # context parallelism: each device holds a slice of the sequence
     ("cache_length", None),
     ("embed", "fsdp"),
@@ -19,6 +19,8 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("expert", "expert"),  # experts of an MoE layer's kernels
+    ("expert_mlp", "tensor"),  # each expert's hidden width
     ("vocab", "tensor"),
     ("norm", None),
     ("position", None),

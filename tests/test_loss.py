@@ -33,7 +33,7 @@ def loss_and_grads(cfg, data):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def mean_loss(p):
-        total, weight = _loss_sums(nnx.merge(graphdef, p, rest), data)
+        total, weight = _loss_sums(nnx.merge(graphdef, p, rest), data)[:2]
         return total / weight
 
     loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)

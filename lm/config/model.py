@@ -12,7 +12,7 @@ from lm.hardware import is_accelerator
 # and inference, and between a run and the source its weights come from (init.from, an HF folder).
 EXECUTION = (
     "dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "max_segments", "loss_chunk", "prefill_chunk",
-    "context_parallel",
+    "context_parallel", "moe_impl",
 )  # fmt: skip
 # Of those, the ones a checkpoint's stored layout depends on: a resumed run keeps them.
 STORED = ("param_dtype", "scan_layers")
@@ -63,6 +63,20 @@ class ModelConfig:
     sliding_window_every: int = 1  # Gemma 2: 2 (even layers slide, odd layers are global)
     init_std: float = 0.02
 
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): n_experts > 0 replaces the MLP of the layers
+    # `moe_layers` names with experts_per_token of n_experts routed experts, each moe_d_ff wide.
+    n_experts: int = 0  # 0: dense
+    experts_per_token: int = 2
+    moe_d_ff: int | None = None  # None: d_ff
+    n_shared_experts: int = 0  # Qwen2-MoE: experts every token passes, behind a sigmoid gate
+    shared_expert_d_ff: int | None = None  # their total width; None: n_shared_experts * moe_d_ff
+    moe_layer_step: int = 1  # layer i has experts when (i + 1) % step == 0 (transformers' decoder_sparse_step)
+    dense_layers: tuple[int, ...] = ()  # layers kept dense (transformers' mlp_only_layers)
+    router_norm_topk: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral, Qwen3-MoE); Qwen2-MoE: no
+    router_aux_loss: float = 0.0  # load-balancing loss coefficient (transformers' router_aux_loss_coef)
+    router_z_loss: float = 0.0  # router z-loss coefficient (ST-MoE)
+    capacity_factor: float | None = None  # None: dropless (grouped matmuls); else tokens per expert capped
+
     # Execution options (EXECUTION): they change speed and memory, never the numbers.
     dtype: str = "auto"  # compute dtype of activations and matmuls; auto: bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
@@ -81,6 +95,9 @@ class ModelConfig:
     # Attention when mesh.context > 1 splits the sequence (lm.kernels.context): allgather gathers
     # K/V whole on every device; ring passes K/V blocks around the devices (two blocks in memory).
     context_parallel: Literal["allgather", "ring"] = "allgather"
+    # Grouped matmul of the dropless MoE dispatch: auto is megablox on TPU where its tiles fit, XLA's
+    # ragged_dot elsewhere (lm.kernels.grouped_matmul); megablox_interpret runs the kernel interpreted.
+    moe_impl: Literal["auto", "ragged_dot", "megablox", "megablox_interpret"] = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_segments"):
@@ -129,6 +146,7 @@ class ModelConfig:
             )
         if self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
             raise UserError(f"model.rope_attention_factor={self.rope_attention_factor} must be positive (or none)")
+        self._check_moe()
         for name, allowed in (
             ("norm", ("rms", "rms_plus_one", "layer")),
             ("mlp", ("swiglu", "geglu", "gelu")),
@@ -137,11 +155,71 @@ class ModelConfig:
             ("remat", ("none", "full", "dots", "dots_no_batch")),
             ("attention_impl", ("auto", "xla", "cudnn", "splash", "splash_interpret")),
             ("context_parallel", ("allgather", "ring")),
+            ("moe_impl", ("auto", "ragged_dot", "megablox", "megablox_interpret")),
             ("dtype", ("auto", "float32", "bfloat16", "float16")),
             ("param_dtype", ("float32", "bfloat16", "float16")),
         ):
             if getattr(self, name) not in allowed:
                 raise UserError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+
+    def _check_moe(self):
+        if self.n_experts < 0:
+            raise UserError(f"model.n_experts={self.n_experts} must be >= 0 (0: a dense model)")
+        if not self.n_experts:
+            return
+        if not self.gated_mlp:
+            raise UserError(f"model.n_experts={self.n_experts} needs model.mlp=swiglu or geglu, got {self.mlp}")
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise UserError(
+                f"model.experts_per_token={self.experts_per_token} must be in 1..model.n_experts={self.n_experts}"
+            )
+        for name in ("moe_d_ff", "shared_expert_d_ff"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"model.{name}={getattr(self, name)} must be positive (or none for the default)")
+        if self.n_shared_experts < 0 or self.moe_layer_step < 1:
+            raise UserError(
+                f"model.n_shared_experts={self.n_shared_experts} must be >= 0 and "
+                f"model.moe_layer_step={self.moe_layer_step} >= 1"
+            )
+        bad = [i for i in self.dense_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise UserError(f"model.dense_layers={list(self.dense_layers)} names layers outside 0..{self.n_layers - 1}")
+        if not any(self.moe_layers):
+            raise UserError(
+                f"model.n_experts={self.n_experts} but model.moe_layer_step={self.moe_layer_step} and "
+                f"model.dense_layers={list(self.dense_layers)} leave no layer with experts; set model.n_experts=0"
+            )
+        if self.scan_layers and not all(self.moe_layers):
+            raise UserError(
+                f"model.moe_layer_step={self.moe_layer_step} and model.dense_layers={list(self.dense_layers)} mix "
+                "dense and expert layers, which one layer scan cannot stack; set model.scan_layers=false"
+            )
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise UserError(f"model.capacity_factor={self.capacity_factor} must be positive (or none: dropless)")
+        if self.router_aux_loss < 0 or self.router_z_loss < 0:
+            raise UserError(
+                f"model.router_aux_loss={self.router_aux_loss} and model.router_z_loss={self.router_z_loss} "
+                "must be >= 0"
+            )
+
+    @property
+    def moe_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether its MLP is a mixture of experts."""
+        return tuple(
+            self.n_experts > 0 and (i + 1) % self.moe_layer_step == 0 and i not in self.dense_layers
+            for i in range(self.n_layers)
+        )
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.moe_d_ff or self.d_ff
+
+    @property
+    def shared_d_ff(self) -> int:
+        """Total width of the shared experts (0: none)."""
+        if not self.n_shared_experts:
+            return 0
+        return self.shared_expert_d_ff or self.n_shared_experts * self.expert_d_ff
 
     @property
     def compute_dtype(self):
@@ -192,10 +270,23 @@ class ModelConfig:
             mlp += f * (2 if self.gated_mlp else 1) + d
         norm = d * (2 if self.norm == "layer" else 1)
         qk = 2 * hd if self.qk_norm else 0
-        block = attn + mlp + (4 if self.post_norms else 2) * norm + qk
+        block = attn + (4 if self.post_norms else 2) * norm + qk
+        mlps = sum(self._moe_params(active=False) if moe else mlp for moe in self.moe_layers)
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         pos = self.max_seq_len * d if self.positions == "learned" else 0
-        return self.n_layers * block + embed + pos + norm
+        return self.n_layers * block + mlps + embed + pos + norm
+
+    @property
+    def n_active_params(self) -> int:
+        """Parameters one token passes through: each MoE layer counts experts_per_token experts."""
+        inactive = self._moe_params(active=False) - self._moe_params(active=True)
+        return self.n_params - sum(self.moe_layers) * inactive
+
+    def _moe_params(self, *, active: bool) -> int:
+        """One MoE layer's parameters (router, routed experts, shared experts and their gate)."""
+        d, experts = self.d_model, self.experts_per_token if active else self.n_experts
+        shared = 3 * d * self.shared_d_ff + d if self.shared_d_ff else 0
+        return d * self.n_experts + experts * 3 * d * self.expert_d_ff + shared
 
     def loss_chunk_for(self, length: int) -> int:
         """Positions per loss chunk for sequences of `length`; 0 means one unchunked pass.
@@ -218,6 +309,8 @@ class ModelConfig:
             "heads": (self.n_heads, "model.n_heads"),
             "kv_heads": (self.n_kv_heads, "model.n_kv_heads"),
             "mlp": (self.d_ff, "model.d_ff"),
+            **({"expert": (self.n_experts, "model.n_experts")} if self.n_experts else {}),
+            **({"expert_mlp": (self.expert_d_ff, "model.moe_d_ff")} if self.n_experts else {}),
         }
 
     def flops_per_token(
@@ -233,15 +326,17 @@ class ModelConfig:
         Both count what is computed. A weight costs 2 FLOPs per token forward, 2 for its input's
         gradient and 2 for its own gradient, the last only where it trains: a LoRA run
         (adapter_params, the adapters' size) counts 4 per frozen base weight and 6 per adapter weight.
+        With experts, only the active parameters count (n_active_params).
         """
         per_weight = 6 if adapter_params is None else 4
         adapters = 6 * (adapter_params or 0)
         if convention == "maxtext":
             d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.dim_per_head
-            matmul = d * hd * (2 * h + 2 * kv) + (3 if self.gated_mlp else 2) * d * f
-            weights = self.n_layers * matmul + d * self.vocab_size
-            return per_weight * weights + adapters + 6 * self.n_layers * seq_len * h * hd
-        n = self.n_params - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+            dense = (3 if self.gated_mlp else 2) * d * f
+            mlps = sum(self._moe_params(active=True) if moe else dense for moe in self.moe_layers)
+            matmul = self.n_layers * d * hd * (2 * h + 2 * kv) + mlps
+            return per_weight * (matmul + d * self.vocab_size) + adapters + 6 * self.n_layers * seq_len * h * hd
+        n = self.n_active_params - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         n += self.vocab_size * self.d_model  # the LM head is a matmul even when tied
         if self.positions == "learned":
             n -= self.max_seq_len * self.d_model

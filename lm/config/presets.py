@@ -30,6 +30,14 @@ PRESETS: dict[str, ModelConfig] = {
         tie_embeddings=True, dtype="bfloat16",
     ),  # fmt: skip
     "mistral_7b": replace(LLAMA3_8B, vocab_size=32768, max_seq_len=32768, rope_theta=1_000_000.0),
+    # Mixtures of experts, as their config.json files state them.
+    "mixtral_8x7b": replace(
+        LLAMA3_8B, vocab_size=32000, max_seq_len=32768, rope_theta=1_000_000.0, n_experts=8, experts_per_token=2,
+    ),  # fmt: skip
+    "qwen3_30b_a3b": ModelConfig(
+        151936, 2048, 48, 32, 4, 6144, 40960, head_dim=128, rope_theta=1_000_000.0, qk_norm=True, n_experts=128,
+        experts_per_token=8, moe_d_ff=768, router_aux_loss=0.001, dtype="bfloat16",
+    ),  # fmt: skip
     # Hugging Face families, as their config.json files state them (lm.hf.config_from_hf reads those).
     "llama3_2_1b": replace(LLAMA3_1B, max_seq_len=131072, rope_type="llama3", rope_scaling=32.0),
     "llama3_1_8b": replace(LLAMA3_8B, max_seq_len=131072, rope_type="llama3", rope_scaling=8.0),

@@ -30,27 +30,29 @@ def _check(key: str, value, ok: bool, how: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh. One of data/fsdp/context/tensor may be -1: it takes whatever devices are left.
+    """Device mesh. One of data/fsdp/context/tensor/expert may be -1: it takes whatever devices are left.
     context > 1 splits each sequence over that many devices (context parallelism, model.context_parallel).
+    expert: expert parallelism (an MoE layer's experts split over it; its devices also split the batch).
     dcn_* > 1 make a multi-slice mesh: those axes span slices over the data-centre network."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
     context: int = 1
+    expert: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
     rules: tuple[tuple[str, Any], ...] = ()  # overrides of sharding.rules.DEFAULT_RULES
 
     def __post_init__(self):
-        for name in ("data", "fsdp", "tensor", "context"):
+        for name in ("data", "fsdp", "tensor", "context", "expert"):
             _check(
                 f"mesh.{name}",
                 getattr(self, name),
                 getattr(self, name) == -1 or getattr(self, name) >= 1,
                 "must be at least 1, or -1 for the devices left over",
             )
-        fills = [n for n in ("data", "fsdp", "tensor", "context") if getattr(self, n) == -1]
+        fills = [n for n in ("data", "fsdp", "tensor", "context", "expert") if getattr(self, n) == -1]
         if len(fills) > 1:
             raise UserError(
                 f"mesh.{' and mesh.'.join(fills)} are all -1; at most one axis may take the devices left over"

@@ -159,6 +159,35 @@ GPT2 = (
 )
 
 
+# Mixture of experts: the attention as Llama's (Qwen3-MoE with q/k norms, Qwen2-MoE with q/k/v biases),
+# the router, and one tensor per expert ({e}) that fills slice e of our [experts, in, out] kernels.
+_ATTENTION = {k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")}
+MIXTRAL = _LLAMA_TOP + _layer(
+    "model.layers.{i}.",
+    {
+        **_ATTENTION,
+        "block_sparse_moe.gate.weight": ("mlp.router.kernel", LINEAR),
+        "block_sparse_moe.experts.{e}.w1.weight": ("mlp.gate.kernel", LINEAR),
+        "block_sparse_moe.experts.{e}.w3.weight": ("mlp.up.kernel", LINEAR),
+        "block_sparse_moe.experts.{e}.w2.weight": ("mlp.down.kernel", LINEAR),
+    },
+)
+QWEN_MOE = _LLAMA_TOP + _layer(
+    "model.layers.{i}.",
+    {
+        **_ATTENTION,
+        "mlp.gate.weight": ("mlp.router.kernel", LINEAR),
+        "mlp.experts.{e}.gate_proj.weight": ("mlp.gate.kernel", LINEAR),
+        "mlp.experts.{e}.up_proj.weight": ("mlp.up.kernel", LINEAR),
+        "mlp.experts.{e}.down_proj.weight": ("mlp.down.kernel", LINEAR),
+        "mlp.shared_expert.gate_proj.weight": ("mlp.shared.gate.kernel", LINEAR),  # Qwen2-MoE
+        "mlp.shared_expert.up_proj.weight": ("mlp.shared.up.kernel", LINEAR),
+        "mlp.shared_expert.down_proj.weight": ("mlp.shared.down.kernel", LINEAR),
+        "mlp.shared_expert_gate.weight": ("mlp.shared_gate.kernel", LINEAR),
+    },
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     architecture: str
@@ -175,7 +204,11 @@ FAMILIES = {
     "gemma": Family("GemmaForCausalLM", LLAMA, "gelu_pytorch_tanh", tied_by_default=True),
     "gemma2": Family("Gemma2ForCausalLM", GEMMA2, "gelu_pytorch_tanh", tied_by_default=True),
     "gpt2": Family("GPT2LMHeadModel", GPT2, "gelu_new", tied_by_default=True),
+    "mixtral": Family("MixtralForCausalLM", MIXTRAL, "silu"),
+    "qwen2_moe": Family("Qwen2MoeForCausalLM", QWEN_MOE, "silu"),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", QWEN_MOE, "silu"),
 }
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # Tensors some checkpoints carry that are not parameters (buffers saved by older transformers).
 _BUFFERS = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -246,6 +279,7 @@ def _from_hf(hf: dict, where) -> ModelConfig:
         )
     gemma = model_type in ("gemma", "gemma2")
     attention_bias = hf.get("attention_bias", False)
+    qkv_bias = {"qwen2": True, "qwen2_moe": hf.get("qkv_bias", True)}.get(model_type, attention_bias)
     n_layers = hf["num_hidden_layers"]
     window, first, every = _sliding(hf, model_type, n_layers, where)
     return ModelConfig(
@@ -262,10 +296,10 @@ def _from_hf(hf: dict, where) -> ModelConfig:
         norm="rms_plus_one" if gemma else "rms",
         mlp="geglu" if gemma else "swiglu",
         scale_embeddings=gemma,
-        qkv_bias=True if model_type == "qwen2" else attention_bias,
-        attn_out_bias=False if model_type == "qwen2" else attention_bias,
+        qkv_bias=qkv_bias,
+        attn_out_bias=False if model_type in ("qwen2", "qwen2_moe") else attention_bias,
         mlp_bias=hf.get("mlp_bias", False) if model_type == "llama" else False,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         post_norms=model_type == "gemma2",
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if model_type == "gemma2" else None,
         attn_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
@@ -273,7 +307,30 @@ def _from_hf(hf: dict, where) -> ModelConfig:
         sliding_window=window,
         sliding_window_first=first,
         sliding_window_every=every,
+        **_experts(hf, model_type, where),
     )
+
+
+def _experts(hf: dict, model_type: str, where) -> dict:
+    """The mixture-of-experts options of a Mixtral, Qwen2-MoE or Qwen3-MoE config.json."""
+    if model_type not in MOE_FAMILIES:
+        return {}
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise UserError(
+            f"{where}: mlp_only_layers={hf.get('mlp_only_layers')} and decoder_sparse_step="
+            f"{hf.get('decoder_sparse_step')} are not supported; every layer must have experts"
+        )
+    qwen = model_type != "mixtral"
+    out = dict(
+        n_experts=hf.get("num_local_experts") or hf["num_experts"],
+        experts_per_token=hf["num_experts_per_tok"],
+        moe_d_ff=hf["moe_intermediate_size"] if qwen else hf["intermediate_size"],
+        router_norm_topk=hf.get("norm_topk_prob", False) if qwen else True,
+        router_aux_loss=hf.get("router_aux_loss_coef", 0.001) if hf.get("output_router_logits") else 0.0,
+    )
+    if model_type == "qwen2_moe":
+        out.update(n_shared_experts=1, shared_expert_d_ff=hf["shared_expert_intermediate_size"])
+    return out
 
 
 def _head_dim(hf: dict) -> int | None:
@@ -334,7 +391,7 @@ def _yarn(params: dict, hf: dict) -> dict:
 def _sliding(hf: dict, model_type: str, n_layers: int, where) -> tuple[int | None, int, int]:
     """(window, first sliding layer, stride between sliding layers) from sliding_window and layer_types."""
     window = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not hf.get("use_sliding_window", False):
         window = None
     if window is None or model_type in ("llama", "gemma"):
         return None, 0, 1
@@ -359,6 +416,8 @@ def _sliding(hf: dict, model_type: str, n_layers: int, where) -> tuple[int | Non
 
 def family_of(cfg: ModelConfig) -> str:
     """The Hugging Face model_type an export of cfg gets (checked by re-reading the config)."""
+    if cfg.n_experts:
+        return "qwen2_moe" if cfg.shared_d_ff else "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.positions == "learned":
         return "gpt2"
     if cfg.post_norms:
@@ -423,12 +482,16 @@ def config_to_hf(cfg: ModelConfig, extra: dict | None = None) -> dict:
             rope_parameters=rope,
             **{"hidden_activation" if model_type == "gemma2" else "hidden_act": family.activation},
         )
-        if model_type != "qwen2":
+        if model_type == "qwen2_moe":
+            out["qkv_bias"] = cfg.qkv_bias
+        elif model_type != "qwen2":
             out["attention_bias"] = cfg.qkv_bias
         if model_type == "llama":
             out["mlp_bias"] = cfg.mlp_bias
-        if model_type in ("mistral", "qwen2", "qwen3", "gemma2"):
+        if model_type in ("mistral", "mixtral", "qwen2", "qwen3", "gemma2"):
             out["sliding_window"] = cfg.sliding_window
+        if model_type in MOE_FAMILIES:
+            out.update(_experts_to_hf(cfg, model_type))
         if model_type in ("qwen2", "qwen3", "gemma2"):
             sliding = cfg.sliding_layers
             out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
@@ -451,6 +514,27 @@ def config_to_hf(cfg: ModelConfig, extra: dict | None = None) -> dict:
     ]
     if differ:
         raise UserError(f"the model cannot be written as a Hugging Face {model_type} checkpoint: {', '.join(differ)}")
+    return out
+
+
+def _experts_to_hf(cfg: ModelConfig, model_type: str) -> dict:
+    out = dict(
+        num_experts_per_tok=cfg.experts_per_token,
+        router_aux_loss_coef=cfg.router_aux_loss or 0.001,
+        output_router_logits=cfg.router_aux_loss > 0,
+    )
+    if model_type == "mixtral":
+        return dict(out, num_local_experts=cfg.n_experts, intermediate_size=cfg.expert_d_ff)
+    out.update(
+        num_experts=cfg.n_experts,
+        moe_intermediate_size=cfg.expert_d_ff,
+        norm_topk_prob=cfg.router_norm_topk,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        use_sliding_window=False,
+    )
+    if model_type == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = cfg.shared_d_ff
     return out
 
 
@@ -478,6 +562,14 @@ def _canonical(cfg: ModelConfig) -> ModelConfig:
     cfg = dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in rope})
     if not any(cfg.sliding_layers):
         cfg = dataclasses.replace(cfg, sliding_window=None, sliding_window_first=0, sliding_window_every=1)
+    # Training options of the router; and with experts in every layer, d_ff is never used.
+    training = ("router_aux_loss", "router_z_loss", "capacity_factor")
+    cfg = dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in training})
+    if cfg.n_experts and all(cfg.moe_layers):
+        cfg = dataclasses.replace(
+            cfg, d_ff=cfg.expert_d_ff, moe_d_ff=cfg.expert_d_ff, n_shared_experts=min(cfg.n_shared_experts, 1),
+            shared_expert_d_ff=cfg.shared_d_ff or None, moe_layer_step=1, dense_layers=(),
+        )  # fmt: skip
     return cfg
 
 
@@ -508,16 +600,22 @@ def _active_rules(cfg: ModelConfig, params: dict) -> list[tuple[Rule, list[tuple
     return active
 
 
-def _names(rule: Rule, n_layers: int) -> list[tuple[str, int | None]]:
-    if "{i}" in rule.hf:
-        return [(rule.hf.format(i=i), i) for i in range(n_layers)]
-    return [(rule.hf, None)]
+def _names(rule: Rule, cfg: ModelConfig) -> list[tuple[str, int | None, int | None]]:
+    """(tensor name, layer, expert) for each HF tensor of a rule ({i}: per layer, {e}: per expert)."""
+    layers = range(cfg.n_layers) if "{i}" in rule.hf else [None]
+    experts = range(cfg.n_experts) if "{e}" in rule.hf else [None]
+    return [(rule.hf.format(i=i, e=e), i, e) for i in layers for e in experts]
 
 
 def _target(path: tuple, layer: int | None, scanned: bool) -> tuple:
     if layer is None or scanned:
         return path
     return ("blocks", layer, *path[1:])
+
+
+def _index(layer: int | None, expert: int | None, scanned: bool) -> tuple[int, ...]:
+    """Where one HF tensor sits inside our parameter: its layer in a stack, its expert in a kernel."""
+    return (layer,) * (scanned and layer is not None) + (expert,) * (expert is not None)
 
 
 class _Checkpoint:
@@ -571,9 +669,10 @@ def _fit(hf: np.ndarray, rule: Rule, want: list, cfg: ModelConfig, what: str) ->
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stack, value, i):
-    """Write one layer into a stacked parameter in place (the stack is donated)."""
-    return jax.lax.dynamic_update_index_in_dim(stack, value, i, 0)
+def _set_at(stack, value, index):
+    """Write one layer (and expert) into a stacked parameter in place (the stack is donated)."""
+    start = (*index, *(0,) * value.ndim)
+    return jax.lax.dynamic_update_slice(stack, value.reshape((1,) * len(index) + value.shape), start)
 
 
 def load_hf(
@@ -608,23 +707,23 @@ def load_hf(
         values: dict[tuple, jax.Array] = {}
         used = set()
         for rule, paths in _active_rules(cfg, params):
-            for name, layer in _names(rule, cfg.n_layers):
+            for name, layer, expert in _names(rule, cfg):
                 if name not in checkpoint.files:
                     raise UserError(f"{folder}: tensor {name} is missing; the checkpoint does not match config.json")
                 used.add(name)
                 targets = [_target(p, layer, cfg.scan_layers) for p in paths]
-                stacked = cfg.scan_layers and layer is not None
-                want = [params[t].shape[1:] if stacked else params[t].shape for t in targets]
+                index = _index(layer, expert, cfg.scan_layers)
+                want = [params[t].shape[len(index) :] for t in targets]
                 for target, x in zip(targets, _fit(checkpoint.read(name), rule, want, cfg, f"{folder}: tensor {name}")):
                     var, sharding = params[target], shardings[target]
                     x = np.asarray(x, dtype=var.dtype)
-                    if not stacked:
+                    if not index:
                         values[target] = jax.device_put(x, sharding)
                         continue
-                    if target not in values:  # the stack is allocated on the devices, then filled layer by layer
+                    if target not in values:  # allocated on the devices, then filled layer by layer, expert by expert
                         values[target] = jax.jit(lambda v=var: jnp.zeros(v.shape, v.dtype), out_shardings=sharding)()
-                    layer_sharding = NamedSharding(mesh, P(*sharding.spec[1:]))
-                    values[target] = _set_layer(values[target], jax.device_put(x, layer_sharding), layer)
+                    part_sharding = NamedSharding(mesh, P(*sharding.spec[len(index) :]))
+                    values[target] = _set_at(values[target], jax.device_put(x, part_sharding), index)
         leftover = set(checkpoint.files) - used
         leftover = {n for n in leftover if not n.endswith(_BUFFERS)}
         if cfg.tie_embeddings:
@@ -645,12 +744,12 @@ def hf_tensors(model: Transformer):
     cfg = model.cfg
     params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     for rule, paths in _active_rules(cfg, params):
-        for name, layer in _names(rule, cfg.n_layers):
-            stacked = cfg.scan_layers and layer is not None
+        for name, layer, expert in _names(rule, cfg):
+            index = _index(layer, expert, cfg.scan_layers)
             ours = []
             for p in paths:
                 value = params[_target(p, layer, cfg.scan_layers)].get_value()
-                ours.append(to_host(value[layer] if stacked else value))
+                ours.append(to_host(value[index]))
             yield name, np.ascontiguousarray(rule.transform.save(tuple(ours), cfg))
 
 

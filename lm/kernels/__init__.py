@@ -13,10 +13,10 @@ import jax.numpy as jnp
 from lm.config import ModelConfig
 from lm.errors import UserError
 from lm.hardware import platform as platform_of
-from lm.kernels import context, cudnn, splash, xla
+from lm.kernels import context, cudnn, grouped, splash, xla
 
 AUTO = {"tpu": "splash", "gpu": "cudnn"}  # the flash kernel `auto` picks on each platform
-NEEDS = {"cudnn": "gpu", "splash": "tpu"}  # the platform each real kernel needs (splash_interpret: any)
+NEEDS = {"cudnn": "gpu", "splash": "tpu", "megablox": "tpu"}  # the platform each real kernel needs (*_interpret: any)
 
 
 def _local_gpu_capability() -> tuple[int, int]:
@@ -32,6 +32,8 @@ def for_platform(impl: str, platform: str | None = None) -> str:
     """An explicit kernel this platform cannot run becomes `auto`: a checkpoint trained with splash on
     a TPU (or cuDNN on a GPU) generates anywhere with the kernel this platform has."""
     return "auto" if impl in NEEDS and NEEDS[impl] != platform_of(platform) else impl
+
+
 def choose_attention_impl(
     requested: str,
     platform: str,
@@ -182,3 +184,25 @@ def attention(
             q, k, v, segment_ids, packed=packed, scale=scale, sliding_window=sliding_window, max_segments=max_segments
         )
     return xla.causal_xla_attention(q, k, v, segment_ids, sliding_window=sliding_window, scale=scale, softcap=softcap)
+
+
+def choose_grouped_impl(requested: str, platform: str, lhs_shape, rhs_shape) -> tuple[str, str]:
+    """(implementation, reason) for one grouped matmul (model.moe_impl): megablox on TPUs where its
+    tiles divide the widths, XLA's ragged_dot elsewhere."""
+    if requested == "auto":
+        if platform_of(platform) != "tpu":
+            return "ragged_dot", f"auto on {platform_of(platform)}: XLA's ragged_dot"
+        requested = "megablox"
+    if requested.startswith("megablox") and not grouped.megablox_fits(lhs_shape, rhs_shape):
+        return "ragged_dot", f"megablox needs widths that are multiples of {grouped.TILE}, got {tuple(rhs_shape[1:])}"
+    return requested, f"{requested}: requested"
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto"):
+    """lhs [rows, in] sorted by group, rhs [groups, in, out], group_sizes int [groups] -> [rows, out]:
+    row r of group g is lhs[r] @ rhs[g]; rows past sum(group_sizes) come out zero. No [rows, groups, ...]
+    intermediate exists (the dropless MoE dispatch)."""
+    chosen, _ = choose_grouped_impl(impl, jax.default_backend(), lhs.shape, rhs.shape)
+    if chosen.startswith("megablox"):
+        return grouped.megablox(lhs, rhs, group_sizes, interpret=chosen == "megablox_interpret")
+    return grouped.ragged_dot(lhs, rhs, group_sizes)

@@ -15,6 +15,7 @@ from flax import nnx
 from lm.config import ModelConfig
 from lm.model.attention import Mode
 from lm.model.blocks import Block, make_norm
+from lm.model.moe import RouterStats
 from sharding.rules import axes, logical_constraint
 
 REMAT_POLICIES = {
@@ -64,12 +65,12 @@ class Transformer(nnx.Module):
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             @functools.partial(over_layers, in_axes=(0,))
-            def stack(rngs):
-                return Block(cfg, rngs=rngs)
+            def stack(rngs):  # every layer alike (ModelConfig refuses a mixed stack when scanned)
+                return Block(cfg, experts=cfg.moe_layers[0], rngs=rngs)
 
             self.blocks = stack(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+            self.blocks = nnx.List([Block(cfg, experts=moe, rngs=rngs) for moe in cfg.moe_layers])
         self.final_norm = make_norm(cfg, rngs)
         self.lm_head = nnx.data(None)
         if not cfg.tie_embeddings:
@@ -79,12 +80,20 @@ class Transformer(nnx.Module):
             )  # fmt: skip
 
     def __call__(
-        self, tokens, positions, segment_ids=None, *, mode: Mode = "train", return_hidden: bool = False
-    ) -> jax.Array:
+        self,
+        tokens,
+        positions,
+        segment_ids=None,
+        *,
+        mode: Mode = "train",
+        return_hidden: bool = False,
+        return_router: bool = False,
+    ) -> jax.Array | tuple[jax.Array, RouterStats | None]:
         """tokens, positions, segment_ids: int [batch, length]. Returns float32 logits [batch, length, vocab].
 
         return_hidden: return the final-normed hidden states [batch, length, d_model] instead, for
         callers that apply the head to a few positions (prefill) or in chunks (the loss).
+        return_router: also return the MoE layers' RouterStats, stacked [moe_layers, ...] (None when dense).
         """
         # FSDP gathers the table's width before the lookup (as it does for every weight), so the
         # result comes out split by batch rather than by width; vocab stays split over tensor.
@@ -106,18 +115,24 @@ class Transformer(nnx.Module):
         windows = self._layer_windows()
         if self.cfg.remat != "none":
             layer = nnx.remat(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+        stats = None
         if self.cfg.scan_layers and mode == "decode":
             x = self._decode_scan(x, layer, windows)
         elif self.cfg.scan_layers:
             xs = () if windows is None else (windows,)
             body = over_layers(layer, in_axes=(0, None, *(None for _ in xs)))
-            x = nnx.scan(body, in_axes=(0, nnx.Carry, *(0 for _ in xs)), out_axes=nnx.Carry)(self.blocks, x, *xs)
+            scan = nnx.scan(body, in_axes=(0, nnx.Carry, *(0 for _ in xs)), out_axes=(nnx.Carry, 0))
+            x, stats = scan(self.blocks, x, *xs)
         else:
+            per_layer = []
             for block, sliding in zip(self.blocks, self.cfg.sliding_layers):
-                x = layer(block, x, self.cfg.sliding_window if sliding else None)
+                x, s = layer(block, x, self.cfg.sliding_window if sliding else None)
+                per_layer += [s] if s is not None else []
+            stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else None
 
         x = self.final_norm(x)
-        return x if return_hidden else self.logits(x)
+        out = x if return_hidden else self.logits(x)
+        return (out, stats) if return_router else out
 
     def head(self) -> jax.Array:
         """The unembedding [d_model, vocab]: the LM head, or the embedding table when tied."""
@@ -152,7 +167,7 @@ class Transformer(nnx.Module):
             x, cache, i = carry
             mine = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, i, keepdims=False), cache)
             block = nnx.merge(graphdef, layer_state[0], mine, layer_state[1])
-            x = layer(block, x) if windows is None else layer(block, x, layer_state[2])
+            x, _ = layer(block, x) if windows is None else layer(block, x, layer_state[2])
             cache = jax.tree.map(
                 lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, i, 0), cache, nnx.state(block, nnx.Cache)
             )

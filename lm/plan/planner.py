@@ -128,6 +128,7 @@ class Plan:
     params: int
     params_embedding: int
     params_non_embedding: int
+    active_params: int  # what one token passes through: MoE layers count experts_per_token experts
     trainable_params: int
     flops_per_token: float
     tokens_per_step: int
@@ -193,7 +194,7 @@ def _peak(device) -> tuple[float, str]:
 def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, int], list[str]]:
     """The mesh training would build on topo (axis sizes = ICI part x DCN part), without devices."""
     m = recipe.mesh
-    dcn = {"data": m.dcn_data, "fsdp": m.dcn_fsdp, "context": 1, "tensor": 1}
+    dcn = {"data": m.dcn_data, "fsdp": m.dcn_fsdp, "context": 1, "tensor": 1, "expert": 1}
     n_slices = m.dcn_data * m.dcn_fsdp
     notes = []
     if topo.n_devices % n_slices:
@@ -208,7 +209,7 @@ def plan_mesh(recipe: Recipe, topo: Topology) -> tuple[AbstractMesh, dict[str, i
             f"{topo.name} has {topo.slices} slices but the mesh has no DCN axis, so some ICI axes cross slices and "
             f"their collectives are timed too fast; set mesh.dcn_data={topo.slices}"
         )
-    ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices, m.context)
+    ici = resolve_shape(m.data, m.fsdp, m.tensor, topo.n_devices // n_slices, m.context, m.expert)
     shape = tuple(i * dcn[a] for i, a in zip(ici, AXES))
     return AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES)), dcn, notes
 
@@ -378,7 +379,7 @@ def step_time(
     # Remat recomputes part of the forward pass (a third of the training FLOPs): all of it under
     # `full`, the attention score matmuls under `dots_no_batch`, nothing that is a matmul under `dots`.
     attn_fwd = 4 * m.n_layers * t.seq_len * m.n_heads * m.dim_per_head * tokens
-    layer_fwd = 2 * (m.n_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)) * tokens + attn_fwd
+    layer_fwd = 2 * (m.n_active_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)) * tokens + attn_fwd
     recompute = {"none": 0.0, "dots": 0.0, "dots_no_batch": attn_fwd, "full": layer_fwd}[m.remat]
     peak, source = (peak_tflops, "given") if peak_tflops else _peak(dev)
     mfu = mfu or dev.mfu
@@ -400,7 +401,7 @@ def step_time(
     fsdp_ici, fsdp_dcn = fsdp(fs_ici, dev.ici_bytes_per_s), fsdp(fs_dcn, dev.dcn_bytes_per_s)
     data_s = ring(da_ici, grad_bytes, dev.ici_bytes_per_s, reduce=True)
     dcn_s = fsdp_dcn + ring(da_dcn, grad_bytes, dev.dcn_bytes_per_s, reduce=True)
-    rows = t.batch_size / k / (mesh_shape["data"] * mesh_shape["fsdp"])
+    rows = t.batch_size / k / (mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"])
     tp = mesh_shape["tensor"]
     # Megatron-style: two all-reduces of [rows, seq, d_model] per layer forward, two backward.
     activation = rows * t.seq_len / mesh_shape.get("context", 1) * m.d_model * act_bytes
@@ -452,7 +453,7 @@ def estimate(
     machine's kind, or on the recipe's own `hardware`. Raises UserError for a mesh that cannot be built."""
     topo = resolve_hardware(recipe, hardware, devices)
     mesh, dcn, notes = plan_mesh(recipe, topo)
-    recipe = recipe.with_batch_for(mesh.shape["data"] * mesh.shape["fsdp"])
+    recipe = recipe.with_batch_for(mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"])
     mesh_shape = dict(mesh.shape)
     m, t = recipe.model, recipe.train
     problems = divisibility_problems(recipe, mesh)
@@ -490,7 +491,7 @@ def estimate(
         gathered = int(2 * gathered_copy / m.n_layers)
         gathered += int(m.vocab_size * m.d_model * jnp.dtype(m.param_dtype).itemsize / vocab_tp)
 
-    rows = t.batch_size / t.grad_accum / (mesh_shape["data"] * mesh_shape["fsdp"])
+    rows = t.batch_size / t.grad_accum / (mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"])
     cp = mesh_shape["context"]
     logits = logits_bytes(m, rows, t.seq_len, tp, cp)
     acts = {r: activation_bytes(m, rows, t.seq_len, r, tp, act_bytes, cp) for r in REMATS}
@@ -525,6 +526,7 @@ def estimate(
         params=n_params,
         params_embedding=embedding,
         params_non_embedding=n_params - embedding,
+        active_params=n_params - (m.n_params - m.n_active_params),
         trainable_params=trainable,
         flops_per_token=m.flops_per_token(t.seq_len, adapter_params=adapters),
         tokens_per_step=t.batch_size * t.seq_len,

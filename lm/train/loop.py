@@ -7,6 +7,7 @@ import pathlib
 import time
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from lm.config import Recipe
@@ -181,6 +182,9 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> _Outcome:
                     "mfu": tflops / peak if tflops is not None else None,
                     "mfu_maxtext": tflops * maxtext_ratio / peak if tflops is not None else None,
                 }
+                for key in ("aux_loss", "z_loss", "expert_load_max_over_mean", "dropped"):  # MoE models
+                    if key in metrics:
+                        last[key] = np.asarray(metrics[key], np.float64).round(6).tolist()
                 run.log.write(last)
                 if tps is not None:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")

@@ -10,6 +10,7 @@ from flax import nnx
 from lm.kernels.context import balance
 from lm.lora import seed_dropout
 from lm.loss import chunked_cross_entropy_sum, cross_entropy_sum
+from lm.model.moe import RouterStats, aux_loss, z_loss
 from lm.train.objectives import dpo_objective, grpo_loss, reference_token_logps, token_logps
 from sharding.rules import logical_constraint
 
@@ -33,16 +34,33 @@ def compute_params(params, dtype):
     return jax.tree_util.tree_map_with_path(cast, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def _loss_sums(model, batch):
+def _loss_sums(model, batch) -> tuple[jax.Array, jax.Array, RouterStats | None]:
+    """(summed loss, summed weight, the MoE layers' RouterStats or None)."""
     batch = balance(batch)  # zig-zag order where mesh.context splits the sequence
     chunk = model.cfg.loss_chunk_for(batch["tokens"].shape[1])
+    inputs = (batch["tokens"], batch["positions"], batch["segment_ids"])
     if chunk:  # large vocabularies: never materialise [batch, length, vocab] logits
-        hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
-        return chunked_cross_entropy_sum(
+        hidden, stats = model(*inputs, return_hidden=True, return_router=True)
+        sums = chunked_cross_entropy_sum(
             hidden, model.head(), batch["targets"], batch["weights"], chunk, model.cfg.final_softcap
         )
-    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return cross_entropy_sum(logits, batch["targets"], batch["weights"])
+        return *sums, stats
+    logits, stats = model(*inputs, return_router=True)
+    return *cross_entropy_sum(logits, batch["targets"], batch["weights"]), stats
+
+
+def router_metrics(stats: RouterStats | None) -> dict:
+    """What a log step shows of the routing: the load-balancing and z losses (before their
+    coefficients) and, per MoE layer, the busiest expert's share of assignments over the mean share
+    (1 = perfectly balanced) and the fraction of assignments dropped by the capacity."""
+    if stats is None:
+        return {}
+    return {
+        "aux_loss": aux_loss(stats),
+        "z_loss": z_loss(stats),
+        "expert_load_max_over_mean": stats.load.max(-1) / stats.load.mean(-1),
+        "dropped": stats.dropped,
+    }
 
 
 def _microbatches(batch, k: int):
@@ -78,32 +96,48 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, grad_ac
     step_key = jax.random.fold_in(jax.random.key(0), optimizer.step[...])
     total_weight = jnp.maximum(batch["weights"].sum(dtype=jnp.float32), 1.0)
 
-    def mean_and_grads(mb, i=0):
-        def loss(p):
-            model_i = nnx.merge(graphdef, compute_params(p, model.cfg.compute_dtype), frozen)
-            seed_dropout(model_i, jax.random.fold_in(step_key, i))
-            return _loss_sums(model_i, mb)[0] / total_weight
+    cfg = model.cfg
 
-        return jax.value_and_grad(loss)(params)
+    def mean_and_grads(mb, i=0):
+        """((this microbatch's share of the loss, its share of the router metrics), gradients)."""
+
+        def loss(p):
+            model_i = nnx.merge(graphdef, compute_params(p, cfg.compute_dtype), frozen)
+            seed_dropout(model_i, jax.random.fold_in(step_key, i))
+            loss_sum, _, stats = _loss_sums(model_i, mb)
+            router = jax.tree.map(lambda x: x / grad_accum, router_metrics(stats))
+            # The router losses are per-token means, so each microbatch adds its 1/grad_accum share.
+            objective = loss_sum / total_weight
+            if router:
+                objective += cfg.router_aux_loss * router["aux_loss"] + cfg.router_z_loss * router["z_loss"]
+            return objective, (loss_sum / total_weight, router)
+
+        (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return aux, grads
 
     if grad_accum == 1:
-        loss, grads = mean_and_grads(batch)
+        (loss, router), grads = mean_and_grads(batch)
     else:
 
         def body(acc, mb_i):
             return jax.tree.map(jnp.add, acc, mean_and_grads(*mb_i)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        shapes = jax.eval_shape(lambda: mean_and_grads(batch)[0])  # the metrics' shapes, not a real pass
+        zeros = (
+            jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes),
+            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        )
         xs = (_microbatches(batch, grad_accum), jnp.arange(grad_accum))
-        (loss, grads), _ = jax.lax.scan(body, zeros, xs)
+        ((loss, router), grads), _ = jax.lax.scan(body, zeros, xs)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return {
-        "loss": loss,
+        "loss": loss,  # the cross-entropy; the objective also adds the weighted router losses
         "grad_norm": grad_norm,
         "param_norm": optax.tree.norm(nnx.state(model, optimizer.wrt)),
+        **router,
     }
 
 
@@ -141,7 +175,7 @@ def dpo_train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, bet
 def eval_step(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Summed loss and token weight of one batch (the caller averages over batches)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return _loss_sums(nnx.merge(graphdef, compute_params(params, model.cfg.compute_dtype), rest), batch)
+    return _loss_sums(nnx.merge(graphdef, compute_params(params, model.cfg.compute_dtype), rest), batch)[:2]
 
 
 @functools.partial(

@@ -223,6 +223,8 @@ HF_PRESETS = (
     "gemma_2b",
     "gemma2_2b",
     "gpt2_124m",
+    "mixtral_8x7b",
+    "qwen3_30b_a3b",
 )
 
 

@@ -62,6 +62,12 @@ FAMILIES = {
         sliding_window_every=2,
         tie_embeddings=True,
     ),
+    # Qwen2-MoE: top-2 of 4 experts, not renormalised, a gated shared expert (Mixtral's routing:
+    # tests/model/test_moe.py and tests/hf).
+    "qwen2_moe": dict(
+        n_experts=4, experts_per_token=2, moe_d_ff=48, n_shared_experts=1, shared_expert_d_ff=80,
+        router_norm_topk=False, qkv_bias=True,
+    ),  # fmt: skip
 }
 
 

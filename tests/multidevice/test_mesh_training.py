@@ -131,7 +131,8 @@ def test_indivisible_mesh_is_a_clear_error_before_compile():
         with pytest.raises(UserError, match=message):
             check_divisible(bad.logical_dims(), Layout(mesh, RULES))
     batch = {"batch": (6, "train.batch_size/grad_accum")}
-    with pytest.raises(UserError, match=r"train.batch_size/grad_accum=6 is not divisible by mesh.data\*mesh.fsdp=4"):
+    message = r"train.batch_size/grad_accum=6 is not divisible by mesh.data\*mesh.fsdp\*mesh.expert=4"
+    with pytest.raises(UserError, match=message):
         check_divisible(batch, Layout(mesh_of((2, 2, 2)), RULES))
     with pytest.raises(UserError, match="devices"):
         make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))

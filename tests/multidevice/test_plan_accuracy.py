@@ -74,7 +74,7 @@ def test_cli_prints_xla_memory_analysis_beside_the_estimate_when_the_devices_exi
     main(["--recipe", "stdlib_tiny", "--devices", "8", "--set", "train.seq_len=64", "--json", str(out)])
     printed = capsys.readouterr().out
     plan = json.loads(out.read_text())
-    assert plan["n_devices"] == 8 and plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert plan["n_devices"] == 8 and plan["mesh"] == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1, "expert": 1}
     assert "XLA memory analysis" in printed
     compiled = plan["compiled"]
     # Arguments are the sharded parameters, optimizer state and batch: the estimate's state plus a few KiB.

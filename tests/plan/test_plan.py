@@ -98,7 +98,7 @@ def test_every_divisibility_problem_is_listed_as_trainings_error(tmp_path):
         (["--topology", "v9z-12"], "unknown topology"),
         (["--devices", "0"], "must be positive"),
         (["--mfu", "1.5"], "out of range"),
-        (["--set", "mesh.fsdp=3"], "mesh data*fsdp*context*tensor = 1*3*1*1"),
+        (["--set", "mesh.fsdp=3"], "mesh data*fsdp*context*tensor*expert = 1*3*1*1*1"),
         (["--devices", "4", "--set", "mesh.data=3"], "do not divide the 4 devices"),
         (["--topology", "v5p-128", "--set", "mesh.dcn_data=2"], "slices requested"),
     ],

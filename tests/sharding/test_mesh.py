@@ -22,9 +22,10 @@ class FakeDevice:
 
 
 def test_minus_one_fills_and_bad_shapes_explain_themselves():
-    assert resolve_shape(2, -1, 2, 16) == (2, 4, 1, 2)  # (data, fsdp, context, tensor)
-    assert resolve_shape(1, 1, -1, 8) == (1, 1, 1, 8)
-    assert resolve_shape(1, 2, 1, 8, context=-1) == (1, 2, 4, 1)
+    assert resolve_shape(2, -1, 2, 16) == (2, 4, 1, 2, 1)  # (data, fsdp, context, tensor, expert)
+    assert resolve_shape(1, 1, -1, 8) == (1, 1, 1, 8, 1)
+    assert resolve_shape(1, 2, 1, 8, context=-1) == (1, 2, 4, 1, 1)
+    assert resolve_shape(1, 2, 1, 8, expert=-1) == (1, 2, 1, 1, 4)
     with pytest.raises(UserError, match="at most one"):
         resolve_shape(-1, -1, 1, 8)
     with pytest.raises(UserError, match="do not divide the 8 devices"):
@@ -59,4 +60,8 @@ def test_rules_table_overrides_and_one_axis_per_dimension():
     assert logical_to_spec(("embed", "vocab"), rules) == logical_to_spec(("embed", None), rules)
     assert tuple(logical_to_spec(("embed", "mlp"), rules)) == ("fsdp", "tensor")  # fsdp already taken by embed
     assert tuple(logical_to_spec(("batch", "length", "embed"))) == (None, None, None)  # no rules in context
-    assert tuple(logical_to_spec(("batch", "length", "embed"), logical_rules())) == (("data", "fsdp"), "context", None)
+    assert tuple(logical_to_spec(("batch", "length", "embed"), logical_rules())) == (
+        ("data", "fsdp", "expert"),
+        "context",
+        None,
+    )

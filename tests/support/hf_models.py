@@ -123,6 +123,55 @@ CASES = {
             sliding_window=4,
         ),
     ),
+    # Mixture of experts, each with GQA, an odd layer count and routers drawn at random (build_hf).
+    # Mixtral: top-2 of 4 experts, softmax over the top-k logits.
+    "mixtral": (
+        "MixtralConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Qwen3-MoE: top-3 of 6, renormalised, q/k norms, a head_dim of its own.
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=6,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Qwen2-MoE: top-2 of 4 not renormalised, q/k/v biases, a shared expert behind a sigmoid gate.
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+        ),
+    ),
     # Conv1D [in, out] weights, fused c_attn, learned positions, LayerNorm, biases, tied head.
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1)),
 }
@@ -138,9 +187,11 @@ def build_hf(family: str, seed: int = 0, dtype: str = "float32"):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.ndim == 1:  # norm scales and biases
                 param.add_(torch.randn_like(param) * 0.3)
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # MoE routers
+                param.copy_(torch.randn_like(param))  # decisive picks: top-k far from ties
     return model.to(getattr(torch, dtype)).eval()
 
 
