@@ -30,7 +30,7 @@ def test_minus_one_fills_and_bad_shapes_explain_themselves():
         resolve_shape(-1, -1, 1, 8)
     with pytest.raises(UserError, match="do not divide the 8 devices"):
         resolve_shape(3, -1, 1, 8)
-    with pytest.raises(UserError, match=r"2\*2\*1\*1 = 4 but there are 8 devices"):
+    with pytest.raises(UserError, match=r"2\*2\*1\*1\*1 = 4 but there are 8 devices"):
         resolve_shape(2, 2, 1, 8)
 
 
@@ -40,11 +40,11 @@ def test_multislice_only_the_dcn_factor_crosses_slices(dcn):
     devices = [FakeDevice(i, i // 4) for i in range(4 * n_slices)]
     cfg = MeshConfig(data=1, fsdp=-1, tensor=1, dcn_data=dcn[0], dcn_fsdp=dcn[1])
     grid = device_grid(cfg, devices)
-    assert grid.shape == (dcn[0], 4 * dcn[1], 1, 1)
+    assert grid.shape == (dcn[0], 4 * dcn[1], 1, 1, 1)
     # Within one slice-sized block of the fsdp axis, every device is on the same slice.
     for d in range(grid.shape[0]):
         for block in range(dcn[1]):
-            slices = {dev.slice_index for dev in grid[d, block * 4 : (block + 1) * 4, 0, 0]}
+            slices = {dev.slice_index for dev in grid[d, block * 4 : (block + 1) * 4, 0, 0, 0]}
             assert len(slices) == 1
     assert len({dev.slice_index for dev in grid.ravel()}) == n_slices
 
