@@ -3,15 +3,16 @@
 A thin entry over lm_eval.simple_evaluate with nnx-lm's model backend ("nnx-lm"): prints lm_eval's
 results table and writes its results JSON. Task data comes from local files (a task YAML with
 `dataset_path: json` in --include-path) or from the Hugging Face datasets cache, filled once
-beforehand (docs/eval.md); nothing is downloaded here.
+beforehand (docs/eval.md); nothing is downloaded here. In a multi-process job (launch.local_cluster,
+SLURM, a TPU pod) the model is split over every process's devices, every process runs every request
+in the same order, and process 0 alone prints and writes.
 """
 
 import argparse
 import json
-import pathlib
 
-from launch.cli import ArgumentParser, add_model_source, main_guard
-from lm.errors import UserError
+from launch.cli import ArgumentParser, OutputFile, add_model_source, add_overwrite, is_writer, main_guard
+from launch.distributed import add_arguments, initialize_from_env_or_flags
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -24,10 +25,19 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--max-gen-toks", type=int, default=256, help="new tokens when a task does not say")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for tasks that sample")
-    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices for a model too large for one")
-    p.add_argument("--fsdp", type=int, default=1, help="devices the weights (and each batch) are split over")
+    p.add_argument(
+        "--tensor", type=int, default=1,
+        help="tensor-parallel devices for a model too large for one (several processes: the model is split over "
+        "every device, --tensor of them on the tensor axis and the rest on fsdp)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fsdp", type=int, default=1,
+        help="devices the weights (and each batch) are split over (one process; several use every device)",
+    )  # fmt: skip
     p.add_argument("--output", help="write lm_eval's results JSON here (e.g. results.json)")
+    add_overwrite(p)
     p.add_argument("--log-samples", action="store_true", help="keep every request and response in --output")
+    add_arguments(p)
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not args.tasks:
@@ -46,19 +56,21 @@ def main(argv=None):
     args = parse(argv)
     from lm.evals import TaskSet, backend, evaluate, task_manager
 
-    if args.output and not pathlib.Path(args.output).parent.is_dir():
-        raise UserError(f"--output {args.output}: folder {pathlib.Path(args.output).parent} does not exist")
+    output = OutputFile(args.output, "--output", args.overwrite) if args.output else None
     tasks = TaskSet(
         tuple(args.tasks), include_path=args.include_path, num_fewshot=args.num_fewshot,
         limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit,
         log_samples=args.log_samples,
     )  # fmt: skip
     manager = task_manager(tasks)  # unknown tasks stop us before the model loads
+    initialize_from_env_or_flags(args)
     lm = backend()(
         args.run_dir, args.checkpoint, args.hf, tensor=args.tensor, fsdp=args.fsdp, batch_size=args.batch_size,
         max_gen_toks=args.max_gen_toks, seed=args.seed,
     )  # fmt: skip
-    results = evaluate(lm, tasks, manager=manager)
+    results = evaluate(lm, tasks, manager=manager)  # every process, every request (SPMD)
+    if not is_writer():
+        return
     from lm_eval.utils import handle_non_serializable, make_table
 
     limit = f", limit {args.limit:g}" if args.limit else ""
@@ -66,10 +78,11 @@ def main(argv=None):
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))
-    if args.output:
+    if output:
         if not args.log_samples:
             results.pop("samples", None)
-        pathlib.Path(args.output).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+        with output.writing() as path:
+            path.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ the two give the same numbers on the same weights:
 
 Scoring runs on lm.infer.score (batches of similar length, on the device), generation on
 lm.infer.decode's KV-cached loop; both under the model's layout, so a model sharded over tensor or
-fsdp devices evaluates as it is.
+fsdp devices evaluates as it is. In a multi-process job the backend is rank 0 of a world of 1 on
+every process (TemplateLM's default): lm_eval splits no requests, every process runs all of them in
+the same order (SPMD over the one mesh), and results come to every host through to_host.
 """
 
 from collections.abc import Sequence

@@ -144,7 +144,7 @@ def score_continuations(
                 raise ValueError(f"item {i}: {n} scored of {len(ids)} tokens (context {model.cfg.max_seq_len})")
             k = len(ids) - 1
             inputs[r, :k], targets[r, :k], weights[r, k - n : k] = ids[:-1], ids[1:], 1.0
-        sums, greedy = jax.device_get(_row_logprobs(graphdef, params, *map(jnp.asarray, (inputs, targets, weights))))
+        sums, greedy = map(to_host, _row_logprobs(graphdef, params, *map(jnp.asarray, (inputs, targets, weights))))
         for r, i in enumerate(chunk):
             out[i] = (float(sums[r]), bool(greedy[r]))
     return out

@@ -51,9 +51,11 @@ def bad(tmp_path_factory, hf_model, task_folder):
         (["--hf", "{model}", "--tasks", "mc_local", "--include-path", "{bad}/nowhere"], ["is not a folder"]),
         (["--hf", "{model}", "--tasks", ","], ["--tasks names no task"]),
         (["--hf", "{model}", "--tasks", "mc_local", "--log-samples"], ["--log-samples needs --output"]),
+        (["--hf", "{model}", "--tasks", "mc_local", "--include-path", "{tasks}", "--output", "{tasks}/mc.jsonl"],
+         ["mc.jsonl already exists; pass --overwrite"]),
     ],
     ids=["unknown task", "data not cached", "data file missing", "no weights", "no folder", "no include path",
-         "no task", "samples without output"],
+         "no task", "samples without output", "output exists"],
 )  # fmt: skip
 def test_bad_input_gives_one_line_and_exit_code_2(args, fragments, bad, hf_model, task_folder, hf_cache, capfd):
     import datasets

@@ -5,6 +5,7 @@ sharded over 8 fake CPU devices (tensor x fsdp) through launch.eval."""
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -104,19 +105,52 @@ def test_requests_one_by_one_match_hf_stops_limits_empty_context_and_sampling(ou
     assert first == again and first != greedy
 
 
-@pytest.mark.slow
-def test_launch_eval_sharded_over_tensor_and_fsdp_equals_the_hf_backend(hf_model, task_folder, hf_reference, tmp_path):
-    """launch.eval on 8 fake CPU devices, weights split over tensor=2 x fsdp=4 and each batch over fsdp:
-    the same requests and metrics; it prints lm_eval's table and writes its JSON."""
-    out = tmp_path / "results.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(
-        [sys.executable, "-m", "launch.eval", "--hf", str(hf_model), "--tasks", ",".join(TASKS),
-         "--include-path", str(task_folder), "--tensor", "2", "--fsdp", "4", "--batch-size", "4",
-         "--log-samples", "--output", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+def _eval_args(hf_model, task_folder) -> list[str]:
+    return [sys.executable, "-m", "launch.eval", "--hf", str(hf_model), "--tasks", ",".join(TASKS),
+            "--include-path", str(task_folder), "--tensor", "2", "--batch-size", "4", "--log-samples"]  # fmt: skip
+
+
+def _run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def eight_devices(hf_model, task_folder, tmp_path_factory):
+    """launch.eval on one process of 8 fake CPU devices, weights split over tensor=2 x fsdp=4 and each
+    batch over fsdp: its stdout and results JSON."""
+    out = tmp_path_factory.mktemp("eight") / "results.json"
+    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    run = _run([*_eval_args(hf_model, task_folder), "--fsdp", "4", "--output", str(out)], eight)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in run.stdout, run.stdout
-    assert "|  Tasks  |" in run.stdout and "word_perplexity" in run.stdout, run.stdout
-    assert_same_as_hf(json.loads(out.read_text()), hf_reference)
+    return run.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_launch_eval_sharded_over_tensor_and_fsdp_equals_the_hf_backend(eight_devices, hf_reference):
+    """The same requests and metrics as lm_eval's hf backend; it prints lm_eval's table and writes its JSON."""
+    stdout, results = eight_devices
+    assert "'fsdp': 4" in stdout and "'tensor': 2" in stdout, stdout
+    assert "|  Tasks  |" in stdout and "word_perplexity" in stdout, stdout
+    assert_same_as_hf(results, hf_reference)
+
+
+@pytest.mark.slow
+def test_launch_eval_on_two_processes_of_four_devices_equals_one_process_of_eight(
+    eight_devices, hf_model, task_folder, hf_reference, tmp_path
+):
+    """launch.local_cluster, 2 processes x 4 devices, one mesh of 8 (fsdp=4 x tensor=2 across both):
+    every process runs every request; process 0 alone prints the table and writes --output (each
+    process is given its own path, so a second writer would show), with the requests and metrics of
+    one process of 8 devices."""
+    cluster = [sys.executable, "-m", "launch.local_cluster", "--processes", "2", "--devices-per-process", "4", "--"]
+    each = f"exec {shlex.join(_eval_args(hf_model, task_folder))} --output {tmp_path}/results$NNXLM_PROCESS_ID.json"
+    run = _run([*cluster, "sh", "-c", each], {})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results0.json"]
+    assert "'fsdp': 4" in run.stdout and "'tensor': 2" in run.stdout, run.stdout[-3000:]  # the mesh of one process
+    assert "[p0] |  Tasks  |" in run.stdout and "|  Tasks  |" not in run.stdout.replace("[p0] |  Tasks  |", "")
+    two = json.loads((tmp_path / "results0.json").read_text())
+    one = eight_devices[1]
+    assert_same_as_hf(two, one)
+    assert_same_as_hf(two, hf_reference)
