@@ -129,16 +129,10 @@ def scores(results: dict) -> dict[str, float]:
 class LiveTasks:
     """Tasks on a model in memory, e.g. a training run's live model: the arrays the train step updates,
     evaluated under the run's own layout (no export, no reload, no copy). Tasks are checked and indexed
-    once, at construction."""
+    once, at construction. In a multi-process run every process evaluates every request on the one
+    mesh (as launch.eval does) and gets the same scores; process 0 writes them."""
 
     def __init__(self, model, tokenizer, layout, tasks: TaskSet, *, batch_size: int):
-        import jax
-
-        if jax.process_count() > 1:
-            raise UserError(
-                "train.eval_tasks runs in single-process runs for now; evaluate a multi-process run's checkpoints "
-                "with python -m launch.eval"
-            )
         self.tasks, self.manager = tasks, task_manager(tasks)
         self.lm = backend().of(model, tokenizer, layout, batch_size=batch_size)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the training log stays readable

@@ -1,6 +1,6 @@
 """train.eval_tasks: lm_eval tasks on the live model during training, as eval/<task>/<metric> rows of
 metrics.jsonl at the right steps; the same numbers as launch.eval's backend on the saved checkpoint;
-and unchanged after a SIGKILL and a resume."""
+unchanged after a SIGKILL and a resume; and the same on a run of 2 processes."""
 
 import json
 import signal
@@ -14,11 +14,11 @@ pytestmark = pytest.mark.slow
 EVAL_TASKS = TASKS[:2]  # the multiple-choice and the rolling-perplexity task
 
 
-def _args(corpus, run_dir, task_folder):
+def _args(corpus, run_dir, task_folder, *extra):
     return tiny_train_args(
         corpus, run_dir,
         f"train.eval_tasks={json.dumps(list(EVAL_TASKS))}", "train.eval_tasks_every=2", "train.eval_tasks_limit=4",
-        f"train.eval_include_path={task_folder}", "train.sample_tokens=0",
+        f"train.eval_include_path={task_folder}", "train.sample_tokens=0", *extra,
     )  # fmt: skip
 
 
@@ -61,3 +61,30 @@ def test_task_rows_at_their_steps_survive_a_sigkill_and_match_the_saved_checkpoi
     )
     for key, value in scores(saved).items():
         assert rows[6][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_two_processes_score_the_live_sharded_model_like_its_checkpoint(tiny_corpus, task_folder, tmp_path):
+    """A launch.local_cluster run, 2 processes x 4 devices (fsdp=4 x tensor=2 across both): every process
+    evaluates the tasks on the live model, process 0 writes one row, equal to the scores of the saved
+    checkpoint evaluated on one device."""
+    from lm.evals import TaskSet, backend, evaluate, scores
+
+    run_dir = tmp_path / "run"
+    args = _args(
+        tiny_corpus, run_dir, task_folder, "train.steps=3", "train.eval_tasks_every=3", "train.eval_every=100",
+        "model.n_heads=8", "model.n_kv_heads=8", "mesh.fsdp=4", "mesh.tensor=2",
+    )  # fmt: skip
+    cluster = ["launch.local_cluster", "--processes", "2", "--devices-per-process", "4", "--", "python", "-m"]
+    out = run_cli(*cluster, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval/mc_local/acc" in r] == [3]  # one writer
+
+    saved = evaluate(
+        backend()(checkpoint=str(run_dir / "checkpoints" / "3"), batch_size=8),
+        TaskSet(EVAL_TASKS, include_path=str(task_folder), limit=4, bootstrap_iters=0),
+    )
+    row = _task_rows(run_dir)[3]
+    assert set(scores(saved)) == set(row) - {"step"}
+    for key, value in scores(saved).items():
+        assert row[key] == pytest.approx(value, rel=1e-5), key
