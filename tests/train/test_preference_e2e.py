@@ -28,6 +28,11 @@ def answer_is_sum(prompts, completions, a, b, **kwargs):
         m = re.search(r"<answer>(-?\\\\d+)</answer>", text)
         out.append(1.0 if m and int(m.group(1)) == x + y else 0.0)
     return out
+
+
+def digits(prompts, completions, **kwargs):
+    """The share of digits: a dense reward, so that even a random model's groups differ."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
 '''
 
 
@@ -49,6 +54,13 @@ def setup(tmp_path_factory):
     base = tiny_llama(root / "base", tokenizer, vocab_size=400, context=64)
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_records(64)))
+    prompts = root / "prompts.jsonl"
+    rng = random.Random(1)
+    with prompts.open("w") as f:
+        for _ in range(32):
+            a, b = rng.randint(1, 3), rng.randint(1, 3)
+            f.write(json.dumps({"prompt": f"{a} plus {b} =", "a": a, "b": b}) + "\n")
+    (root / "reward.py").write_text(REWARD)
     return root, base, pairs
 
 
@@ -125,3 +137,74 @@ def test_killed_dpo_run_resumes_bit_for_bit(setup, dpo_run):
         return [{k: r[k] for k in keys} for r in rows(run) if "reward_margin" in r]
 
     assert logged(straight) == logged(killed)
+
+
+def grpo_args(run_dir, root, base, *extra):
+    sets = [
+        f"init.from={base}",
+        f'data.inputs=["{root / "prompts.jsonl"}"]',
+        "train.objective=grpo",
+        f'objective.rewards=["{root / "reward.py"}:answer_is_sum", "{root / "reward.py"}:digits"]',
+        "objective.reward_weights=[1.0, 0.5]",
+        "objective.group_size=4",
+        "objective.max_new_tokens=8",
+        "objective.iterations=2",
+        "objective.beta=0.04",
+        "train.batch_size=16",
+        "train.seq_len=24",
+        "train.steps=8",
+        "train.log_every=2",
+        "train.sample_tokens=4",
+        "checkpoint.every=4",
+        "optimizer.lr=1e-2",
+        *extra,
+    ]
+    args = ["launch.train", "--recipe", "finetune_tiny", "--run-dir", str(run_dir)]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+GRPO_KEYS = ("step", "loss", "reward_mean", "reward_std", "kl", "completion_length", "clip_fraction")
+
+
+def test_grpo_logs_its_metrics_and_a_killed_run_resumes_bit_for_bit(setup):
+    root, base, _ = setup
+    straight, killed = root / "grpo", root / "grpo_killed"
+    out = run_cli(*grpo_args(straight, root, base))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sample (reward" in out.stdout + out.stderr  # a few completions are shown
+    logged = [{k: r[k] for k in GRPO_KEYS} for r in rows(straight) if "reward_mean" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8]
+    for r in logged:
+        assert 0 <= r["completion_length"] <= 8 and 0 <= r["clip_fraction"] <= 1 and r["kl"] >= 0
+    assert any(r["reward_std"] > 0 for r in logged)  # the dense reward tells completions apart
+    first = final_params(straight, 4)
+    assert any(np.any(x != 0) for x in first)  # the adapters trained (LoRA B starts at zero)
+
+    kill_after(grpo_args(killed, root, base), killed, "4")
+    assert not (killed / "checkpoints" / "8").exists(), "the run finished before it could be interrupted"
+    out = run_cli(*grpo_args(killed, root, base))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stderr + out.stdout
+    for x, y in zip(final_params(straight, 8), final_params(killed, 8), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert logged == [{k: r[k] for k in GRPO_KEYS} for r in rows(killed) if "reward_mean" in r]
+
+
+@pytest.mark.parametrize(
+    "objective, sets, message",
+    [
+        ("dpo", ["lora.rank=0"], "needs lora.rank > 0"),
+        ("dpo", ["objective.reference=/some/run"], "only base"),
+        ("grpo", ["checkpoint.every=3"], "must be a multiple of objective.iterations"),
+        ("grpo", ['objective.rewards=["/nonexistent/r.py:f"]', "objective.reward_weights=[]"], "does not exist"),
+    ],
+)
+def test_bad_objective_input_is_one_line(setup, tmp_path, objective, sets, message):
+    root, base, pairs = setup
+    sets = [f"--set={s}" for s in sets]
+    args = dpo_args(tmp_path / "run", base, pairs) if objective == "dpo" else grpo_args(tmp_path / "run", root, base)
+    out = run_cli(*args, *sets)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
