@@ -31,7 +31,7 @@ def recipe():
         checkpoint=dataclasses.replace(r.checkpoint, every=100),
         objective=ObjectiveConfig(
             rewards=("docs/examples/rewards.py:exact_answer", "docs/examples/rewards.py:tagged"),
-                        beta=0.04,
+            beta=0.04,
             group_size=8,
             max_new_tokens=512,
             temperature=1.0,
