@@ -19,7 +19,7 @@ def recipe():
         name="dpo_tiny",
         description="DPO (sigmoid) with LoRA on preference JSONL (data.inputs) and a small model (init.from)",
         data=dataclasses.replace(r.data, inputs=("data/arith/pairs.jsonl",)),
-        optimizer=dataclasses.replace(r.optimizer, lr=1e-2, warmup_steps=2),
+        optimizer=dataclasses.replace(r.optimizer, lr=3e-3, warmup_steps=2),
         train=dataclasses.replace(
             r.train, objective="dpo", steps=40, seq_len=32, log_every=5, sample_prompt="3 plus 4 ="
         ),

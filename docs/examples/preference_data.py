@@ -1,7 +1,7 @@
 """Write the small data sets of the DPO and GRPO walkthroughs (docs/finetune.md), additions of one-digit
 numbers, into a folder:
 
-  pairs.jsonl    DPO: {"prompt", "chosen", "rejected"}: the right sum against a near miss
+  pairs.jsonl    DPO: {"prompt", "chosen", "rejected"}: the right sum against a hedged near miss
   answers.jsonl  SFT: {"prompt", "completion"}: the <answer>...</answer> format, right half of the time
   prompts.jsonl  GRPO: {"prompt", "answer"}: what docs/examples/rewards.py:exact_answer checks
 
@@ -27,7 +27,7 @@ def main():
         a, b = rng.randint(1, 4), rng.randint(1, 4)
         prompt, near = f"{a} plus {b} =", a + b + rng.choice([-2, -1, 1, 2])
         rows = {
-            "pairs": {"prompt": prompt, "chosen": f" {a + b}.", "rejected": f" {near}."},
+            "pairs": {"prompt": prompt, "chosen": f" {a + b}.", "rejected": f" maybe {near}."},
             # The format with an answer that is right half of the time: GRPO then has something to improve.
             "answers": {"prompt": prompt, "completion": f" <answer>{a + b if rng.random() < 0.5 else near}</answer>"},
             "prompts": {"prompt": prompt, "answer": a + b},
