@@ -57,7 +57,8 @@ def report(plan, recipe) -> str:
         f"FLOPs per token: {plan.flops_per_token / 1e9:.3f} GFLOP (6N + 12*L*T*H*D at seq {recipe.train.seq_len}); "
         f"{plan.tokens_per_step:,} tokens per step ({plan.batch_size} x {recipe.train.seq_len}, "
         f"grad_accum {plan.grad_accum})",
-        f"mesh: {plan.mesh}" + (f" (DCN part {plan.dcn})" if any(v > 1 for v in plan.dcn.values()) else "")
+        f"mesh: {plan.mesh}"
+        + (f" (DCN part {plan.dcn})" if any(v > 1 for v in plan.dcn.values()) else "")
         + f"; {plan.rows_per_device:g} rows per device per microbatch",
         "sharding (per device):",
     ]
@@ -76,6 +77,11 @@ def report(plan, recipe) -> str:
         "larger of these two counts)",
         "  activations + max(one layer, logits) by remat: "
         + ", ".join(f"{r} {mib(mem.activations_by_remat[r])}" for r in REMATS),
+        *(
+            [f"  grpo rollout    {mib(mem.generation)}   KV cache of train.batch_size completions, between steps"]
+            if mem.generation
+            else []
+        ),
         f"  total           {mib(mem.total)} of {mib(plan.capacity_bytes)} usable "
         f"-> {'fits' if plan.fits else 'DOES NOT FIT'}",
         f"  generation: KV cache {mib(mem.kv_cache_per_sequence)} per sequence of {m.max_seq_len} tokens",
@@ -119,9 +125,7 @@ def main(argv=None):
     for name, value in (("--mfu", args.mfu), ("--peak-tflops", args.peak_tflops)):
         if value is not None and not (value > 0 and (name != "--mfu" or value <= 1)):
             raise UserError(f"{name}={value} is out of range; use a positive number (MFU at most 1)")
-    plan = planner.estimate(
-        recipe, args.topology or args.gpu, args.devices, mfu=args.mfu, peak_tflops=args.peak_tflops
-    )
+    plan = planner.estimate(recipe, args.topology or args.gpu, args.devices, mfu=args.mfu, peak_tflops=args.peak_tflops)
     if not args.no_compile and not plan.problems and bench.can_compile(plan):
         import dataclasses
 

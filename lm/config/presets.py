@@ -45,6 +45,10 @@ PRESETS: dict[str, ModelConfig] = {
         151936, 896, 24, 14, 2, 4864, 32768, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=True,
         dtype="bfloat16",
     ),  # fmt: skip
+    "qwen2_5_1_5b": ModelConfig(
+        151936, 1536, 28, 12, 2, 8960, 32768, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=True,
+        dtype="bfloat16",
+    ),  # fmt: skip
     "gemma_2b": ModelConfig(d_model=2048, n_layers=18, n_kv_heads=1, d_ff=16384, **GEMMA),
     "gemma2_2b": ModelConfig(
         d_model=2304, n_layers=26, n_kv_heads=4, d_ff=9216, post_norms=True, query_pre_attn_scalar=256.0,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import pathlib
 import sys
@@ -207,6 +208,39 @@ def read_prompts(files: Sequence, tokenizer) -> list[Prompt]:
     if not prompts:
         raise UserError(f"no prompt records in {[str(f) for f in files]}; each line needs 'prompt' or 'messages'")
     return prompts
+
+
+class RecordStream:
+    """Endless process-local batches of records (DPO pairs, GRPO prompts), reshuffled every epoch from
+    (seed, epoch). Its state is the number of batches taken: the checkpoint keeps it (as grain's
+    iterators are kept), so a resumed run continues the same sequence bit for bit."""
+
+    def __init__(self, records: Sequence, batch_size: int, seed: int, make: Callable = list, index=0, count=1):
+        self.records, self.batch_size, self.seed, self.make = list(records), batch_size, seed, make
+        self.rows = slice(index * batch_size // count, (index + 1) * batch_size // count)  # this process's rows
+        self.taken = 0
+
+    def __iter__(self):
+        return self
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.records))
+
+    def __next__(self):
+        n, first = len(self.records), self.taken * self.batch_size
+        positions = range(first, first + self.batch_size)[self.rows]
+        orders = {e: self._order(e) for e in {p // n for p in positions}}
+        self.taken += 1
+        return self.make([self.records[orders[p // n][p % n]] for p in positions])
+
+    def get_state(self) -> bytes:
+        return json.dumps({"batches_taken": self.taken}).encode()
+
+    def set_state(self, state: bytes | str | dict) -> None:
+        self.taken = int((state if isinstance(state, dict) else json.loads(state))["batches_taken"])
+
+    def start_prefetch(self) -> None:
+        """grain's checkpoint handler calls this after a restore; batches are made on demand."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ class Memory:
     logits: int  # float32 logits and their gradient (unchunked); never live together with `working`
     activations_by_remat: dict[str, int]  # activations + max(working, logits), per policy
     kv_cache_per_sequence: int  # generation at model.max_seq_len, one sequence
+    generation: int = 0  # train.objective=grpo: the rollout's KV cache, between (not beside) train steps
 
     @property
     def state(self) -> int:
@@ -96,7 +97,7 @@ class Memory:
 
     @property
     def total(self) -> int:
-        return self.state + self.temporaries
+        return self.state + max(self.temporaries, self.generation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +161,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["memory"].update(
-            state=self.memory.state, temporaries=self.memory.temporaries, total=self.memory.total
-        )
+        d["memory"].update(state=self.memory.state, temporaries=self.memory.temporaries, total=self.memory.total)
         return d
 
 
@@ -393,6 +392,7 @@ def step_time(
     k = t.grad_accum
     fs_ici, fs_dcn = mesh_shape["fsdp"] // dcn["fsdp"], dcn["fsdp"]
     da_ici, da_dcn = mesh_shape["data"] // dcn["data"], dcn["data"]
+
     # Per microbatch: gather the weights for the forward and again for the backward, reduce-scatter
     # the gradients (float32) back to their shards.
     def fsdp(size, bandwidth):
@@ -491,7 +491,10 @@ def estimate(
         gathered = int(2 * gathered_copy / m.n_layers)
         gathered += int(m.vocab_size * m.d_model * jnp.dtype(m.param_dtype).itemsize / vocab_tp)
 
-    rows = t.batch_size / t.grad_accum / (mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"])
+    # dpo: each pair is two rows (chosen, rejected); the reference pass (adapters off) keeps no activations.
+    pair_rows = 2 if t.objective == "dpo" else 1
+    batch_split = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"]
+    rows = pair_rows * t.batch_size / t.grad_accum / batch_split
     cp = mesh_shape["context"]
     logits = logits_bytes(m, rows, t.seq_len, tp, cp)
     acts = {r: activation_bytes(m, rows, t.seq_len, r, tp, act_bytes, cp) for r in REMATS}
@@ -506,6 +509,11 @@ def estimate(
         logits=logits,
         activations_by_remat=by_remat,
         kv_cache_per_sequence=kv_cache_bytes(m, m.max_seq_len, tp, act_bytes),
+        # grpo samples train.batch_size completions at once, each at most train.seq_len with its prompt,
+        # in a cache of the next power of two (lm.infer.decode.bucket).
+        generation=int(rows * kv_cache_bytes(m, min(1 << (t.seq_len - 1).bit_length(), m.max_seq_len), tp, act_bytes))
+        if t.objective == "grpo"
+        else 0,
     )
     capacity = int(topo.device.hbm_bytes * USABLE_FRACTION)
     fixed = memory.state + memory.gradients + memory.gathered

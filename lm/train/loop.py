@@ -19,6 +19,7 @@ from lm.state.agree import agreed
 from lm.state.optimizer import learning_rate
 from lm.state.source import InitSource
 from lm.train.faults import NonFiniteGuard, Preemption
+from lm.train.preference_run import LOGGED, GrpoStepper, dpo_stepper
 from lm.train.profile import StepProfiler
 from lm.train.run import Run, say, setup
 from lm.train.step import eval_step, train_step
@@ -114,7 +115,7 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> _Outcome:
     """The step loop: train, log, evaluate, checkpoint; stop cleanly on preemption."""
     t, m, ckpt = run.recipe.train, run.recipe.model, run.ckpt
     lr = learning_rate(run.recipe.optimizer, t.steps)
-    tokens_per_step = t.batch_size * t.seq_len
+    tokens_per_step = t.batch_size * t.seq_len * (2 if t.objective == "dpo" else 1)  # dpo: chosen and rejected rows
     adapters = run.n_params if run.recipe.lora.rank else None  # frozen weights get no weight gradient
     flops_per_token = m.flops_per_token(t.seq_len, adapter_params=adapters)
     flops_per_step = flops_per_token * tokens_per_step
@@ -143,16 +144,22 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> _Outcome:
         say(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in row.items() if k != "step" and v is not None))
         return row
 
+    sft = t.objective == "sft"
+    grpo = GrpoStepper(run, say) if t.objective == "grpo" else None
+    step_fn = dpo_stepper(run) if t.objective == "dpo" else grpo
     # The untrained model's eval loss: the starting point that later evals are measured against.
-    initial_eval = evaluate(0)["eval_loss"] if run.start == 0 else None
+    initial_eval = evaluate(0)["eval_loss"] if run.start == 0 and sft else None
     last = {}
     bar = tqdm(total=t.steps, initial=run.start, disable=jax.process_index() != 0, dynamic_ncols=True, desc="train")
     try:
         timer, timed_steps = time.perf_counter(), 0
         for step in range(run.start + 1, t.steps + 1):
-            batch = put_batch(next(run.train_iter), run.layout)
             profiler.before(step)
-            metrics = train_step(run.model, run.optimizer, batch, grad_accum=t.grad_accum)
+            if sft:
+                batch = put_batch(next(run.train_iter), run.layout)
+                metrics = train_step(run.model, run.optimizer, batch, grad_accum=t.grad_accum)
+            else:
+                metrics = step_fn(step)
             profiler.after(step, metrics)
             guard.add(step, metrics)
             log_step = step % t.log_every == 0 or step == t.steps
@@ -181,6 +188,7 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> _Outcome:
                     "tflops_per_device": tflops,
                     "mfu": tflops / peak if tflops is not None else None,
                     "mfu_maxtext": tflops * maxtext_ratio / peak if tflops is not None else None,
+                    **{k: float(metrics[k]) for k in LOGGED.get(t.objective, ())},
                 }
                 for key in ("aux_loss", "z_loss", "expert_load_max_over_mean", "dropped"):  # MoE models
                     if key in metrics:
@@ -188,14 +196,18 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> _Outcome:
                 run.log.write(last)
                 if tps is not None:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
+                if not sft:
+                    say(f"step {step}: " + ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", *LOGGED[t.objective])))
+                if grpo is not None:
+                    grpo.show(step)
                 timer, timed_steps = time.perf_counter(), 0
-            if step % t.eval_every == 0 or step == t.steps:
+            if sft and (step % t.eval_every == 0 or step == t.steps):
                 last.update(evaluate(step))
                 timer, timed_steps = time.perf_counter(), 0
             if tasks is not None and (step % (t.eval_tasks_every or t.eval_every) == 0 or step == t.steps):
                 last.update(evaluate_tasks(step))
                 timer, timed_steps = time.perf_counter(), 0
-            if preemption.reached(step):
+            if preemption.reached(step) and (grpo is None or step % run.recipe.objective.iterations == 0):
                 save(step, force=True)
                 ckpt.wait()
                 say(f"preempted: saved checkpoint {step} in {ckpt.directory}; rerun the same command to continue")

@@ -41,6 +41,7 @@ from lm.state.checkpoint import (
 from lm.state.source import InitSource, resolve_init
 from lm.train.compile_cache import use_compilation_cache
 from lm.train.metrics import MetricsLog
+from lm.train.preference_run import check_objective, objective_data
 from sharding.mesh import Layout
 from sharding.partition import check_divisible, process_rows
 
@@ -264,16 +265,22 @@ def setup(recipe: Recipe, run_dir: pathlib.Path, source: InitSource | None = Non
     say(f"attention: {impl} ({why})")
     if source or recipe.lora.rank:
         say_memory(recipe)
-    data_dir, tokenizer = prepare_data(recipe, run_dir, source)
+    pid, nproc = jax.process_index(), jax.process_count()
+    if t.objective != "sft":  # preference or RL records, read whole (lm.train.preference_run)
+        agreed(check_objective, recipe, source.tokenizer if source else None)
+        tokenizer, train_iter = agreed(objective_data, recipe, source.tokenizer if source else None, pid, nproc)
+        eval_batches = []
+    else:
+        data_dir, tokenizer = prepare_data(recipe, run_dir, source)
     use_compilation_cache(t.compilation_cache, run_dir)  # after every input check: bad input writes nothing
 
-    pid, nproc = jax.process_index(), jax.process_count()
-    rows = process_rows(layout, t.batch_size)  # this process's devices' rows: any mesh, any axis across processes
-    train_iter = iter(make_dataset(TokenFile(data_dir / "train"), t.seq_len, t.batch_size, t.seed, rows))
-    eval_ds = make_dataset(
-        TokenFile(data_dir / "eval"), t.seq_len, t.batch_size, t.seed, rows, shuffle=False, num_epochs=1
-    )
-    eval_batches = [b for _, b in zip(range(t.eval_batches), eval_ds)]
+    if t.objective == "sft":
+        rows = process_rows(layout, t.batch_size)  # this process's devices' rows: any mesh, any axis across processes
+        train_iter = iter(make_dataset(TokenFile(data_dir / "train"), t.seq_len, t.batch_size, t.seed, rows))
+        eval_ds = make_dataset(
+            TokenFile(data_dir / "eval"), t.seq_len, t.batch_size, t.seed, rows, shuffle=False, num_epochs=1
+        )
+        eval_batches = [b for _, b in zip(range(t.eval_batches), eval_ds)]
 
     with layout:
         model, optimizer = build(recipe, layout, source)

@@ -1,0 +1,210 @@
+"""DPO and GRPO end to end through launch.train on CPU: a tiny random transformers Llama with a BPE
+tokenizer the test trains, LoRA adapters; preference pairs and prompts the test writes; a reward the
+test defines; resume after SIGKILL bit for bit; bad input as one line."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from helpers import ROOT, final_params, run_cli
+
+pytestmark = pytest.mark.slow
+transformers = pytest.importorskip("transformers")
+from hf_builders import bpe_folder, tiny_llama  # noqa: E402
+
+REWARD = '''
+import re
+
+
+def answer_is_sum(prompts, completions, a, b, **kwargs):
+    """1 where the first <answer>...</answer> holds a + b, else 0."""
+    out = []
+    for text, x, y in zip(completions, a, b):
+        m = re.search(r"<answer>(-?\\\\d+)</answer>", text)
+        out.append(1.0 if m and int(m.group(1)) == x + y else 0.0)
+    return out
+
+
+def digits(prompts, completions, **kwargs):
+    """The share of digits: a dense reward, so that even a random model's groups differ."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+'''
+
+
+def pair_records(n: int, seed: int = 0) -> list[dict]:
+    """The preferred reply says the sum; the rejected one a wrong number."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        wrong = a + b + rng.choice([-2, -1, 1, 2])
+        out.append({"prompt": f"{a} plus {b} is", "chosen": f" {a + b}.", "rejected": f" {wrong} or so."})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pref")
+    tokenizer = bpe_folder(root / "tok", gpt2=False)
+    base = tiny_llama(root / "base", tokenizer, vocab_size=400, context=64)
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_records(64)))
+    prompts = root / "prompts.jsonl"
+    rng = random.Random(1)
+    with prompts.open("w") as f:
+        for _ in range(32):
+            a, b = rng.randint(1, 3), rng.randint(1, 3)
+            f.write(json.dumps({"prompt": f"{a} plus {b} =", "a": a, "b": b}) + "\n")
+    (root / "reward.py").write_text(REWARD)
+    return root, base, pairs
+
+
+def dpo_args(run_dir, base, pairs, *extra):
+    sets = [
+        f"init.from={base}",
+        f'data.inputs=["{pairs}"]',
+        "train.objective=dpo",
+        "train.seq_len=32",
+        "train.steps=30",
+        "train.log_every=5",
+        "train.sample_tokens=4",
+        "checkpoint.every=10",
+        "optimizer.lr=1e-2",
+        "optimizer.warmup_steps=2",
+        *extra,
+    ]
+    args = ["launch.train", "--recipe", "finetune_tiny", "--run-dir", str(run_dir)]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(setup):
+    root, base, pairs = setup
+    run = root / "dpo"
+    out = run_cli(*dpo_args(run, base, pairs))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run, out
+
+
+def test_dpo_reward_accuracy_rises_and_the_margin_grows(dpo_run):
+    run, _ = dpo_run
+    logged = [r for r in rows(run) if "reward_accuracy" in r]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 30]
+    for r in logged:
+        assert {"loss", "rewards_chosen", "rewards_rejected", "reward_margin"} <= set(r)
+        assert r["reward_margin"] == pytest.approx(r["rewards_chosen"] - r["rewards_rejected"], abs=1e-5)
+    assert logged[-1]["reward_accuracy"] > 0.9
+    assert logged[-1]["reward_margin"] > logged[0]["reward_margin"] + 0.5
+    assert logged[-1]["loss"] < logged[0]["loss"]
+
+
+def kill_after(args, run_dir, step_dir: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / step_dir).is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_killed_dpo_run_resumes_bit_for_bit(setup, dpo_run):
+    root, base, pairs = setup
+    straight, _ = dpo_run
+    killed = root / "dpo_killed"
+    kill_after(dpo_args(killed, base, pairs), killed, "10")
+    assert not (killed / "checkpoints" / "30").exists(), "the run finished before it could be interrupted"
+    out = run_cli(*dpo_args(killed, base, pairs))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stderr + out.stdout
+    for x, y in zip(final_params(straight, 30), final_params(killed, 30), strict=True):
+        np.testing.assert_array_equal(x, y)
+    keys = ("step", "loss", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
+
+    def logged(run):
+        return [{k: r[k] for k in keys} for r in rows(run) if "reward_margin" in r]
+
+    assert logged(straight) == logged(killed)
+
+
+def grpo_args(run_dir, root, base, *extra):
+    sets = [
+        f"init.from={base}",
+        f'data.inputs=["{root / "prompts.jsonl"}"]',
+        "train.objective=grpo",
+        f'objective.rewards=["{root / "reward.py"}:answer_is_sum", "{root / "reward.py"}:digits"]',
+        "objective.reward_weights=[1.0, 0.5]",
+        "objective.group_size=4",
+        "objective.max_new_tokens=8",
+        "objective.iterations=2",
+        "objective.beta=0.04",
+        "train.batch_size=16",
+        "train.seq_len=24",
+        "train.steps=8",
+        "train.log_every=2",
+        "train.sample_tokens=4",
+        "checkpoint.every=4",
+        "optimizer.lr=1e-2",
+        *extra,
+    ]
+    args = ["launch.train", "--recipe", "finetune_tiny", "--run-dir", str(run_dir)]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+GRPO_KEYS = ("step", "loss", "reward_mean", "reward_std", "kl", "completion_length", "clip_fraction")
+
+
+def test_grpo_logs_its_metrics_and_a_killed_run_resumes_bit_for_bit(setup):
+    root, base, _ = setup
+    straight, killed = root / "grpo", root / "grpo_killed"
+    out = run_cli(*grpo_args(straight, root, base))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sample (reward" in out.stdout + out.stderr  # a few completions are shown
+    logged = [{k: r[k] for k in GRPO_KEYS} for r in rows(straight) if "reward_mean" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8]
+    for r in logged:
+        assert 0 <= r["completion_length"] <= 8 and 0 <= r["clip_fraction"] <= 1 and r["kl"] >= 0
+    assert any(r["reward_std"] > 0 for r in logged)  # the dense reward tells completions apart
+    first = final_params(straight, 4)
+    assert any(np.any(x != 0) for x in first)  # the adapters trained (LoRA B starts at zero)
+
+    kill_after(grpo_args(killed, root, base), killed, "4")
+    assert not (killed / "checkpoints" / "8").exists(), "the run finished before it could be interrupted"
+    out = run_cli(*grpo_args(killed, root, base))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stderr + out.stdout
+    for x, y in zip(final_params(straight, 8), final_params(killed, 8), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert logged == [{k: r[k] for k in GRPO_KEYS} for r in rows(killed) if "reward_mean" in r]
+
+
+@pytest.mark.parametrize(
+    "objective, sets, message",
+    [
+        ("dpo", ["lora.rank=0"], "needs lora.rank > 0"),
+        ("dpo", ["objective.reference=/some/run"], "only base"),
+        ("grpo", ["checkpoint.every=3"], "must be a multiple of objective.iterations"),
+        ("grpo", ['objective.rewards=["/nonexistent/r.py:f"]', "objective.reward_weights=[]"], "does not exist"),
+    ],
+)
+def test_bad_objective_input_is_one_line(setup, tmp_path, objective, sets, message):
+    root, base, pairs = setup
+    sets = [f"--set={s}" for s in sets]
+    args = dpo_args(tmp_path / "run", base, pairs) if objective == "dpo" else grpo_args(tmp_path / "run", root, base)
+    out = run_cli(*args, *sets)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
