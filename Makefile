@@ -24,17 +24,19 @@ demo: $(STAMP)
 TREE_TESTS ?= tests/model tests/infer/test_decode.py tests/test_lora.py tests/hf/test_hf_model.py tests/train/test_loop.py
 
 # Exit status 5 (pytest collected no tests) fails here like any other failure.
+# Two pytest-xdist workers (a CI machine has 2 cores); a test module stays on one worker (conftest.py).
+XDIST ?= -n 2 --dist loadgroup
 test: $(STAMP)
-	$(PY) -m pytest -q
-	NNX_LM_TREE_MODE=1 $(PY) -m pytest -q $(TREE_TESTS)
+	$(PY) -m pytest -q $(XDIST) --durations=25
+	NNX_LM_TREE_MODE=1 $(PY) -m pytest -q $(XDIST) $(TREE_TESTS)
 
 # Only the tree-mode pass.
 test-tree: $(STAMP)
-	NNX_LM_TREE_MODE=1 $(PY) -m pytest -q $(TREE_TESTS)
+	NNX_LM_TREE_MODE=1 $(PY) -m pytest -q $(XDIST) $(TREE_TESTS)
 
 # Skips the slow end-to-end and multi-device tests (CI runs everything).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs wandb .pytest_cache

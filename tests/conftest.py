@@ -24,13 +24,21 @@ def pytest_sessionstart(session):
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
     for requirement in extras:
         name = requirement.split("=")[0].split(">")[0].split("<")[0].strip()
-        module = {"import-linter": "importlinter"}.get(name, name.replace("-", "_"))
+        module = {"import-linter": "importlinter", "pytest-xdist": "xdist"}.get(name, name.replace("-", "_"))
         try:
             importlib.import_module(module)
         except ImportError as e:
             raise pytest.UsageError(
                 f"CI=true but the test extra {name} does not import ({e}); install it: pip install -e '.[test]'"
             ) from None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) a module's tests share a worker, so
+    its module fixtures are built once; the multidevice files, each its own subprocess, spread out."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(item.nodeid if module.endswith("test_sharding.py") else module))
 
 
 @pytest.fixture

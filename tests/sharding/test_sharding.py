@@ -1,4 +1,5 @@
-"""Runs tests/multidevice in a subprocess with 8 fake CPU devices (XLA_FLAGS must precede jax)."""
+"""Runs tests/multidevice in subprocesses with 8 fake CPU devices (XLA_FLAGS must precede jax): one
+subprocess per file, so that pytest-xdist spreads them over the workers."""
 
 import os
 import subprocess
@@ -10,10 +11,14 @@ from helpers import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_multidevice_suite_on_8_fake_cpu_devices():
+FILES = sorted(p.name for p in (ROOT / "tests" / "multidevice").glob("test_*.py"))
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_multidevice_file_on_8_fake_cpu_devices(name):
     env = {**os.environ, "NNXLM_MULTIDEVICE": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/multidevice"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", f"tests/multidevice/{name}"],
         cwd=ROOT,
         env=env,
         capture_output=True,
