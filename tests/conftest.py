@@ -35,10 +35,12 @@ def pytest_sessionstart(session):
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) a module's tests share a worker, so
-    its module fixtures are built once; the multidevice files, each its own subprocess, spread out."""
+    its module fixtures are built once; the multidevice files (each its own subprocess) and the
+    recipes' plan commands spread out."""
+    spread = ("tests/sharding/test_sharding.py::", "tests/plan/test_plan.py::test_every_recipe_plans")
     for item in items:
-        module = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(item.nodeid if module.endswith("test_sharding.py") else module))
+        group = item.nodeid if item.nodeid.startswith(spread) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture

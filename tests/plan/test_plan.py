@@ -19,15 +19,15 @@ def plan_cli(tmp_path, *args):
 
 
 @pytest.mark.slow
-def test_every_recipe_plans_and_fits_its_intended_hardware(tmp_path):
+@pytest.mark.parametrize("name", available_recipes())
+def test_every_recipe_plans_and_fits_its_intended_hardware(tmp_path, name):
     """One process per recipe, as a user runs it: exit 0, no divisibility problem, fits by the estimate."""
-    for name in available_recipes():
-        result, plan = plan_cli(tmp_path, "--recipe", name, "--no-compile")
-        assert result.returncode == 0, f"{name}: {result.stdout[-1500:]}{result.stderr[-800:]}"
-        recipe = load_recipe(name)
-        assert plan["fits"] and not plan["problems"], name
-        assert plan["hardware"] == (recipe.hardware or "cpu x1"), name
-        assert plan["memory"]["total"] <= plan["capacity_bytes"]
+    result, plan = plan_cli(tmp_path, "--recipe", name, "--no-compile")
+    assert result.returncode == 0, f"{name}: {result.stdout[-1500:]}{result.stderr[-800:]}"
+    recipe = load_recipe(name)
+    assert plan["fits"] and not plan["problems"], name
+    assert plan["hardware"] == (recipe.hardware or "cpu x1"), name
+    assert plan["memory"]["total"] <= plan["capacity_bytes"]
 
 
 def test_every_recipe_names_its_hardware_or_runs_here():
