@@ -160,7 +160,8 @@ def bench_decode(
     def timed(prompts, n, use_cache, runs=3):
         """The fastest of a few runs after a compiling one: this machine's timings are noisy."""
         generate(model, prompts, max_new_tokens=n, use_cache=use_cache)
-        done = [generate(model, prompts, max_new_tokens=n, use_cache=use_cache) for _ in range(runs if use_cache else 1)]
+        repeats = runs if use_cache else 1
+        done = [generate(model, prompts, max_new_tokens=n, use_cache=use_cache) for _ in range(repeats)]
         return min(done, key=lambda g: g.decode_seconds)
 
     for b in batches:

@@ -100,7 +100,8 @@ class ModelConfig:
     moe_impl: Literal["auto", "ragged_dot", "megablox", "megablox_interpret"] = "auto"
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_segments"):
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_segments")
+        for name in sizes:
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name}={getattr(self, name)} must be positive")
         if self.n_heads % self.n_kv_heads:

@@ -402,7 +402,8 @@ class Recipe:
         t = self.train
         if t.per_device_batch_size <= 0:
             return self
-        return dataclasses.replace(self, train=dataclasses.replace(t, batch_size=t.per_device_batch_size * batch_devices))
+        train = dataclasses.replace(t, batch_size=t.per_device_batch_size * batch_devices)
+        return dataclasses.replace(self, train=train)
 
     def logical_dims(self) -> dict[str, tuple[int, str]]:
         """The model's shardable sizes plus the (micro)batch, for sharding.partition.check_divisible."""

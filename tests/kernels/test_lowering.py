@@ -68,7 +68,8 @@ def lowered_prefill(cfg, width: int, platform: str, batch_size: int = 2) -> str:
         return model(tokens, positions, (positions < lengths[:, None]).astype(jnp.int32), mode="prefill")
 
     tokens = jnp.zeros((batch_size, width), jnp.int32)
-    return prefill.trace(model, tokens, jnp.full((batch_size,), width - 3)).lower(lowering_platforms=(platform,)).as_text()
+    traced = prefill.trace(model, tokens, jnp.full((batch_size,), width - 3))
+    return traced.lower(lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("length", [64, 256, 1024])
@@ -130,9 +131,8 @@ def test_resolve_names_the_kernel_and_refuses_one_the_platform_lacks():
     for impl in ("cudnn", "splash"):
         with pytest.raises(UserError, match=f"attention_impl={impl} needs a"):
             resolve_attention_impl(ModelConfig(**{**cpu.__dict__, "attention_impl": impl}), "cpu", 64)
-    assert resolve_attention_impl(ModelConfig(**{**cpu.__dict__, "attention_impl": "splash_interpret"}), "cpu", 64)[0] == (
-        "splash_interpret"
-    )
+    interpreted = ModelConfig(**{**cpu.__dict__, "attention_impl": "splash_interpret"})
+    assert resolve_attention_impl(interpreted, "cpu", 64)[0] == "splash_interpret"
 
 
 def test_cudnn_segments_match_a_loop_over_documents():
@@ -155,7 +155,8 @@ def test_interpreted_splash_matches_xla_with_gqa_padding_window_and_softcap(leng
     q = jnp.asarray(rng.normal(size=(2, length, 4, 32)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 32)), jnp.float32) for _ in range(2))
     cut = length // 3
-    segment_ids = jnp.asarray(np.concatenate([np.ones((2, cut)), np.full((2, length - cut - 5), 2), np.zeros((2, 5))], 1), jnp.int32)
+    segments = [np.ones((2, cut)), np.full((2, length - cut - 5), 2), np.zeros((2, 5))]
+    segment_ids = jnp.asarray(np.concatenate(segments, 1), jnp.int32)
 
     def attend(impl):
         def f(q, k, v):

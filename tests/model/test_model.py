@@ -250,5 +250,6 @@ def test_blocked_causal_attention_equals_the_whole_square(length, window, softca
     def blocked(q, k, v):
         return causal_xla_attention(q, k, v, segment_ids, sliding_window=window, softcap=softcap)
 
-    for a, b in zip(jax.grad(loss, argnums=(1, 2, 3))(blocked, q, k, v), jax.grad(loss, argnums=(1, 2, 3))(whole, q, k, v)):
+    grad = jax.grad(loss, argnums=(1, 2, 3))
+    for a, b in zip(grad(blocked, q, k, v), grad(whole, q, k, v)):
         np.testing.assert_allclose(a, b, atol=2e-5)

@@ -33,7 +33,8 @@ def test_train_cli_on_fsdp4_tensor2(tiny_corpus, tmp_path):
     env = {"XLA_FLAGS": os.environ["XLA_FLAGS"]}
     out = run_cli(*tiny_train_args(tiny_corpus, run_dir, "mesh.fsdp=4", "mesh.tensor=2"), env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "mesh {'data': 1, 'fsdp': 4, 'context': 1, 'tensor': 2, 'expert': 1} over 8 cpu devices" in out.stdout + out.stderr
+    mesh = "mesh {'data': 1, 'fsdp': 4, 'context': 1, 'tensor': 2, 'expert': 1} over 8 cpu devices"
+    assert mesh in out.stdout + out.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6 and (run_dir / "checkpoints" / "6").is_dir()
     assert "--- sample ---" in out.stdout
