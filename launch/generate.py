@@ -48,6 +48,10 @@ def parse(argv=None) -> argparse.Namespace:
         help="tensor-parallel devices for a model too large for one (several processes: the model is split over "
         "every device, --tensor of them on the tensor axis and the rest on fsdp)",
     )
+    p.add_argument(
+        "--context", type=int, default=1,
+        help="devices a long prompt's prefill is split over (context parallelism); decoding reads the whole cache",
+    )  # fmt: skip
     p.add_argument("--output", help="write one JSON object per prompt to this .jsonl file, batch by batch")
     add_overwrite(p)
     add_arguments(p)
@@ -56,6 +60,8 @@ def parse(argv=None) -> argparse.Namespace:
         p.error("give --prompt, --prompts-file or --interactive")
     if args.batch_size < 1:
         p.error(f"--batch-size={args.batch_size} must be at least 1")
+    if args.context < 1:
+        p.error(f"--context={args.context} must be at least 1")
     if any(not s for s in args.stop):
         p.error("--stop takes a non-empty string")
     args.stop = [unescape(s) for s in args.stop]
@@ -103,7 +109,7 @@ def main(argv=None):
     writer = is_writer()  # every process computes; process 0 alone prints and writes
     say = print if writer else lambda *a, **k: None
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-    loaded = load_model(args.run_dir, args.checkpoint, args.hf, tensor=args.tensor)
+    loaded = load_model(args.run_dir, args.checkpoint, args.hf, tensor=args.tensor, context=args.context)
     model, tokenizer = loaded.model, loaded.tokenizer
     # Reported with the speeds at the end, so that bad input still gets exactly one line.
     impl, why = resolve_attention_impl(model.cfg, jax.default_backend(), model.cfg.max_seq_len, packed=False)

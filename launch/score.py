@@ -3,7 +3,8 @@
 Texts are encoded with the model's tokenizer and scored by the rule in lm/infer/score.py: each token is
 predicted from what precedes it (the first from the BOS, or the EOS where the tokenizer adds no BOS),
 and a document longer than --window tokens (default min(context, 4096)) is scored in windows that start
-every --stride tokens (default half a window). --token-ids scores an int array [batch, length] as given
+every --stride tokens (default half a window). --context N splits each sequence over N devices
+(context parallelism) for documents too long for one. --token-ids scores an int array [batch, length] as given
 and needs no tokenizer. In a multi-process job every process computes and process 0 prints and writes.
 """
 
@@ -40,6 +41,13 @@ def parse(argv=None) -> argparse.Namespace:
         help="tensor-parallel devices for a model too large for one (several processes: the model is split over "
         "every device, --tensor of them on the tensor axis and the rest on fsdp)",
     )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=1,
+        help="devices each sequence is split over (context parallelism, for long documents; it must divide the "
+        "window); the NLL is one device's",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_arguments(p)
     args = p.parse_args(argv)
@@ -47,6 +55,8 @@ def parse(argv=None) -> argparse.Namespace:
         p.error(f"--batch-size={args.batch_size} must be at least 1")
     if args.window is not None and args.window < 2:
         p.error(f"--window={args.window} must be at least 2")
+    if args.context < 1:
+        p.error(f"--context={args.context} must be at least 1")
     if args.stride is not None and args.stride < 1:
         p.error(f"--stride={args.stride} must be at least 1")
     if args.stride is not None and args.window is not None and args.stride >= args.window:
@@ -97,7 +107,9 @@ def main(argv=None):
     ids = read_token_ids(args.token_ids) if args.token_ids else None
     initialize_from_env_or_flags(args)
     writer = is_writer()
-    loaded = load_model(args.run_dir, args.checkpoint, args.hf, tensor=args.tensor, need_tokenizer=ids is None)
+    loaded = load_model(
+        args.run_dir, args.checkpoint, args.hf, tensor=args.tensor, context=args.context, need_tokenizer=ids is None
+    )
     cfg = loaded.model.cfg
     check_window(args.window, args.stride, cfg.max_seq_len)  # bad input before any work
     with loaded.layout:

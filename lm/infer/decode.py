@@ -1,6 +1,10 @@
 """Autoregressive generation: prefill into the KV cache (in one pass, or `model.prefill_chunk`
 tokens at a time), then a jitted decode loop.
 
+Under a mesh whose `length` rule splits sequences (mesh.context), the prefill's prompt is split over
+those devices (context parallelism); the cache is not (its `cache_length` stays whole), so each
+device decodes over the whole cache.
+
 Prompts of different lengths are right-padded into one batch. Each row keeps its own position, so
 row b's next token is written at cache slot lengths[b] + step. Shapes are bucketed to powers of
 two, so new prompt lengths rarely recompile. The loop runs on the device (`lax.while_loop`) in
@@ -25,6 +29,7 @@ from flax import nnx
 from lm.errors import UserError
 from lm.hardware import platform
 from lm.infer.sampling import Sampling, apply_repetition_penalty, sample
+from lm.kernels.context import context_size
 from lm.kernels.xla import CACHE_LENGTH_AXIS
 from lm.lora import adapters
 from sharding.partition import place, to_host
@@ -247,7 +252,8 @@ def _prefill_state(graphdef, params, prompts, cache_len, max_new_tokens, *, voca
     positions at a time; or the uncached loop's token buffer), and each row's first token sampled:
     where the decode loop starts."""
     batch, lengths = len(prompts), jnp.asarray([len(p) for p in prompts], jnp.int32)
-    width = min(bucket(max(len(p) for p in prompts)), cache_len)
+    split = context_size()  # devices that share a sequence (mesh.context): the prompt splits evenly over them
+    width = min(-(-bucket(max(len(p) for p in prompts)) // split) * split, cache_len)
     chunk = prefill_chunk if use_cache and prefill_chunk < width else 0
     tokens = np.zeros((batch, width), np.int32)
     for row, p in enumerate(prompts):

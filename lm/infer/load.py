@@ -34,32 +34,42 @@ class Loaded:
     step: int | None = None
 
 
-def inference_layout(tensor: int = 1, rules=(), fsdp: int = 1) -> Layout:
-    """One process: `tensor` x `fsdp` of its devices; the batch is split over fsdp (batches must then
-    divide by it), the weights over both. Several processes: every device of every process, `tensor`
-    on the tensor axis and the rest on fsdp, so a model too large for one host is split over all of
-    them (each process holds its part of the weights)."""
+def inference_layout(tensor: int = 1, rules=(), fsdp: int = 1, context: int = 1) -> Layout:
+    """One process: `tensor` x `fsdp` x `context` of its devices; the batch is split over fsdp (batches
+    must then divide by it), the weights over fsdp and tensor, and each sequence over context (context
+    parallelism: mesh.context's `length` rule, for scoring and prefill). Several processes: every device
+    of every process, `tensor` and `context` as given and the rest on fsdp, so a model too large for one
+    host is split over all of them (each process holds its part of the weights)."""
     n = jax.device_count()
-    if tensor < 1 or fsdp < 1 or tensor * fsdp > n:
-        raise UserError(f"--tensor={tensor} x --fsdp={fsdp} devices but there are {n} devices")
+    if context < 1 or context * tensor > n:
+        raise UserError(f"--context={context} must be in [1, {n // max(tensor, 1)}]: {n} devices, --tensor={tensor}")
+    if tensor < 1 or fsdp < 1 or tensor * fsdp * context > n:
+        raise UserError(f"--tensor={tensor} x --fsdp={fsdp} x --context={context} devices but there are {n} devices")
     if jax.process_count() == 1:
-        mesh = MeshConfig(data=1, fsdp=fsdp, tensor=tensor, rules=tuple(rules))
-        return Layout.build(mesh, jax.devices()[: tensor * fsdp])
-    if n % tensor:
-        raise UserError(f"--tensor={tensor} does not divide the {n} devices of the {jax.process_count()} processes")
-    return Layout.build(MeshConfig(data=1, fsdp=n // tensor, tensor=tensor, rules=tuple(rules)))
+        mesh = MeshConfig(data=1, fsdp=fsdp, context=context, tensor=tensor, rules=tuple(rules))
+        return Layout.build(mesh, jax.devices()[: tensor * fsdp * context])
+    if n % (tensor * context):
+        raise UserError(
+            f"--tensor={tensor} x --context={context} does not divide the {n} devices of the "
+            f"{jax.process_count()} processes"
+        )
+    fsdp = n // (tensor * context)
+    return Layout.build(MeshConfig(data=1, fsdp=fsdp, context=context, tensor=tensor, rules=tuple(rules)))
 
 
 def load_model(
-    run_dir=None, checkpoint=None, hf=None, *, tensor: int = 1, fsdp: int = 1, need_tokenizer: bool = True
-) -> Loaded:
-    """One of --run-dir, --checkpoint or --hf, loaded for generation or scoring."""
+    run_dir=None, checkpoint=None, hf=None, *, tensor: int = 1, fsdp: int = 1, context: int = 1,
+    need_tokenizer: bool = True,
+) -> Loaded:  # fmt: skip
+    """One of --run-dir, --checkpoint or --hf, loaded for generation or scoring (see inference_layout)."""
     if hf is not None:
-        return load_hf_model(hf, tensor=tensor, fsdp=fsdp, need_tokenizer=need_tokenizer)
-    return load_run(run_dir, checkpoint, tensor, fsdp=fsdp, need_tokenizer=need_tokenizer)
+        return load_hf_model(hf, tensor=tensor, fsdp=fsdp, context=context, need_tokenizer=need_tokenizer)
+    return load_run(run_dir, checkpoint, tensor, fsdp=fsdp, context=context, need_tokenizer=need_tokenizer)
 
 
-def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, fsdp: int = 1, need_tokenizer: bool = True) -> Loaded:
+def load_run(
+    run_dir=None, checkpoint=None, tensor: int = 1, *, fsdp: int = 1, context: int = 1, need_tokenizer: bool = True
+) -> Loaded:
     """--run-dir or --checkpoint: the run's model (a LoRA run: its base plus its adapters, unmerged).
 
     The run's tokenizer is whatever its folder holds: our tokenizer.model, or the Hugging Face files a
@@ -77,7 +87,7 @@ def load_run(run_dir=None, checkpoint=None, tensor: int = 1, *, fsdp: int = 1, n
         check_vocab(tokenizer, recipe.model.vocab_size, f"checkpoint {folder / str(step)}")
     if recipe.lora.rank and recipe.init.from_:  # the adapter goes onto the base it was trained on, or nowhere
         check_base(meta.base, find_source(recipe.init.from_), f"checkpoint {folder / str(step)}")
-    layout = inference_layout(tensor, recipe.mesh.rules, fsdp)
+    layout = inference_layout(tensor, recipe.mesh.rules, fsdp, context)
     check_divisible(recipe.model.logical_dims(), layout)
     with layout:
         try:
@@ -124,7 +134,7 @@ def _run_tokenizer(run: pathlib.Path, meta: CheckpointMeta, step: int) -> Tokeni
 
 
 def load_hf_model(
-    folder, *, tensor: int = 1, fsdp: int = 1, need_tokenizer: bool = True, scan_layers: bool = True
+    folder, *, tensor: int = 1, fsdp: int = 1, context: int = 1, need_tokenizer: bool = True, scan_layers: bool = True
 ) -> Loaded:
     """A Hugging Face model folder (config.json + safetensors [+ tokenizer files]) as our Transformer.
 
@@ -139,7 +149,7 @@ def load_hf_model(
             "`huggingface-cli download <repo> --local-dir DIR` or export a run with launch.convert --hf-out"
         )
     tokenizer = load_tokenizer(folder) if need_tokenizer or _has_tokenizer(folder) else None
-    layout = inference_layout(tensor, fsdp=fsdp)
+    layout = inference_layout(tensor, fsdp=fsdp, context=context)
     model = load_hf(folder, scan_layers=scan_layers, layout=layout)
     if tokenizer is not None:
         check_vocab(tokenizer, model.cfg.vocab_size, str(folder))

@@ -9,6 +9,11 @@ start every `stride` tokens (default W/2); each window scores only the tokens no
 scored, so every token is scored once, with at least W - stride tokens of context after the first
 window. The loss runs over a window in chunks of positions (lm.loss.chunked_cross_entropy_sum), so
 float32 logits never exist for a whole window.
+
+Under a mesh whose `length` rule splits sequences (mesh.context, launch.score --context), every row is
+split over those devices: rows are padded to a multiple of them (twice that where the window allows,
+so that the zig-zag order of lm.kernels.context balances the causal work), and attention runs by
+context parallelism. The numbers are those of one device.
 """
 
 import dataclasses
@@ -24,6 +29,7 @@ from flax import nnx
 from lm.data.instruct import Stats, encode_records
 from lm.errors import UserError
 from lm.infer.decode import bucket
+from lm.kernels.context import balance, context_size
 from lm.loss import chunked_cross_entropy_sum
 from sharding.partition import to_host
 
@@ -58,6 +64,24 @@ class Score:
             "perplexity": self.perplexity,
             **({"bytes": self.bytes, "bits_per_byte": self.bits_per_byte} if self.bytes is not None else {}),
         }
+
+
+def check_context(length: int) -> None:
+    """Rows of up to `length` tokens must split evenly over the devices that share a sequence."""
+    n = context_size()
+    if length % n:
+        raise UserError(
+            f"--context={n} does not divide the scoring window of {length} tokens; pass a --context that divides it "
+            "(or a --window it divides)"
+        )
+
+
+def row_width(longest: int, limit: int) -> int:
+    """The padded width of rows of up to `longest` tokens: a power of two (few shapes compile), at most
+    `limit`, and a multiple of the devices that share a sequence (2x that where `limit` allows: zig-zag)."""
+    n = context_size()
+    step = 2 * n if limit % (2 * n) == 0 else n
+    return -(-min(bucket(longest), limit) // step) * step
 
 
 def check_window(window: int | None, stride: int | None, context: int) -> tuple[int, int]:
@@ -102,9 +126,13 @@ def _nll(graphdef, params, tokens, weights, chunk: int):
     logits at a time."""
     model = nnx.merge(graphdef, params)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    hidden = model(tokens, positions, return_hidden=True)
+    # Position t predicts token t + 1 (the last predicts nothing): paired before the zig-zag reorder
+    # (where mesh.context splits the sequence), which moves each target and weight with its position.
+    targets, weights = jnp.roll(tokens, -1, axis=1), jnp.roll(weights, -1, axis=1).at[:, -1].set(0.0)
+    row = balance({"tokens": tokens, "positions": positions, "targets": targets, "weights": weights})
+    hidden = model(row["tokens"], row["positions"], return_hidden=True)
     return chunked_cross_entropy_sum(
-        hidden[:, :-1], model.head(), tokens[:, 1:], weights[:, 1:], chunk, model.cfg.final_softcap
+        hidden, model.head(), row["targets"], row["weights"], chunk, model.cfg.final_softcap
     )
 
 
@@ -135,7 +163,7 @@ def score_continuations(
     out: list[tuple[float, bool]] = [(0.0, False)] * len(items)
     for start in range(0, len(order), rows):
         chunk = order[start : start + rows]
-        width = min(bucket(max(len(items[i][0]) for i in chunk) - 1), model.cfg.max_seq_len)
+        width = row_width(max(len(items[i][0]) for i in chunk) - 1, model.cfg.max_seq_len)
         inputs, targets = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
         weights = np.zeros((rows, width), np.float32)
         for r, i in enumerate(chunk):
@@ -151,8 +179,8 @@ def score_continuations(
 
 
 def _rows(rows: list[np.ndarray], weights: list[np.ndarray], context: int, batch_size: int):
-    """Pad a batch to batch_size rows of a power-of-two length (few recompilations), padding weighted 0."""
-    width = min(bucket(max(len(r) for r in rows)), context)
+    """Pad a batch to batch_size rows of row_width (few recompilations), padding weighted 0."""
+    width = row_width(max(len(r) for r in rows), context)
     tokens = np.zeros((batch_size, width), np.int32)
     w = np.zeros((batch_size, width), np.float32)
     for i, (r, wr) in enumerate(zip(rows, weights)):
@@ -165,12 +193,13 @@ def _score_rows(
 ) -> tuple[float, int]:
     graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
     context = context or model.cfg.max_seq_len
+    check_context(context)
     total, count, batch = 0.0, 0, []
 
     def flush():
         nonlocal total, count
         tokens, w = _rows([r for r, _ in batch], [w for _, w in batch], context, batch_size)
-        s, n = _nll(graphdef, params, tokens, w, loss_chunk(model.cfg, tokens.shape[1] - 1))
+        s, n = _nll(graphdef, params, tokens, w, loss_chunk(model.cfg, tokens.shape[1]))
         total, count = total + float(s), count + int(n)
         batch.clear()
 
@@ -256,5 +285,8 @@ def logits_of(model, ids: np.ndarray, *, batch_size: int = 8) -> Iterator[tuple[
     """(first row, float32 logits [rows, length, vocab]) for ids [batch, length], batch_size rows at a
     time, each block whole on this host (with several processes, every process must iterate)."""
     graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))  # Params, and a QLoRA base's quantised weights
+    length = ids.shape[1]
+    pad = -length % context_size()  # split over the devices that share a sequence; causal: the pad changes nothing
     for i in range(0, len(ids), batch_size):
-        yield i, to_host(_logits(graphdef, params, jnp.asarray(ids[i : i + batch_size])))
+        block = jnp.asarray(np.pad(ids[i : i + batch_size], ((0, 0), (0, pad))))
+        yield i, to_host(_logits(graphdef, params, block))[:, :length]

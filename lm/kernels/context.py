@@ -32,19 +32,22 @@ KV_NAMES = ("batch", "length", "kv_heads", "head_dim")
 TOKEN_NAMES = ("batch", "length")
 
 
-def context_axes(length: int) -> tuple[str, ...]:
+def context_axes(length: int | None = None) -> tuple[str, ...]:
     """The mesh axes that split a sequence of `length` here (the `length` rule under the enclosing
-    mesh and rules); () when it is not split."""
+    mesh and rules; those that divide it); () when it is not split. length=None: every axis the
+    rule names, whatever the length."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not current_rules():
         return ()
-    (axes,) = logical_to_spec(("length",), shape=(length,), mesh=mesh)
+    shape = None if length is None else (length,)
+    (axes,) = logical_to_spec(("length",), shape=shape, mesh=mesh if shape else None)
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     return tuple(a for a in axes if mesh.shape[a] > 1)
 
 
-def context_size(length: int) -> int:
-    """How many devices share one sequence of `length` (1: no context parallelism)."""
+def context_size(length: int | None = None) -> int:
+    """How many devices share one sequence of `length` (1: no context parallelism); length=None:
+    how many would share a sequence whose length they divide."""
     mesh = jax.sharding.get_abstract_mesh()
     return int(np.prod([mesh.shape[a] for a in context_axes(length)], dtype=int))
 

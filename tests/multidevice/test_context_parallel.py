@@ -6,6 +6,7 @@ and sliding windows on alternating layers (Gemma 2's pattern: the window is trac
 """
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -135,3 +136,75 @@ def test_context_parallel_lowers_with_its_collective_and_no_square_operand(platf
         text = train_step.trace(model, opt, batch).lower(lowering_platforms=(platform,)).as_text()
     assert collective in text, mode
     assert "1024x1024x" not in text and "x1024x1024" not in text, mode
+
+
+def test_score_with_context_equals_one_device_and_transformers(tmp_path, monkeypatch, capsys):
+    """launch.score --context N on a YaRN Qwen2 import, scored past its original context (8 of 32
+    positions): with the sequence split over 4 or 8 devices, or 2 beside --tensor 2, the mean NLL is
+    one device's and transformers' (1e-5), and the context kernel ran. A --context that does not divide
+    the window, or needs more devices than there are, is one line naming --context and exit 2."""
+    import torch
+    from hf_models import build_hf, sample_tokens
+
+    from launch import score
+    from lm.kernels import context
+
+    reference = build_hf("qwen2_yarn")
+    reference.save_pretrained(tmp_path / "hf")
+    ids = sample_tokens(batch=3, length=32)
+    np.save(tmp_path / "ids.npy", ids)
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(torch.as_tensor(ids, dtype=torch.long)).logits.double(), -1).numpy()
+    want = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1).mean()
+
+    calls = []
+    real = context.context_attention
+    monkeypatch.setattr(context, "context_attention", lambda q, *a, **k: calls.append(q.shape) or real(q, *a, **k))
+    source = ["--hf", str(tmp_path / "hf"), "--token-ids", str(tmp_path / "ids.npy"), "--json"]
+    nll = {}
+    for flags in ([], ["--context", "4"], ["--context", "2", "--tensor", "2"], ["--context", "8"]):
+        calls.clear()
+        score.main(source + flags + ["--batch-size", "2"])
+        nll[" ".join(flags)] = json.loads(capsys.readouterr().out)["mean_nll"]
+        assert bool(calls) == bool(flags), (flags, calls)
+    for flags, got in nll.items():
+        assert abs(got - want) < 1e-5 and abs(got - nll[""]) < 1e-5, (flags, got, want)
+
+    for bad in ("3", "16"):
+        with pytest.raises(SystemExit) as exit_:
+            score.main(source + ["--context", bad])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1 and f"--context={bad}" in err, err
+
+
+def test_prefill_with_context_equals_one_device_and_decode_equals_recompute(monkeypatch):
+    """generate() under mesh.context=4 x tensor=2: the prefill runs split (the context kernel runs at
+    the prompt bucket), fills the same KV cache and picks the same first tokens as one device; the
+    cached decode after it gives the tokens of one device and of recomputing every step."""
+    from lm.infer.decode import _prefill_state, decode_twin, generate
+    from lm.infer.sampling import Sampling
+    from lm.kernels import context
+
+    prompts = [np.random.default_rng(1).integers(1, CFG.vocab_size, n).tolist() for n in (50, 17, 33)]
+
+    def run(model):
+        graphdef, params = nnx.split(decode_twin(model), nnx.Not(nnx.Cache))  # as generate() prefills on CPU
+        options = dict(vocab_size=CFG.vocab_size, sampling=Sampling(), eos_id=(),
+                       key=jax.random.key(0), use_cache=True, cache_dtype=CFG.compute_dtype)  # fmt: skip
+        _, state = _prefill_state(graphdef, params, prompts, 64, 8, **options)
+        cache = [np.asarray(x) for x in jax.tree.leaves(state.cache)]
+        cached = generate(model, prompts, max_new_tokens=8).tokens
+        return cache, np.asarray(state.last), cached, generate(model, prompts, max_new_tokens=8, use_cache=False).tokens
+
+    want_cache, want_first, want_tokens, _ = run(Transformer(CFG, rngs=nnx.Rngs(0)))  # one device, no mesh
+    calls = []
+    real = context.context_attention
+    monkeypatch.setattr(context, "context_attention", lambda q, *a, **k: calls.append(q.shape) or real(q, *a, **k))
+    layout = Layout.build(MeshConfig(data=1, fsdp=1, context=4, tensor=2))
+    with layout:
+        cache, first, tokens, recomputed = run(create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), layout))
+    assert (3, 64, CFG.n_heads, CFG.dim_per_head) in calls, calls
+    for got, want in zip(cache, want_cache):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert np.array_equal(first, want_first)
+    assert tokens == want_tokens == recomputed
