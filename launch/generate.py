@@ -112,7 +112,9 @@ def main(argv=None):
     loaded = load_model(args.run_dir, args.checkpoint, args.hf, tensor=args.tensor, context=args.context)
     model, tokenizer = loaded.model, loaded.tokenizer
     # Reported with the speeds at the end, so that bad input still gets exactly one line.
-    impl, why = resolve_attention_impl(model.cfg, jax.default_backend(), model.cfg.max_seq_len, packed=False)
+    impl, why = resolve_attention_impl(
+        model.cfg, jax.default_backend(), model.cfg.max_seq_len, packed=False, context_devices=args.context
+    )
     attention = f"attention {impl} ({why})"
 
     def run(prompts: list[str], stream: bool, batch: int):

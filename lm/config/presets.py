@@ -49,6 +49,11 @@ PRESETS: dict[str, ModelConfig] = {
         151936, 1536, 28, 12, 2, 8960, 32768, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=True,
         dtype="bfloat16",
     ),  # fmt: skip
+    # Qwen's long-context setting (its model card adds rope_scaling yarn, factor 4 over 32,768 to config.json).
+    "qwen2_5_7b_yarn": ModelConfig(
+        152064, 3584, 28, 28, 4, 18944, 131072, rope_theta=1_000_000.0, qkv_bias=True, dtype="bfloat16",
+        rope_type="yarn", rope_scaling=4.0, rope_original_max_len=32768,
+    ),  # fmt: skip
     "gemma_2b": ModelConfig(d_model=2048, n_layers=18, n_kv_heads=1, d_ff=16384, **GEMMA),
     "gemma2_2b": ModelConfig(
         d_model=2304, n_layers=26, n_kv_heads=4, d_ff=9216, post_norms=True, query_pre_attn_scalar=256.0,

@@ -282,15 +282,16 @@ def _from_hf(hf: dict, where) -> ModelConfig:
     qkv_bias = {"qwen2": True, "qwen2_moe": hf.get("qkv_bias", True)}.get(model_type, attention_bias)
     n_layers = hf["num_hidden_layers"]
     window, first, every = _sliding(hf, model_type, n_layers, where)
+    rope = _rope(hf, where)
     return ModelConfig(
         **common,
-        **_rope(hf, where),
+        **rope,
         d_model=hf["hidden_size"],
         n_layers=n_layers,
         n_heads=hf["num_attention_heads"],
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         d_ff=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
+        max_seq_len=_context(hf, rope),
         head_dim=_head_dim(hf),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         norm="rms_plus_one" if gemma else "rms",
@@ -369,6 +370,15 @@ def _rope(hf: dict, where) -> dict:
             rope_original_max_len=int(params["original_max_position_embeddings"]),
         )
     return out
+
+
+def _context(hf: dict, rope: dict) -> int:
+    """max_position_embeddings, or the context YaRN stretches to (original x factor) where that is longer:
+    Qwen2.5's long-context setting adds rope_scaling to a config.json that still says 32,768."""
+    context = hf.get("max_position_embeddings", 2048)
+    if rope["rope_type"] == "yarn":
+        context = max(context, int(rope["rope_original_max_len"] * rope["rope_scaling"]))
+    return context
 
 
 def _yarn(params: dict, hf: dict) -> dict:

@@ -90,11 +90,13 @@ def resolve_attention_impl(
     softcap=None,
     sliding_window=None,
     gpu_capability: tuple[int, int] | None = None,
+    context_devices: int = 1,
 ) -> tuple[str, str]:
     """The attention implementation a run on `platform` will use for sequences of `seq_len`, and why.
 
     For the one log line at start-up (the model itself never prints). An explicit kernel that cannot
-    run on this platform is a UserError here, before anything is compiled.
+    run on this platform is a UserError here, before anything is compiled. context_devices: the devices a
+    sequence is split over (mesh.context); above 1, `context.context_attention` runs instead.
     """
     platform = platform_of(platform)
     impl = cfg.attention_impl
@@ -105,6 +107,12 @@ def resolve_attention_impl(
         raise UserError(
             f"model.attention_impl={impl} needs a {NEEDS[impl].upper()}, but this run is on {platform}; "
             f"use model.attention_impl=auto or xla{hint}"
+        )
+    if context_devices > 1 and seq_len % context_devices == 0:
+        return f"{cfg.context_parallel}", (
+            f"mesh.context={context_devices}: {cfg.context_parallel} context parallelism, each shard an online softmax "
+            f"over XLA key blocks of {context.KEY_BLOCK} (no flash kernel inside shards yet); "
+            "key blocks no query of the shard sees are skipped"
         )
     dtype = cfg.compute_dtype_on(platform)
     chosen, reason = choose_attention_impl(

@@ -15,7 +15,10 @@ Two modes (model.context_parallel):
              the current one is attended. Memory holds two K/V blocks at a time.
 Both merge keys KEY_BLOCK at a time with an online softmax (running max, sum and output), so the
 scores in memory are [local queries, KEY_BLOCK] per head, never [T, T]; each merge is
-rematerialised in the backward pass, so what is saved for it is its K/V, not its scores.
+rematerialised in the backward pass, so what is saved for it is its K/V, not its scores. A key block
+that no local query may see (causally after all of them, or outside every window) is skipped by
+`lax.cond`: under zig-zag order about half the blocks of a causal sequence are, and the result is
+the same to the bit, since such a block leaves the running state unchanged.
 """
 
 import functools
@@ -78,20 +81,25 @@ def _online_softmax(q, seg, pos, kv_heads, *, sliding_window, scale, softcap):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     low = jnp.finfo(jnp.float32).min
 
-    @jax.checkpoint
-    def step(state, block):
+    def attend(state, block, mask):
         m, total, acc = state
-        kb, vb, seg_k, pos_k = block
+        kb, vb = block[:2]
         s = jnp.einsum("bkgqd,bskd->bkgqs", qg, kb.astype(jnp.float32)) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
-        mask = _mask(seg, pos, seg_k, pos_k, sliding_window)[:, None, None]
         s = jnp.where(mask, s, low)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, vb.astype(jnp.float32))
-        return (m_new, total * correction + p.sum(-1), acc), None
+        return m_new, total * correction + p.sum(-1), acc
+
+    @jax.checkpoint
+    def step(state, block):
+        mask = _mask(seg, pos, *block[2:], sliding_window)[:, None, None]
+        # A block no local query may see (all of it after them, another document, outside the window)
+        # would leave the state as it is: skipped, it costs the mask and no matmul, forward or backward.
+        return jax.lax.cond(mask.any(), attend, lambda state, *_: state, state, block, mask), None
 
     def merge(state, block):
         keys = block[0].shape[1]

@@ -261,7 +261,9 @@ def setup(recipe: Recipe, run_dir: pathlib.Path, source: InitSource | None = Non
     agreed(check_resumable, run_dir, recipe)
     check_divisible(recipe.logical_dims(), layout)
     agreed(check_writable, checkpoint_dir(recipe, run_dir))
-    impl, why = resolve_attention_impl(recipe.model, jax.default_backend(), t.seq_len)
+    impl, why = resolve_attention_impl(
+        recipe.model, jax.default_backend(), t.seq_len, context_devices=layout.mesh.shape["context"]
+    )
     say(f"attention: {impl} ({why})")
     if source or recipe.lora.rank:
         say_memory(recipe)

@@ -219,6 +219,7 @@ HF_PRESETS = (
     "llama3_1_8b",
     "mistral_7b",
     "qwen2_5_0_5b",
+    "qwen2_5_7b_yarn",
     "qwen3_0_6b",
     "gemma_2b",
     "gemma2_2b",

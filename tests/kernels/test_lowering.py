@@ -127,6 +127,9 @@ def test_resolve_names_the_kernel_and_refuses_one_the_platform_lacks():
     for name in ("llama3_8b", "llama3_1b", "mistral_7b", "qwen3_0_6b"):  # large presets: flash by default
         assert resolve_attention_impl(preset(name), "gpu", 8192, gpu_capability=(9, 0))[0] == "cudnn", name
         assert resolve_attention_impl(preset(name), "tpu", 8192)[0] == "splash", name
+    # Under mesh.context the context kernel runs, whatever the platform's flash kernel: the line says so.
+    impl, why = resolve_attention_impl(preset("llama3_8b"), "tpu", 8192, context_devices=8)
+    assert impl == "allgather" and why.startswith("mesh.context=8: allgather") and "XLA key blocks" in why
     cpu = ModelConfig(**{**CFG.__dict__, "dtype": "auto"})
     for impl in ("cudnn", "splash"):
         with pytest.raises(UserError, match=f"attention_impl={impl} needs a"):

@@ -139,8 +139,8 @@ def test_context_parallel_lowers_with_its_collective_and_no_square_operand(platf
 
 
 def test_score_with_context_equals_one_device_and_transformers(tmp_path, monkeypatch, capsys):
-    """launch.score --context N on a YaRN Qwen2 import, scored past its original context (8 of 32
-    positions): with the sequence split over 4 or 8 devices, or 2 beside --tensor 2, the mean NLL is
+    """launch.score --context N on a YaRN Qwen2 import (factor 4 over 8 positions, config.json saying 8
+    as Qwen2.5's does), scored past its original context (32 positions): with the sequence split over 4 or 8 devices, or 2 beside --tensor 2, the mean NLL is
     one device's and transformers' (1e-5), and the context kernel ran. A --context that does not divide
     the window, or needs more devices than there are, is one line naming --context and exit 2."""
     import torch
@@ -150,6 +150,8 @@ def test_score_with_context_equals_one_device_and_transformers(tmp_path, monkeyp
     from lm.kernels import context
 
     reference = build_hf("qwen2_yarn")
+    # As Qwen2.5's long-context setting: config.json keeps the original context, rope_scaling stretches it.
+    reference.config.max_position_embeddings = 8
     reference.save_pretrained(tmp_path / "hf")
     ids = sample_tokens(batch=3, length=32)
     np.save(tmp_path / "ids.npy", ids)
