@@ -140,9 +140,10 @@ def test_context_parallel_lowers_with_its_collective_and_no_square_operand(platf
 
 def test_score_with_context_equals_one_device_and_transformers(tmp_path, monkeypatch, capsys):
     """launch.score --context N on a YaRN Qwen2 import (factor 4 over 8 positions, config.json saying 8
-    as Qwen2.5's does), scored past its original context (32 positions): with the sequence split over 4 or 8 devices, or 2 beside --tensor 2, the mean NLL is
-    one device's and transformers' (1e-5), and the context kernel ran. A --context that does not divide
-    the window, or needs more devices than there are, is one line naming --context and exit 2."""
+    as Qwen2.5's does), scored past its original context (32 positions): with the sequence split over
+    4 or 8 devices, or 2 beside --tensor 2, the mean NLL is one device's and transformers' (1e-5), and
+    the context kernel ran. A --context that does not divide the window, or needs more devices than
+    there are, is one line naming --context and exit 2."""
     import torch
     from hf_models import build_hf, sample_tokens
 
