@@ -34,6 +34,7 @@ def parse(argv=None) -> argparse.Namespace:
         "--fsdp", type=int, default=1,
         help="devices the weights (and each batch) are split over (one process; several use every device)",
     )  # fmt: skip
+    p.add_argument("--context", type=int, default=1, help="devices each sequence is split over (context parallelism)")
     p.add_argument("--output", help="write lm_eval's results JSON here (e.g. results.json)")
     add_overwrite(p)
     p.add_argument("--log-samples", action="store_true", help="keep every request and response in --output")
@@ -44,6 +45,8 @@ def parse(argv=None) -> argparse.Namespace:
         p.error("--tasks names no task")
     if args.batch_size < 1:
         p.error(f"--batch-size={args.batch_size} must be at least 1")
+    if args.context < 1:
+        p.error(f"--context={args.context} must be at least 1")
     if args.limit is not None and args.limit <= 0:
         p.error(f"--limit={args.limit} must be positive")
     if args.log_samples and not args.output:
@@ -65,7 +68,8 @@ def main(argv=None):
     manager = task_manager(tasks)  # unknown tasks stop us before the model loads
     initialize_from_env_or_flags(args)
     lm = backend()(
-        args.run_dir, args.checkpoint, args.hf, tensor=args.tensor, fsdp=args.fsdp, batch_size=args.batch_size,
+        args.run_dir, args.checkpoint, args.hf, tensor=args.tensor, fsdp=args.fsdp, context=args.context,
+        batch_size=args.batch_size,
         max_gen_toks=args.max_gen_toks, seed=args.seed,
     )  # fmt: skip
     results = evaluate(lm, tasks, manager=manager)  # every process, every request (SPMD)

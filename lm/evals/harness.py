@@ -39,7 +39,8 @@ _GENERATION_KEYS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repe
 @register_model("nnx-lm")
 class NnxLM(TemplateLM):
     """model_args: run_dir=, checkpoint= or hf= (loaded as launch.generate and launch.score load),
-    tensor= and fsdp= (devices the weights are split over), batch_size=, max_gen_toks=, seed=.
+    tensor= and fsdp= (devices the weights are split over), context= (devices each sequence is split
+    over), batch_size=, max_gen_toks=, seed=.
 
     `NnxLM.of(model, tokenizer, layout)` wraps a model already in memory (training's live model).
     """
@@ -52,6 +53,7 @@ class NnxLM(TemplateLM):
         *,
         tensor: int = 1,
         fsdp: int = 1,
+        context: int = 1,
         batch_size: int | str = 8,
         max_gen_toks: int = 256,
         seed: int = 0,
@@ -63,7 +65,7 @@ class NnxLM(TemplateLM):
         if unknown:
             raise UserError(
                 f"unknown nnx-lm model_args {sorted(unknown)}; it takes run_dir, checkpoint, hf, tensor, fsdp, "
-                "batch_size, max_gen_toks, seed"
+                "context, batch_size, max_gen_toks, seed"
             )
         if str(batch_size).startswith("auto"):
             raise UserError("--batch-size auto is not supported by nnx-lm; give a number of sequences per batch")
@@ -71,7 +73,7 @@ class NnxLM(TemplateLM):
         if self.batch_size < 1:
             raise UserError(f"batch_size={batch_size} must be at least 1")
         if (run_dir, checkpoint, hf) != (None, None, None):
-            loaded = load_model(run_dir, checkpoint, hf, tensor=int(tensor), fsdp=int(fsdp))
+            loaded = load_model(run_dir, checkpoint, hf, tensor=int(tensor), fsdp=int(fsdp), context=int(context))
             self._attach(loaded.model, loaded.tokenizer, loaded.layout, loaded.name)
 
     @classmethod

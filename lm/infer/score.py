@@ -157,6 +157,7 @@ def score_continuations(
     shapes compile), batch_size rows each, rounded up to a multiple of row_multiple (the devices the
     batch is split over). Results come back in the items' order. Call under the model's mesh and rules.
     """
+    check_context(model.cfg.max_seq_len)
     graphdef, params = nnx.split(model, nnx.Not(nnx.Cache))
     rows = -(-batch_size // row_multiple) * row_multiple
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))

@@ -180,6 +180,20 @@ def test_score_with_context_equals_one_device_and_transformers(tmp_path, monkeyp
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and len(err.splitlines()) == 1 and f"--context={bad}" in err, err
 
+    # lm_eval's loglikelihood (launch.eval --context): continuations of the rows, split over 4 devices.
+    from lm.infer.load import load_hf_model
+    from lm.infer.score import score_continuations
+
+    items = [(row.tolist(), n) for row, n in zip(ids, (5, 20, 31))]
+    got = []
+    for split in (1, 4):
+        loaded = load_hf_model(tmp_path / "hf", context=split, need_tokenizer=False)
+        with loaded.layout:
+            got.append(score_continuations(loaded.model, items, batch_size=3))
+    want_logp = [logp[r, -n - 1 : -1][np.arange(n), ids[r, -n:]].sum() for r, (_, n) in enumerate(items)]
+    for (one, one_greedy), (split, greedy), w in zip(*got, want_logp):
+        assert abs(split - one) < 1e-4 and abs(split - w) < 1e-4 and greedy == one_greedy, (split, one, w)
+
 
 def test_prefill_with_context_equals_one_device_and_decode_equals_recompute(monkeypatch):
     """generate() under mesh.context=4 x tensor=2: the prefill runs split (the context kernel runs at
