@@ -173,6 +173,13 @@ def test_score_with_context_equals_one_device_and_transformers(tmp_path, monkeyp
         assert bool(calls) == bool(flags), (flags, calls)
     for flags, got in nll.items():
         assert abs(got - want) < 1e-5 and abs(got - nll[""]) < 1e-5, (flags, got, want)
+    # --dump-logits of rows (30 tokens) that the 4 devices do not divide: padded to split, cut back.
+    np.save(tmp_path / "ids30.npy", ids[:, :30])
+    dump = ["--token-ids", str(tmp_path / "ids30.npy"), "--dump-logits", str(tmp_path / "logits.npy")]
+    score.main(source[:2] + dump + ["--context", "4"])
+    assert "logits (3, 30, 160) float32" in capsys.readouterr().err
+    dumped = torch.log_softmax(torch.as_tensor(np.load(tmp_path / "logits.npy")).double(), -1).numpy()
+    np.testing.assert_allclose(dumped, logp[:, :30], atol=1e-4)
 
     for bad in ("3", "16"):
         with pytest.raises(SystemExit) as exit_:
