@@ -529,6 +529,7 @@ def test_grpo_rollout_and_steps_move_the_policy_toward_high_advantage(hf_folder,
     assert change[r.advantages > 0].mean() > change[r.advantages < 0].mean()
 
 
+@pytest.mark.slow
 def test_grpo_step_follows_the_advantage_and_rollouts_sample_the_live_adapters(hf_folder, adapted):
     """The decode loop that rollout samples with reads the adapters as they are now: greedy tokens are
     the argmax of the live policy's logits, before and after an optimizer step, and differ from the
