@@ -236,10 +236,10 @@ def arith_sft(setup):
 
 def test_grpo_raises_the_mean_reward_of_a_model_sft_taught_the_format(setup, arith_sft):
     """GRPO on LoRA from the SFT model: the sum in <answer>...</answer> (1) plus the format (0.2).
-    The mean reward of the last 5 generation batches exceeds the first 5's by 0.1: over 3 standard
+    The mean reward of the last 5 generation batches exceeds the first 5's by 0.12: 2.7 standard
     deviations of that difference for a policy that does not learn (batch means of 64 completions
-    spread by about 0.07 once the reward stops rising). Measured with train.seed 0, 1, 2: see
-    docs/finetune.md (GRPO)."""
+    spread by about 0.07 once the reward stops rising). Rises measured with train.seed 0, 1, 2: 0.150,
+    0.190, 0.201 (docs/finetune.md, GRPO)."""
     root, _, _ = setup
     run = root / "grpo_learns"
     reward = root / "reward.py"
@@ -267,4 +267,4 @@ def test_grpo_raises_the_mean_reward_of_a_model_sft_taught_the_format(setup, ari
     reward = [r["reward_mean"] for r in rows(run) if "reward_mean" in r]
     assert len(reward) == 20
     first, last = np.mean(reward[:5]), np.mean(reward[-5:])
-    assert last > first + 0.1, (first, last, reward)
+    assert last > first + 0.12, (first, last, reward)
