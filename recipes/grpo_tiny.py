@@ -6,7 +6,7 @@ answers.jsonl) and the prompts with their answers:
   python -m launch.train --recipe finetune_tiny --run-dir runs/arith_sft --set init.from=runs/stdlib_tiny \
       --set 'data.inputs=["data/arith/answers.jsonl"]' --set lora.rank=0
   python -m launch.train --recipe grpo_tiny --set init.from=runs/arith_sft
-Runs in about a minute on a 2-core CPU (docs/finetune.md).
+Runs in about two minutes on a 2-core CPU (docs/finetune.md).
 """
 
 import dataclasses
