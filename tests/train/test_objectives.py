@@ -534,7 +534,7 @@ def test_grpo_step_follows_the_advantage_and_rollouts_sample_the_live_adapters(h
     """The decode loop that rollout samples with reads the adapters as they are now: greedy tokens are
     the argmax of the live policy's logits, before and after an optimizer step, and differ from the
     base's (adapters off). One grpo_train_step on a fixed group of two completions raises the
-    log-prob of the rewarded one and lowers the other's; swapping the rewards swaps the directions."""
+    log-prob of the rewarded one and lowers the other's."""
     from lm.config import OptimizerConfig
     from lm.infer.decode import generate
     from lm.infer.sampling import Sampling
@@ -556,21 +556,19 @@ def test_grpo_step_follows_the_advantage_and_rollouts_sample_the_live_adapters(h
     eos = tok.eos_id
     group = [[40, 41, 42, eos], [50, 51, eos]]
     batch = {k: jnp.asarray(v) for k, v in completion_batch([prompt, prompt], group, 16).items()}
-    for rewards in ([1.0, 0.0], [0.0, 1.0]):
-        model = nnx.clone(adapted[0])
-        with lora.adapters_off(model):
-            base = greedy(model)
-        before = greedy(model)
-        assert before != base
-        advantages = group_advantages(np.asarray(rewards), 2)
-        old = logps(model, batch)
-        opt = make_optimizer(model, OptimizerConfig(lr=3e-2, warmup_steps=0, weight_decay=0.0), 10, wrt=nnx.LoRAParam)
-        out = grpo_train_step(model, opt, batch, old, None, jnp.asarray(advantages),
-                              beta=0.0, epsilon=0.2, temperature=1.0, loss_type="dapo")  # fmt: skip
-        assert float(out["clip_fraction"]) == 0.0  # ratio 1 on the step that sampled them
-        change = np.asarray((logps(model, batch) - old).sum(-1))
-        assert np.all(np.sign(change) == np.sign(advantages)), (rewards, change)
-        greedy(model)  # the updated adapters decode
+    model = nnx.clone(adapted[0])  # the step donates and updates it; the fixture stays as it is
+    with lora.adapters_off(model):
+        base = greedy(model)
+    assert greedy(model) != base
+    advantages = group_advantages(np.asarray([1.0, 0.0]), 2)
+    old = logps(model, batch)
+    opt = make_optimizer(model, OptimizerConfig(lr=3e-2, warmup_steps=0, weight_decay=0.0), 10, wrt=nnx.LoRAParam)
+    out = grpo_train_step(model, opt, batch, old, None, jnp.asarray(advantages),
+                          beta=0.0, epsilon=0.2, temperature=1.0, loss_type="dapo")  # fmt: skip
+    assert float(out["clip_fraction"]) == 0.0  # ratio 1 on the step that sampled them
+    change = np.asarray((logps(model, batch) - old).sum(-1))
+    assert change[0] > 0 > change[1], change
+    greedy(model)  # the updated adapters decode
 
 
 @pytest.mark.slow
