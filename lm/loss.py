@@ -21,6 +21,22 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array)
     return ((log_z - target_logit) * weights).sum(), weights.sum()
 
 
+def _chunked(hidden: jax.Array, chunk: int, *per_position: jax.Array) -> tuple[int, list[jax.Array]]:
+    """(n, [hidden, *per_position] as [n, batch, chunk, ...]): the length padded to n * chunk (zeros:
+    padded positions carry zero targets and weights) and cut into chunks along the sequence, every
+    chunk keeping all batch rows so the batch stays split over the data-parallel devices."""
+    batch, length = hidden.shape[:2]
+    n = -(-length // chunk)
+    pad = n * chunk - length
+
+    def chunks(x):  # [batch, length, ...] -> [n, batch, chunk, ...]
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+        x = x.reshape(batch, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+        return logical_constraint(x, (None, "batch", "length", "embed")[: x.ndim])
+
+    return n, [chunks(x) for x in (hidden, *per_position)]
+
+
 def chunked_cross_entropy_sum(
     hidden: jax.Array,
     head: jax.Array,
@@ -38,17 +54,6 @@ def chunked_cross_entropy_sum(
     zero-weight positions.
     hidden: [batch, length, d_model] final-normed; head: [d_model, vocab].
     """
-    batch, length, width = hidden.shape
-    n = -(-length // chunk)
-    pad = n * chunk - length
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        weights = jnp.pad(weights, ((0, 0), (0, pad)))
-
-    def chunks(x):  # [batch, n * chunk, ...] -> [n, batch, chunk, ...]
-        x = x.reshape(batch, n, chunk, *x.shape[2:]).swapaxes(0, 1)
-        return logical_constraint(x, (None, "batch", "length", "embed")[: x.ndim])
 
     @jax.checkpoint
     def body(sums, xs):
@@ -57,7 +62,7 @@ def chunked_cross_entropy_sum(
         return (sums[0] + loss, sums[1] + weight), None
 
     zero = jnp.zeros((), jnp.float32)
-    (loss, weight), _ = jax.lax.scan(body, (zero, zero), (chunks(hidden), chunks(targets), chunks(weights)))
+    (loss, weight), _ = jax.lax.scan(body, (zero, zero), _chunked(hidden, chunk, targets, weights)[1])
     return loss, weight
 
 
@@ -72,16 +77,7 @@ def chunked_token_logps(
     """log softmax(unembed(hidden, head, softcap) / temperature) at the targets, float32 [batch, length],
     `chunk` positions at a time: per-token log-probs (DPO, GRPO) without [batch, length, vocab] logits,
     chunked and recomputed in the backward pass as chunked_cross_entropy_sum is."""
-    batch, length, width = hidden.shape
-    n = -(-length // chunk)
-    pad = n * chunk - length
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-
-    def chunks(x):  # [batch, n * chunk, ...] -> [n, batch, chunk, ...]
-        x = x.reshape(batch, n, chunk, *x.shape[2:]).swapaxes(0, 1)
-        return logical_constraint(x, (None, "batch", "length", "embed")[: x.ndim])
+    batch, length = targets.shape
 
     @jax.checkpoint
     def body(_, xs):
@@ -90,5 +86,6 @@ def chunked_token_logps(
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return None, target_logit - jax.nn.logsumexp(logits, axis=-1)
 
-    _, out = jax.lax.scan(body, None, (chunks(hidden), chunks(targets)))
+    n, xs = _chunked(hidden, chunk, targets)
+    _, out = jax.lax.scan(body, None, xs)
     return out.swapaxes(0, 1).reshape(batch, n * chunk)[:, :length]

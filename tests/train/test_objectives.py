@@ -530,6 +530,48 @@ def test_grpo_rollout_and_steps_move_the_policy_toward_high_advantage(hf_folder,
 
 
 @pytest.mark.slow
+def test_grpo_step_follows_the_advantage_and_rollouts_sample_the_live_adapters(hf_folder, adapted):
+    """The decode loop that rollout samples with reads the adapters as they are now: greedy tokens are
+    the argmax of the live policy's logits, before and after an optimizer step, and differ from the
+    base's (adapters off). One grpo_train_step on a fixed group of two completions raises the
+    log-prob of the rewarded one and lowers the other's."""
+    from lm.config import OptimizerConfig
+    from lm.infer.decode import generate
+    from lm.infer.sampling import Sampling
+    from lm.state.optimizer import make_optimizer
+    from lm.train.step import grpo_train_step
+
+    tok = Tokenizer(hf_folder)
+    prompt = encode_prompt({"prompt": "one two"}, tok).ids
+    logps = nnx.jit(lambda m, b: token_logps(m, b))
+    forward = nnx.jit(lambda m, b: m(b["tokens"], b["positions"], b["segment_ids"]))
+
+    def greedy(m) -> list[int]:
+        ids = generate(m, [prompt], max_new_tokens=6, sampling=Sampling(), seed=0).tokens[0]
+        b = {k: jnp.asarray(v) for k, v in completion_batch([prompt], [ids], 16).items()}
+        logits = np.asarray(forward(m, b))
+        assert ids == logits[0, len(prompt) - 1 : len(prompt) - 1 + len(ids)].argmax(-1).tolist()
+        return ids
+
+    eos = tok.eos_id
+    group = [[40, 41, 42, eos], [50, 51, eos]]
+    batch = {k: jnp.asarray(v) for k, v in completion_batch([prompt, prompt], group, 16).items()}
+    model = nnx.clone(adapted[0])  # the step donates and updates it; the fixture stays as it is
+    with lora.adapters_off(model):
+        base = greedy(model)
+    assert greedy(model) != base
+    advantages = group_advantages(np.asarray([1.0, 0.0]), 2)
+    old = logps(model, batch)
+    opt = make_optimizer(model, OptimizerConfig(lr=3e-2, warmup_steps=0, weight_decay=0.0), 10, wrt=nnx.LoRAParam)
+    out = grpo_train_step(model, opt, batch, old, None, jnp.asarray(advantages),
+                          beta=0.0, epsilon=0.2, temperature=1.0, loss_type="dapo")  # fmt: skip
+    assert float(out["clip_fraction"]) == 0.0  # ratio 1 on the step that sampled them
+    change = np.asarray((logps(model, batch) - old).sum(-1))
+    assert change[0] > 0 > change[1], change
+    greedy(model)  # the updated adapters decode
+
+
+@pytest.mark.slow
 def test_chunked_token_logps_equal_whole_logits(tiny_cfg):
     """token_logps chunked along the sequence (model.loss_chunk; 5 does not divide 14) gives the
     unchunked values and gradients, at temperature 0.7 and with a final soft-cap."""

@@ -25,9 +25,14 @@ def answer_is_sum(prompts, completions, a, b, **kwargs):
     """1 where the first <answer>...</answer> holds a + b, else 0."""
     out = []
     for text, x, y in zip(completions, a, b):
-        m = re.search(r"<answer>(-?\\\\d+)</answer>", text)
+        m = re.search(r"<answer>(-?\\d+)</answer>", text)
         out.append(1.0 if m and int(m.group(1)) == x + y else 0.0)
     return out
+
+
+def formatted(prompts, completions, **kwargs):
+    """0.2 for a completion that is exactly <answer>N</answer>: partial credit for the format."""
+    return [0.2 if re.fullmatch(r"\\s*<answer>-?\\d+</answer>\\s*", text) else 0.0 for text in completions]
 
 
 def digits(prompts, completions, **kwargs):
@@ -61,6 +66,11 @@ def setup(tmp_path_factory):
             a, b = rng.randint(1, 3), rng.randint(1, 3)
             f.write(json.dumps({"prompt": f"{a} plus {b} =", "a": a, "b": b}) + "\n")
     (root / "reward.py").write_text(REWARD)
+    with (root / "answers.jsonl").open("w") as f:  # the format, with the sum right half of the time
+        for _ in range(512):
+            a, b = rng.randint(1, 3), rng.randint(1, 3)
+            answer = a + b if rng.random() < 0.5 else a + b + rng.choice([-2, -1, 1, 2])
+            f.write(json.dumps({"prompt": f"{a} plus {b} =", "completion": f" <answer>{answer}</answer>"}) + "\n")
     return root, base, pairs
 
 
@@ -208,3 +218,53 @@ def test_bad_objective_input_is_one_line(setup, tmp_path, objective, sets, messa
     out = run_cli(*args, *sets)
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.fixture(scope="module")
+def arith_sft(setup):
+    """A full fine-tune of the base on answers.jsonl: it writes ' <answer>N</answer>' and the sum
+    about as often as the data does, so rewards differ within a group."""
+    root, base, _ = setup
+    run = root / "arith_sft"
+    sets = [f"init.from={base}", f'data.inputs=["{root / "answers.jsonl"}"]', "lora.rank=0", "train.seq_len=28"]
+    sets += ["train.steps=400", "train.batch_size=16", "optimizer.lr=1e-2", "train.sample_tokens=0"]
+    sets += ["checkpoint.every=400", "train.log_every=100", "train.eval_every=400"]
+    out = run_cli("launch.train", "--recipe", "finetune_tiny", "--run-dir", str(run), *(f"--set={s}" for s in sets))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def test_grpo_raises_the_mean_reward_of_a_model_sft_taught_the_format(setup, arith_sft):
+    """GRPO on LoRA from the SFT model: the sum in <answer>...</answer> (1) plus the format (0.2).
+    The mean reward of the last 5 generation batches exceeds the first 5's by 0.12: 2.7 standard
+    deviations of that difference for a policy that does not learn (batch means of 64 completions
+    spread by about 0.07 once the reward stops rising). Rises measured with train.seed 0, 1, 2: 0.150,
+    0.190, 0.201 (docs/finetune.md, GRPO)."""
+    root, _, _ = setup
+    run = root / "grpo_learns"
+    reward = root / "reward.py"
+    sets = [
+        f"init.from={arith_sft}",
+        f'data.inputs=["{root / "prompts.jsonl"}"]',
+        "train.objective=grpo",
+        f'objective.rewards=["{reward}:answer_is_sum", "{reward}:formatted"]',
+        "objective.group_size=8",
+        "objective.max_new_tokens=16",
+        "objective.iterations=2",
+        "objective.beta=0",
+        "train.batch_size=64",
+        "train.seq_len=28",
+        "train.steps=40",
+        "train.log_every=2",
+        "train.sample_tokens=0",
+        "checkpoint.every=40",
+        "optimizer.lr=1e-2",
+        "optimizer.warmup_steps=0",
+    ]
+    out = run_cli("launch.train", "--recipe", "finetune_tiny", "--run-dir", str(run), *(f"--set={s}" for s in sets))
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Logged at the second pass over each generation batch: one row per batch.
+    reward = [r["reward_mean"] for r in rows(run) if "reward_mean" in r]
+    assert len(reward) == 20
+    first, last = np.mean(reward[:5]), np.mean(reward[-5:])
+    assert last > first + 0.12, (first, last, reward)
