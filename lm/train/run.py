@@ -219,7 +219,9 @@ def say_memory(recipe: Recipe) -> None:
     base = recipe.lora.base_dtype if recipe.lora.rank else recipe.model.param_dtype
     say(
         f"memory estimate per device ({p.hardware}): parameters {size(m.params)} (base in {base}), optimizer "
-        f"{size(m.optimizer)}, gradients {size(m.gradients)}, activations + logits "
+        f"{size(m.optimizer)}, "
+        + (f"reference model {size(m.reference)}, " if m.reference else "")
+        + f"gradients {size(m.gradients)}, activations + logits "
         f"{size(m.activations + max(m.working, m.logits))} (remat={recipe.model.remat}; by policy: {by_remat}); "
         f"total {size(m.total)} of {size(p.capacity_bytes)}" + ("" if p.fits else " -> DOES NOT FIT; see launch.plan")
     )

@@ -169,7 +169,7 @@ def dpo_train_step(
     model: nnx.Module,
     optimizer: nnx.Optimizer,
     batch: dict,
-    reference: nnx.Module | None,
+    reference: nnx.Module | None = None,
     *,
     beta: float,
     loss_type: str,

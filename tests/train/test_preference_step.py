@@ -75,12 +75,14 @@ def test_grpo_grad_accum_equals_one_big_batch_on_a_full_fine_tune(cfg):
     completions = [list(rng.integers(1, 127, rng.integers(1, 9))) for _ in prompts]
     batch = {k: jnp.asarray(v) for k, v in completion_batch(prompts, completions, 16).items()}
     advantages = jnp.asarray(group_advantages(rng.normal(size=len(prompts)), 4))
+    model, reference, _ = policy_and_reference(cfg)
+    logps, ref = nnx.jit(lambda m, r: (token_logps(m, batch, 0.7), reference_token_logps(m, batch, 0.7, r)))(
+        model, reference
+    )
+    old = jnp.where(batch["weights"] > 0, logps + 0.3 * jax.random.normal(jax.random.key(2), logps.shape), 0.0)
     out = {}
     for k in (1, 4):
-        model, reference, opt = policy_and_reference(cfg)
-        logps = nnx.jit(lambda m: token_logps(m, batch, 0.7))(model)
-        old = jnp.where(batch["weights"] > 0, logps + 0.3 * jax.random.normal(jax.random.key(2), logps.shape), 0.0)
-        ref = nnx.jit(lambda m, r: reference_token_logps(m, batch, 0.7, r))(model, reference)
+        model, _, opt = policy_and_reference(cfg)
         metrics = grpo_train_step(
             model, opt, batch, old, ref, advantages, beta=0.05, epsilon=0.2, temperature=0.7, loss_type="grpo",
             grad_accum=k,
