@@ -9,29 +9,17 @@ answers.jsonl) and the prompts with their answers:
 Runs in about a minute on a 2-core CPU (docs/finetune.md).
 """
 
-import dataclasses
-
-from lm.config import ObjectiveConfig
-from recipes.finetune_tiny import recipe as finetune_tiny
+from recipes._finetune import arithmetic_grpo, preference_tiny
 
 
 def recipe():
-    r = finetune_tiny()
-    return dataclasses.replace(
-        r,
-        name="grpo_tiny",
-        description="GRPO with LoRA on prompt JSONL (data.inputs), rewards from docs/examples/rewards.py",
-        data=dataclasses.replace(r.data, inputs=("data/arith/prompts.jsonl",)),
-        optimizer=dataclasses.replace(r.optimizer, lr=4e-3, warmup_steps=0),
-        train=dataclasses.replace(
-            r.train, objective="grpo", steps=40, batch_size=32, seq_len=32, log_every=5, sample_prompt="3 plus 4 ="
-        ),
-        checkpoint=dataclasses.replace(r.checkpoint, every=20),
-        objective=ObjectiveConfig(
-            rewards=("docs/examples/rewards.py:exact_answer", "docs/examples/rewards.py:tagged"),
-            beta=0.04,
-            group_size=8,
-            max_new_tokens=16,
-            temperature=0.7,
-        ),
+    return preference_tiny(
+        "grpo_tiny",
+        "GRPO with LoRA on prompt JSONL (data.inputs), rewards from docs/examples/rewards.py",
+        "data/arith/prompts.jsonl",
+        arithmetic_grpo(max_new_tokens=16, temperature=0.7),
+        kind="grpo",
+        lr=4e-3,
+        warmup_steps=0,
+        batch_size=32,
     )
