@@ -35,8 +35,6 @@ def check_objective(recipe: Recipe, source_tokenizer: str | None) -> None:
         # Each process would hold a slice of the pairs (chosen rows, then rejected) and of the rollout's
         # prompts, but the pair layout and the decode loop's prompts are whole-batch, one-host lists.
         raise UserError(f"train.objective={kind} runs on one process for now; launch it without --processes")
-    if t.eval_tasks:
-        raise UserError(f"train.eval_tasks runs with train.objective=sft only; evaluate a {kind} run with launch.eval")
     if not recipe.data.inputs:
         what = "preference JSONL (prompt, chosen, rejected)" if kind == "dpo" else "prompt JSONL (prompt or messages)"
         raise UserError(f"train.objective={kind} reads data.inputs: set it to {what}")

@@ -149,11 +149,19 @@ def test_full_fine_tune_dpo_sigterm_resumes_and_a_reference_folder_equals_base(s
     """DPO without LoRA: reference=base is a frozen copy of the starting weights. A SIGTERM mid-run saves
     a checkpoint and exits 0; the resumed run (whose reference must again be the starting weights, not
     the restored ones) ends bit for bit where a run whose objective.reference names the base folder does."""
+    from eval_tasks import write_tasks
+
     root, base, pairs = setup
     folder_run, stopped_run = root / "dpo_full_folder", root / "dpo_full_sigterm"
-    out = run_cli(*dpo_args(folder_run, base, pairs, *FULL, f"objective.reference={base}"))
+    # The folder run also scores an lm_eval task on the live model at its last step (train.eval_tasks).
+    tasks = write_tasks(root / "tasks")
+    evals = ('train.eval_tasks=["mc_local"]', "train.eval_tasks_every=30", "train.eval_tasks_limit=4")
+    offline = {"HF_DATASETS_CACHE": str(root / "datasets"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    args = dpo_args(folder_run, base, pairs, *FULL, f"objective.reference={base}", *evals)
+    out = run_cli(*args, "--set", f"train.eval_include_path={tasks}", env=offline)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "0.00M adapter" not in out.stdout + out.stderr
+    assert "adapter parameters" not in out.stdout + out.stderr
+    assert [r["step"] for r in rows(folder_run) if "eval/mc_local/acc" in r] == [30]
 
     proc = subprocess.Popen(
         [sys.executable, "-m", *dpo_args(stopped_run, base, pairs, *FULL)],
