@@ -1,5 +1,5 @@
-"""The DPO and GRPO optimizer steps on a full fine-tune, whose reference is a frozen copy of the
-initial weights: grad_accum microbatches (whole pairs for DPO) give the one-big-batch step."""
+"""The GRPO optimizer step on a full fine-tune, whose reference is a frozen copy of the initial
+weights: grad_accum microbatches give the one-big-batch step (DPO's: tests/multidevice/test_mesh_training.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +8,10 @@ import optax
 import pytest
 from flax import nnx
 
-from lm.data.preference import Pair, completion_batch, pair_batch
+from lm.data.preference import completion_batch
 from lm.model import Transformer
 from lm.train.objectives import group_advantages, reference_token_logps, token_logps
-from lm.train.step import dpo_train_step, grpo_train_step
+from lm.train.step import grpo_train_step
 
 
 def frozen_copy(model):
@@ -43,27 +43,6 @@ def cfg():
     return ModelConfig(
         vocab_size=128, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=32, dtype="float32"
     )
-
-
-@pytest.mark.slow
-def test_dpo_grad_accum_equals_one_big_batch_on_a_full_fine_tune(cfg):
-    rng = np.random.default_rng(0)
-    pairs = [
-        Pair(*(list(rng.integers(1, 127, n)) for n in (rng.integers(2, 6), rng.integers(1, 8), rng.integers(1, 8))))
-        for _ in range(4)
-    ]
-    batch = {k: jnp.asarray(v) for k, v in pair_batch(pairs, 16).items()}
-    out = {}
-    for k in (1, 2):
-        model, reference, opt = policy_and_reference(cfg)
-        metrics = dpo_train_step(model, opt, batch, reference, beta=0.5, loss_type="sigmoid", grad_accum=k)
-        out[k] = jax.device_get(metrics), params(model)
-    (m1, p1), (m2, p2) = out[1], out[2]
-    assert abs(m1["reward_margin"]) > 1e-3 and m1["grad_norm"] > 1e-3
-    for key in ("loss", "grad_norm", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"):
-        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    for a, b in zip(p1, p2, strict=True):
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
