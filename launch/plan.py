@@ -69,6 +69,11 @@ def report(plan, recipe) -> str:
         f"memory per device (remat={plan.remat}):",
         f"  parameters      {mib(mem.params)}",
         f"  optimizer       {mib(mem.optimizer)}",
+        *(
+            [f"  reference       {mib(mem.reference)}   the frozen reference model (dpo, grpo)"]
+            if mem.reference
+            else []
+        ),
         f"  gradients       {mib(mem.gradients)}",
         f"  gathered (FSDP) {mib(mem.gathered)}",
         f"  activations     {mib(mem.activations)}   kept by all layers",

@@ -6,23 +6,17 @@ Needs a starting model and preference pairs, e.g. the demo's own model and the w
 Runs in about a minute on a 2-core CPU (docs/finetune.md).
 """
 
-import dataclasses
-
 from lm.config import ObjectiveConfig
-from recipes.finetune_tiny import recipe as finetune_tiny
+from recipes._finetune import preference_tiny
 
 
 def recipe():
-    r = finetune_tiny()
-    return dataclasses.replace(
-        r,
-        name="dpo_tiny",
-        description="DPO (sigmoid) with LoRA on preference JSONL (data.inputs) and a small model (init.from)",
-        data=dataclasses.replace(r.data, inputs=("data/arith/pairs.jsonl",)),
-        optimizer=dataclasses.replace(r.optimizer, lr=3e-3, warmup_steps=2),
-        train=dataclasses.replace(
-            r.train, objective="dpo", steps=40, seq_len=32, log_every=5, sample_prompt="3 plus 4 ="
-        ),
-        checkpoint=dataclasses.replace(r.checkpoint, every=20),
-        objective=ObjectiveConfig(beta=0.1, loss_type="sigmoid"),
+    return preference_tiny(
+        "dpo_tiny",
+        "DPO (sigmoid) with LoRA on preference JSONL (data.inputs) and a small model (init.from)",
+        "data/arith/pairs.jsonl",
+        ObjectiveConfig(beta=0.1, loss_type="sigmoid"),
+        kind="dpo",
+        lr=3e-3,
+        warmup_steps=2,
     )

@@ -7,8 +7,8 @@ data.inputs; other rewards with --set 'objective.rewards=["FILE.py:FUNCTION"]'.
 
 import dataclasses
 
-from lm.config import LoraConfig, ObjectiveConfig
-from recipes._finetune import finetune
+from lm.config import LoraConfig
+from recipes._finetune import arithmetic_grpo, finetune
 
 
 def recipe():
@@ -29,13 +29,5 @@ def recipe():
         data=dataclasses.replace(r.data, inputs=("data/prompts.jsonl",)),
         train=dataclasses.replace(r.train, objective="grpo", sample_prompt="What is 12 plus 30?"),
         checkpoint=dataclasses.replace(r.checkpoint, every=100),
-        objective=ObjectiveConfig(
-            rewards=("docs/examples/rewards.py:exact_answer", "docs/examples/rewards.py:tagged"),
-            beta=0.04,
-            group_size=8,
-            max_new_tokens=512,
-            temperature=1.0,
-            epsilon=0.2,
-            iterations=1,
-        ),
+        objective=arithmetic_grpo(max_new_tokens=512, temperature=1.0),
     )

@@ -85,10 +85,11 @@ class Memory:
     activations_by_remat: dict[str, int]  # activations + max(working, logits), per policy
     kv_cache_per_sequence: int  # generation at model.max_seq_len, one sequence
     generation: int = 0  # train.objective=grpo: the rollout's KV cache, between (not beside) train steps
+    reference: int = 0  # dpo/grpo: a frozen reference model of its own (not the LoRA base, adapters off)
 
     @property
     def state(self) -> int:
-        return self.params + self.optimizer
+        return self.params + self.optimizer + self.reference
 
     @property
     def temporaries(self) -> int:
@@ -491,7 +492,17 @@ def estimate(
         gathered = int(2 * gathered_copy / m.n_layers)
         gathered += int(m.vocab_size * m.d_model * jnp.dtype(m.param_dtype).itemsize / vocab_tp)
 
-    # dpo: each pair is two rows (chosen, rejected); the reference pass (adapters off) keeps no activations.
+    # dpo/grpo's reference: a LoRA run's base (adapters off) is no second copy; a full fine-tune keeps its
+    # starting weights, sharded like the policy, and a folder (objective.reference) is counted at the
+    # policy's size. Its forward pass keeps no activations.
+    reference = 0
+    if t.objective != "sft" and (not lora.rank or recipe.objective.reference != "base"):
+        reference = sum(g.bytes_per_device for g in groups)
+        notes.append(
+            "the reference model is a frozen copy of the weights in "
+            f"{m.param_dtype}" + ("" if recipe.objective.reference == "base" else ", counted at the policy's size")
+        )
+    # dpo: each pair is two rows (chosen, rejected).
     pair_rows = 2 if t.objective == "dpo" else 1
     batch_split = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"]
     rows = pair_rows * t.batch_size / t.grad_accum / batch_split
@@ -514,6 +525,7 @@ def estimate(
         generation=int(rows * kv_cache_bytes(m, min(1 << (t.seq_len - 1).bit_length(), m.max_seq_len), tp, act_bytes))
         if t.objective == "grpo"
         else 0,
+        reference=int(reference),
     )
     capacity = int(topo.device.hbm_bytes * USABLE_FRACTION)
     fixed = memory.state + memory.gradients + memory.gathered

@@ -67,11 +67,13 @@ def adapter_base(meta: CheckpointMeta, recipe: Recipe) -> str | None:
     return str(pathlib.Path(recipe.init.from_).expanduser().absolute()) if recipe.init.from_ else None
 
 
-def find_source(path: str) -> InitSource:
+def find_source(path: str, key: str = "init.from") -> InitSource:
+    """The weights a folder holds: a Hugging Face folder, a run directory (its latest checkpoint) or a
+    checkpoint step folder. `key`: the recipe key that named it, for the error messages."""
     p = pathlib.Path(path).expanduser().absolute()
     if not p.exists():
         raise UserError(
-            f"init.from={path} does not exist; pass a Hugging Face folder (config.json + *.safetensors), "
+            f"{key}={path} does not exist; pass a Hugging Face folder (config.json + *.safetensors), "
             "a run directory or a checkpoint step folder"
         )
     if (p / "config.json").is_file():
@@ -83,7 +85,7 @@ def find_source(path: str) -> InitSource:
         folder, step, run = find_checkpoint(run_dir=p)
     else:
         raise UserError(
-            f"init.from={path} is neither a Hugging Face folder (no config.json) nor a run directory "
+            f"{key}={path} is neither a Hugging Face folder (no config.json) nor a run directory "
             "(no recipe.json) nor a checkpoint step folder"
         )
     meta = read_meta(folder, step, run)

@@ -16,7 +16,7 @@ logits divided by the sampling temperature, as TRL does. Advantages are group-no
 `(r - mean_group) / (std_group + 1e-4)`, the standard deviation with Bessel's correction.
 
 The reference of a LoRA run is the same model with its adapters switched off (`lm.lora.adapters_off`):
-no second copy of the weights.
+no second copy of the weights. A full fine-tune's reference, or a folder's, is a frozen model of its own.
 """
 
 from __future__ import annotations
@@ -58,8 +58,14 @@ def sequence_logps(model: nnx.Module, batch: dict) -> jax.Array:
     return (token_logps(model, batch) * batch["weights"]).sum(axis=-1)
 
 
-def reference_token_logps(model: nnx.Module, batch: dict, temperature: float = 1.0) -> jax.Array:
-    """token_logps under the reference: for a LoRA model, the frozen base (adapters off), no gradient."""
+def reference_token_logps(
+    model: nnx.Module, batch: dict, temperature: float = 1.0, reference: nnx.Module | None = None
+) -> jax.Array:
+    """token_logps under the reference, no gradient: `reference`, a frozen model of its own (a full
+    fine-tune's initial weights, or objective.reference's folder), or where that is None the LoRA
+    model's own frozen base (adapters off)."""
+    if reference is not None:
+        return jax.lax.stop_gradient(token_logps(reference, batch, temperature))
     if not lora.adapters(model):
         raise UserError(
             "objective.reference=base needs LoRA adapters (lora.rank > 0) to switch off; a full fine-tune "
@@ -182,9 +188,9 @@ class Rollout:
 
 
 @nnx.jit(static_argnames=("temperature", "with_reference"))
-def _rollout_logps(model, batch, temperature: float, with_reference: bool):
+def _rollout_logps(model, reference, batch, temperature: float, with_reference: bool):
     policy = token_logps(model, batch, temperature)
-    return policy, reference_token_logps(model, batch, temperature) if with_reference else None
+    return policy, reference_token_logps(model, batch, temperature, reference) if with_reference else None
 
 
 def rollout(
@@ -199,11 +205,13 @@ def rollout(
     seed: int,
     seq_len: int,
     beta: float,
+    reference: nnx.Module | None = None,
 ) -> Rollout:
     """Sample group_size completions per prompt with the decode loop on the policy as it is (LoRA
     adapters in place, no export), score them with the reward functions and normalise per group.
 
-    seed drives the sampling (a resumed run passes the same seed for the same step)."""
+    seed drives the sampling (a resumed run passes the same seed for the same step). reference: as
+    reference_token_logps takes it (None: the LoRA base, adapters off)."""
     repeated = [p for p in prompts for _ in range(group_size)]
     stop_ids = tuple(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))  # as lm.infer.decode.complete
     generation = generate(
@@ -221,5 +229,5 @@ def rollout(
         k: jnp.asarray(v)
         for k, v in completion_batch([p.ids for p in repeated], completion_ids, seq_len, pad_id=0).items()
     }
-    old, ref = _rollout_logps(model, batch, temperature, beta != 0.0)
+    old, ref = _rollout_logps(model, reference, batch, temperature, beta != 0.0)
     return Rollout(repeated, completion_ids, texts, total, per, group_advantages(total, group_size), batch, old, ref)

@@ -2,19 +2,24 @@
 records read into a checkpointed stream, and one optimizer step per call (lm.train.loop drives it
 as it drives SFT's train_step)."""
 
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lm.config import Recipe
 from lm.data.preference import RecordStream, load_rewards, pair_batch, read_pairs, read_prompts
 from lm.data.tokenizer import Tokenizer, load_tokenizer
 from lm.errors import UserError
+from lm.state.build import base_model
+from lm.state.source import InitSource, find_source
 from lm.train.objectives import rollout
 from lm.train.step import dpo_train_step, grpo_train_step
-from sharding.partition import put_batch
+from sharding.mesh import Layout
+from sharding.partition import check_divisible, put_batch
 
 # What each objective logs per log step beyond loss, lr and grad_norm.
 LOGGED = {
@@ -27,21 +32,9 @@ def check_objective(recipe: Recipe, source_tokenizer: str | None) -> None:
     """Refuse, in one line each, what dpo/grpo cannot do yet, before the run writes anything."""
     t, o, kind = recipe.train, recipe.objective, recipe.train.objective
     if jax.process_count() > 1:
+        # Each process would hold a slice of the pairs (chosen rows, then rejected) and of the rollout's
+        # prompts, but the pair layout and the decode loop's prompts are whole-batch, one-host lists.
         raise UserError(f"train.objective={kind} runs on one process for now; launch it without --processes")
-    if not recipe.lora.rank:
-        raise UserError(
-            f"train.objective={kind} needs lora.rank > 0 (its reference is the base, adapters off); a full "
-            "fine-tune's frozen reference copy is not supported yet"
-        )
-    if o.reference != "base":
-        raise UserError(
-            f"objective.reference={o.reference}: only base (the LoRA base, adapters off) is supported yet; "
-            "set objective.reference=base"
-        )
-    if t.grad_accum != 1:
-        raise UserError(f"train.grad_accum={t.grad_accum}: {kind} takes whole batches for now; set train.grad_accum=1")
-    if t.eval_tasks:
-        raise UserError(f"train.eval_tasks runs with train.objective=sft only; evaluate a {kind} run with launch.eval")
     if not recipe.data.inputs:
         what = "preference JSONL (prompt, chosen, rejected)" if kind == "dpo" else "prompt JSONL (prompt or messages)"
         raise UserError(f"train.objective={kind} reads data.inputs: set it to {what}")
@@ -93,12 +86,57 @@ def objective_data(recipe: Recipe, source_tokenizer: str | None, index: int, cou
     return tokenizer, RecordStream(records, t.batch_size // recipe.objective.group_size, t.seed, list, index, count)
 
 
+def check_reference(recipe: Recipe, tokenizer: Tokenizer) -> InitSource | None:
+    """objective.reference as a folder, read once: its vocabulary must be the policy's (DPO and GRPO
+    compare log-probs token by token). None for base."""
+    o = recipe.objective
+    if o.reference == "base":
+        return None
+    source = find_source(o.reference, "objective.reference")
+    where = f"objective.reference={o.reference}"
+    if source.model.vocab_size != recipe.model.vocab_size:
+        raise UserError(
+            f"{where} has a vocabulary of {source.model.vocab_size} but the policy's model.vocab_size="
+            f"{recipe.model.vocab_size}; the reference must share the policy's tokenizer"
+        )
+    if source.tokenizer:
+        theirs = load_tokenizer(source.tokenizer)
+        if theirs.sha256 != tokenizer.sha256 and not same_vocabulary(theirs, tokenizer):
+            raise UserError(
+                f"{where} has another tokenizer ({theirs.path}) than the policy ({tokenizer.path}); the reference "
+                "must share the policy's tokenizer"
+            )
+    return source
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Every id is the same piece (two folders may hold the same vocabulary in different files)."""
+    return a.vocab_size == b.vocab_size and all(a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.vocab_size))
+
+
+def reference_model(recipe: Recipe, layout: Layout, model: nnx.Module, source: InitSource | None):
+    """DPO/GRPO's frozen reference, sharded like the policy; None where it is the LoRA base (the policy
+    with its adapters off: no second copy). `source`: check_reference's. Call under the layout before a
+    checkpoint is restored: a full fine-tune's reference=base is a copy of the initial weights."""
+    if source is None:
+        if recipe.lora.rank:
+            return None
+        graphdef, state = nnx.split(model)
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state))  # own buffers: steps donate the policy's
+    cfg = source.model.with_execution_of(recipe.model)
+    check_divisible(cfg.logical_dims(), layout)
+    plain = dataclasses.replace(recipe, model=cfg, lora=dataclasses.replace(recipe.lora, rank=0))
+    return base_model(plain, layout, source)
+
+
 def dpo_stepper(run):
-    o = run.recipe.objective
+    o, accum = run.recipe.objective, run.recipe.train.grad_accum
 
     def step(_: int) -> dict:
         batch = put_batch(next(run.train_iter), run.layout)
-        return dpo_train_step(run.model, run.optimizer, batch, beta=o.beta, loss_type=o.loss_for("dpo"))
+        return dpo_train_step(
+            run.model, run.optimizer, batch, run.reference, beta=o.beta, loss_type=o.loss_for("dpo"), grad_accum=accum
+        )
 
     return step
 
@@ -125,7 +163,7 @@ class GrpoStepper:
             self.current = r = rollout(
                 run.model, run.tokenizer, prompts, self.rewards, group_size=o.group_size,
                 max_new_tokens=o.max_new_tokens, temperature=o.temperature,
-                seed=generation_seed(t.seed, step), seq_len=t.seq_len, beta=o.beta,
+                seed=generation_seed(t.seed, step), seq_len=t.seq_len, beta=o.beta, reference=run.reference,
             )  # fmt: skip
             self.batch = put_batch({k: np.asarray(v) for k, v in r.batch.items()}, run.layout)
             self.advantages = jnp.asarray(r.advantages)
@@ -133,7 +171,7 @@ class GrpoStepper:
         r = self.current
         metrics = grpo_train_step(
             run.model, run.optimizer, self.batch, r.old_logps, r.ref_logps, self.advantages, beta=o.beta,
-            epsilon=o.epsilon, temperature=o.temperature, loss_type=o.loss_for("grpo"),
+            epsilon=o.epsilon, temperature=o.temperature, loss_type=o.loss_for("grpo"), grad_accum=t.grad_accum,
         )  # fmt: skip
         return {**metrics, **r.metrics(), **({} if o.beta else {"kl": 0.0})}
 

@@ -41,7 +41,7 @@ from lm.state.checkpoint import (
 from lm.state.source import InitSource, resolve_init
 from lm.train.compile_cache import use_compilation_cache
 from lm.train.metrics import MetricsLog
-from lm.train.preference_run import check_objective, objective_data
+from lm.train.preference_run import check_objective, check_reference, objective_data, reference_model
 from sharding.mesh import Layout
 from sharding.partition import check_divisible, process_rows
 
@@ -69,6 +69,7 @@ class Run:
     meta: CheckpointMeta  # saved with every checkpoint
     start: int  # the restored step (0: a fresh run)
     n_params: int  # what trains: every parameter, or a LoRA run's adapters
+    reference: Transformer | None = None  # dpo/grpo's frozen reference model (None: the LoRA base, adapters off)
 
 
 def checkpoint_dir(recipe: Recipe, run_dir: pathlib.Path):
@@ -218,7 +219,9 @@ def say_memory(recipe: Recipe) -> None:
     base = recipe.lora.base_dtype if recipe.lora.rank else recipe.model.param_dtype
     say(
         f"memory estimate per device ({p.hardware}): parameters {size(m.params)} (base in {base}), optimizer "
-        f"{size(m.optimizer)}, gradients {size(m.gradients)}, activations + logits "
+        f"{size(m.optimizer)}, "
+        + (f"reference model {size(m.reference)}, " if m.reference else "")
+        + f"gradients {size(m.gradients)}, activations + logits "
         f"{size(m.activations + max(m.working, m.logits))} (remat={recipe.model.remat}; by policy: {by_remat}); "
         f"total {size(m.total)} of {size(p.capacity_bytes)}" + ("" if p.fits else " -> DOES NOT FIT; see launch.plan")
     )
@@ -268,9 +271,11 @@ def setup(recipe: Recipe, run_dir: pathlib.Path, source: InitSource | None = Non
     if source or recipe.lora.rank:
         say_memory(recipe)
     pid, nproc = jax.process_index(), jax.process_count()
+    reference_source = None
     if t.objective != "sft":  # preference or RL records, read whole (lm.train.preference_run)
         agreed(check_objective, recipe, source.tokenizer if source else None)
         tokenizer, train_iter = agreed(objective_data, recipe, source.tokenizer if source else None, pid, nproc)
+        reference_source = agreed(check_reference, recipe, tokenizer)
         eval_batches = []
     else:
         data_dir, tokenizer = prepare_data(recipe, run_dir, source)
@@ -286,6 +291,7 @@ def setup(recipe: Recipe, run_dir: pathlib.Path, source: InitSource | None = Non
 
     with layout:
         model, optimizer = build(recipe, layout, source)
+        reference = None if t.objective == "sft" else reference_model(recipe, layout, model, reference_source)
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, optimizer.wrt)))
         say(
             f"model: {n_params / 1e6:.2f}M {'adapter ' if recipe.lora.rank else ''}parameters; mesh "
@@ -330,5 +336,5 @@ def setup(recipe: Recipe, run_dir: pathlib.Path, source: InitSource | None = Non
     return Run(
         recipe=recipe, layout=layout, run_dir=run_dir, tokenizer=tokenizer, model=model, optimizer=optimizer,
         train_iter=train_iter, eval_batches=eval_batches, ckpt=ckpt, log=log, meta=meta, start=start,
-        n_params=int(n_params),
+        n_params=int(n_params), reference=reference,
     )  # fmt: skip

@@ -202,3 +202,39 @@ def test_cudnn_lowers_for_cuda_under_a_mesh_without_a_square_operand(monkeypatch
         batch = put_batch(next(batches(1, length=512)), Layout(mesh, RULES))
         text = train_step.trace(model, opt, batch).lower(lowering_platforms=("cuda",)).as_text()
     assert "custom_call @CustomSPMDPartitioning" in text and "512x512x" not in text
+
+
+def test_dpo_reference_copy_is_sharded_like_the_policy_and_microbatches_match_one_device():
+    """A full fine-tune's DPO reference (lm.train.preference_run.reference_model): the starting weights
+    in their own buffers with the policy's shardings; DPO with grad_accum=2 (microbatches of whole
+    pairs) on a (2, 2, 2) mesh gives the metrics and weights of one big batch on one device."""
+    from lm.config import LoraConfig, Recipe
+    from lm.data.preference import Pair, pair_batch
+    from lm.train.preference_run import reference_model
+    from lm.train.step import dpo_train_step
+
+    r = Recipe()
+    recipe = dataclasses.replace(r, model=CFG, lora=LoraConfig(rank=0), train=dataclasses.replace(r.train, seq_len=32))
+    rng = np.random.default_rng(0)
+    pairs = [Pair(*(list(rng.integers(1, 255, n)) for n in (3, 4, 5))) for _ in range(8)]
+    batch = pair_batch(pairs, 16)
+    rows = []
+    for mesh, k in ((mesh_of((1, 1, 1), jax.devices()[:1]), 1), (mesh_of((2, 2, 2)), 2)):
+        model, opt = build(mesh, sgd=True)
+        layout = Layout(mesh, RULES)
+        with layout:
+            reference = reference_model(recipe, layout, model, None)
+            flat = zip(nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(reference)))
+            for (path, a), (_, r) in flat:
+                assert a.get_value().sharding == r.get_value().sharding, path
+                assert a.get_value() is not r.get_value()
+            nnx.update(model, jax.tree.map(lambda x: x + 0.02, nnx.state(model, nnx.Param)))
+            m = dpo_train_step(model, opt, put_batch(batch, layout), reference, beta=0.5, loss_type="sigmoid",
+                               grad_accum=k)  # fmt: skip
+            rows.append((jax.device_get(m), [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]))
+    (one, one_params), (sharded, sharded_params) = rows
+    assert one["reward_margin"] > 1e-3
+    for key in ("loss", "grad_norm", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"):
+        np.testing.assert_allclose(sharded[key], one[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    for a, b in zip(one_params, sharded_params, strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)

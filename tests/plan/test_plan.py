@@ -202,3 +202,21 @@ def test_context_parallelism_splits_activations_and_costs_kv_traffic():
     assert one.step.context_s == 0
     assert math.isclose(gathered.step.context_s, m.n_layers * 2 * (3 / 4) * kv / bw, rel_tol=1e-6)
     assert math.isclose(gathered.step.step_s - ring.step.step_s, gathered.step.context_s, rel_tol=1e-6)
+
+
+def test_a_frozen_reference_model_is_counted_where_it_exists():
+    """dpo/grpo: a LoRA run's reference is its base with the adapters off (no bytes); a full fine-tune
+    keeps a frozen copy of the starting weights, and a folder reference is counted at the policy's size."""
+    from lm.config import apply_overrides
+
+    dpo = load_recipe("dpo_tiny")
+    sft = estimate(apply_overrides(dpo, ["train.objective=sft", "lora.rank=0"]), "cpu")
+    full = estimate(apply_overrides(dpo, ["lora.rank=0"]), "cpu")
+    lora = estimate(dpo, "cpu")
+    folder = estimate(apply_overrides(dpo, ["objective.reference=runs/sft"]), "cpu")
+    grpo = estimate(apply_overrides(load_recipe("grpo_tiny"), ["lora.rank=0"]), "cpu")
+    params = sum(math.prod(g.shape) for g in full.groups) * 4  # float32 weights, one device
+    assert sft.memory.reference == lora.memory.reference == 0
+    assert full.memory.reference == folder.memory.reference == grpo.memory.reference == params
+    assert full.memory.state == full.memory.params + full.memory.optimizer + params
+    assert full.memory.total == sft.memory.total - sft.memory.temporaries + full.memory.temporaries + params

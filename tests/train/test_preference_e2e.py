@@ -1,9 +1,11 @@
 """DPO and GRPO end to end through launch.train on CPU: a tiny random transformers Llama with a BPE
 tokenizer the test trains, LoRA adapters; preference pairs and prompts the test writes; a reward the
-test defines; resume after SIGKILL bit for bit; bad input as one line."""
+test defines; resume after SIGKILL and SIGTERM bit for bit; a full fine-tune's reference; bad input as
+one line."""
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,6 +151,55 @@ def test_killed_dpo_run_resumes_bit_for_bit(setup, dpo_run):
     assert logged(straight) == logged(killed)
 
 
+FULL = ("lora.rank=0", "optimizer.lr=1e-3", "train.steps=30", "train.log_every=1", "checkpoint.every=100")
+DPO_KEYS = ("step", "loss", "grad_norm", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
+
+
+def test_full_fine_tune_dpo_sigterm_resumes_and_a_reference_folder_equals_base(setup):
+    """DPO without LoRA: reference=base is a frozen copy of the starting weights. A SIGTERM mid-run saves
+    a checkpoint and exits 0; the resumed run (whose reference must again be the starting weights, not
+    the restored ones) ends bit for bit where a run whose objective.reference names the base folder does."""
+    from eval_tasks import write_tasks
+
+    root, base, pairs = setup
+    folder_run, stopped_run = root / "dpo_full_folder", root / "dpo_full_sigterm"
+    # The folder run also scores an lm_eval task on the live model at its last step (train.eval_tasks).
+    tasks = write_tasks(root / "tasks")
+    evals = ('train.eval_tasks=["mc_local"]', "train.eval_tasks_every=30", "train.eval_tasks_limit=4")
+    offline = {"HF_DATASETS_CACHE": str(root / "datasets"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    args = dpo_args(folder_run, base, pairs, *FULL, f"objective.reference={base}", *evals)
+    out = run_cli(*args, "--set", f"train.eval_include_path={tasks}", env=offline)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "adapter parameters" not in out.stdout + out.stderr
+    assert [r["step"] for r in rows(folder_run) if "eval/mc_local/acc" in r] == [30]
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *dpo_args(stopped_run, base, pairs, *FULL)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (stopped_run / "metrics.jsonl").exists() and any(r.get("step", 0) >= 3 for r in rows(stopped_run)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    stopped = int(output.split("preempted: saved checkpoint ")[1].split()[0])
+    assert 3 <= stopped < 30, stopped
+    out = run_cli(*dpo_args(stopped_run, base, pairs, *FULL))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"at step {stopped}" in out.stdout + out.stderr
+
+    def logged(run):
+        return [{k: r[k] for k in DPO_KEYS} for r in rows(run) if "reward_margin" in r]
+
+    assert logged(folder_run) == logged(stopped_run) and len(logged(folder_run)) == 30
+    assert logged(folder_run)[-1]["reward_margin"] > 0  # the policy moved off its reference
+    for x, y in zip(final_params(folder_run, 30), final_params(stopped_run, 30), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def grpo_args(run_dir, root, base, *extra):
     sets = [
         f"init.from={base}",
@@ -205,15 +256,19 @@ def test_grpo_logs_its_metrics_and_a_killed_run_resumes_bit_for_bit(setup):
 @pytest.mark.parametrize(
     "objective, sets, message",
     [
-        ("dpo", ["lora.rank=0"], "needs lora.rank > 0"),
-        ("dpo", ["objective.reference=/some/run"], "only base"),
+        ("dpo", ["objective.reference=/some/run"], "objective.reference=/some/run does not exist"),
+        ("dpo", ["objective.reference={other_vocab}"], "has a vocabulary of 512 but the policy's model.vocab_size=400"),
         ("grpo", ["checkpoint.every=3"], "must be a multiple of objective.iterations"),
         ("grpo", ['objective.rewards=["/nonexistent/r.py:f"]', "objective.reward_weights=[]"], "does not exist"),
     ],
 )
 def test_bad_objective_input_is_one_line(setup, tmp_path, objective, sets, message):
     root, base, pairs = setup
-    sets = [f"--set={s}" for s in sets]
+    other_vocab = tmp_path / "other_vocab"  # the base's folder with another vocabulary: refused before loading
+    shutil.copytree(base, other_vocab)
+    config = json.loads((other_vocab / "config.json").read_text())
+    (other_vocab / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    sets = [f"--set={s.format(other_vocab=other_vocab)}" for s in sets]
     args = dpo_args(tmp_path / "run", base, pairs) if objective == "dpo" else grpo_args(tmp_path / "run", root, base)
     out = run_cli(*args, *sets)
     assert out.returncode == 2, out.stderr[-2000:]
