@@ -79,7 +79,8 @@ def preference_tiny(
         data=dataclasses.replace(r.data, inputs=(inputs,)),
         optimizer=dataclasses.replace(r.optimizer, lr=lr, warmup_steps=warmup_steps),
         train=dataclasses.replace(
-            r.train, **{"objective": kind, "steps": 40, "seq_len": 32, "log_every": 5, "sample_prompt": "3 plus 4 =", **train}
+            r.train,
+            **{"objective": kind, "steps": 40, "seq_len": 32, "log_every": 5, "sample_prompt": "3 plus 4 =", **train},
         ),
         checkpoint=dataclasses.replace(r.checkpoint, every=20),
         objective=objective,
