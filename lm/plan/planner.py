@@ -271,11 +271,12 @@ def param_groups(params, shardings, mesh_shape, dtype_bytes=None) -> tuple[Param
     return tuple(groups)
 
 
-def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape) -> tuple[int, int]:
+def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape, stacked: bool = True) -> tuple[int, int]:
     """(adapter parameters, adapter float32 bytes per device) for the kernels LoRA targets.
 
     An adapter on a kernel [in..., out...] is A [in..., rank] and B [rank, out...]; the input side
-    is the first dimension, except for the attention output [heads, head_dim, embed].
+    is the first dimension, except for the attention output [heads, head_dim, embed]. stacked: the
+    layers are scanned, so each kernel has a leading layers axis (model.scan_layers).
     """
     rank = getattr(lora, "rank", 0)
     targets = getattr(lora, "targets", ()) or ()
@@ -286,8 +287,7 @@ def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape) -> tup
             continue
         if targets and not any(re.search(t, g.path) for t in targets):
             continue
-        unstacked = re.match(r"blocks\.\d+\.", g.path)  # scan_layers=False: one kernel per layer
-        layers, dims = (1, g.shape) if unstacked else (g.shape[0], g.shape[1:])
+        layers, dims = (g.shape[0], g.shape[1:]) if stacked else (1, g.shape)
         split = 2 if g.path.endswith("attn.out.kernel") else 1
         n_in, n_out = math.prod(dims[:split]), math.prod(dims[split:])
         n = layers * rank * (n_in + n_out)
@@ -476,7 +476,7 @@ def estimate(
     gathered_copy = n_params * act_bytes / tp
     lora = recipe.lora
     if lora.rank:
-        trainable, adapter_bytes = lora_adapter_params(groups, lora, mesh_shape)
+        trainable, adapter_bytes = lora_adapter_params(groups, lora, mesh_shape, m.scan_layers)
         base = sum(g.bytes_per_device / jnp.dtype(g.dtype).itemsize * _bytes(lora.base_dtype) for g in groups)
         param_bytes = int(base) + adapter_bytes
         opt_bytes, grad_bytes = 2 * adapter_bytes, adapter_bytes * grad_copies
