@@ -5,7 +5,8 @@ Parameter and optimizer bytes are exact: the real model and optimizer are built 
 (`nnx.eval_shape`) under an abstract mesh of the target's shape, and each leaf is split as the one
 rules table (sharding/rules.py) says. Activation bytes come from per-policy formulas calibrated
 against XLA's compiled memory analysis (tests/multidevice/test_plan_accuracy.py keeps them honest).
-Step time is FLOPs at a stated MFU plus the collectives FSDP and tensor parallelism need.
+Step time is FLOPs at a stated MFU plus the collectives FSDP and tensor parallelism need, and for
+mixtures of experts the all-to-alls that carry tokens to their experts' devices (mesh.expert).
 """
 
 import dataclasses
@@ -85,6 +86,11 @@ class Memory:
     activations_by_remat: dict[str, int]  # activations + max(working, logits), per policy
     kv_cache_per_sequence: int  # generation at model.max_seq_len, one sequence
     generation: int = 0  # train.objective=grpo: the rollout's KV cache, between (not beside) train steps
+    # Mixture of experts. experts: the routed experts' weights and optimizer state, as split over
+    # mesh.expert x fsdp x tensor (already part of params and optimizer). all_to_all: the buffers the
+    # MoE layer in flight sends and receives under expert parallelism (beside `working`).
+    experts: int = 0
+    all_to_all: int = 0
 
     @property
     def state(self) -> int:
@@ -93,7 +99,7 @@ class Memory:
     @property
     def temporaries(self) -> int:
         """What XLA reports as temp bytes: everything the step allocates beyond its arguments."""
-        return self.gradients + self.gathered + self.activations + max(self.working, self.logits)
+        return self.gradients + self.gathered + self.activations + max(self.working + self.all_to_all, self.logits)
 
     @property
     def total(self) -> int:
@@ -115,6 +121,8 @@ class StepTime:
     step_s: float
     tokens_per_s: float
     context_s: float = 0.0  # K/V moved between the devices of mesh.context (all-gather or ring)
+    expert_s: float = 0.0  # MoE all-to-alls between the devices of mesh.expert, over ICI ...
+    expert_dcn_s: float = 0.0  # ... and the part that crosses slices (an expert axis wider than a slice)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +358,19 @@ def kv_cache_bytes(model: ModelConfig, length: int, tensor: int, act_bytes: int)
     return int(2 * model.n_layers * length * model.n_kv_heads / tp * model.dim_per_head * act_bytes)
 
 
+def all_to_all_bytes(model: ModelConfig, tokens: float, expert: int, act_bytes: int) -> int:
+    """One all-to-all buffer of an MoE layer per device under expert parallelism (0 without):
+    lm.model.moe.expert_parallel gives every peer room for all of a device's `tokens` x
+    experts_per_token assignments, [expert, tokens * k, d_model] (XLA:CPU has no ragged all-to-all)."""
+    if not model.n_experts or expert <= 1:
+        return 0
+    return int(expert * tokens * model.experts_per_token * model.d_model * act_bytes)
+
+
+# Buffers of one MoE layer alive together: the dispatch sent and received, the results sent back.
+ALL_TO_ALL_BUFFERS = 3
+
+
 # ------------------------------------------------------------------------------------------------
 # Time
 
@@ -413,7 +434,19 @@ def step_time(
     kv = rows * t.seq_len * 2 * m.n_kv_heads * m.dim_per_head / (tp if m.n_kv_heads % tp == 0 else 1) * act_bytes
     context_s = k * m.n_layers * 2 * ring(cp, kv, dev.ici_bytes_per_s)
     overlapped = context_s if m.context_parallel == "ring" else 0.0
+    # Expert parallelism: per MoE layer, an all-to-all to the experts and one back in the forward pass
+    # and the same two in the backward; the experts wait for them (on the critical path). Each device
+    # keeps 1/expert of a buffer and sends the rest, over DCN to the peers outside its slice when the
+    # expert axis (the innermost) is wider than a slice.
+    ep = mesh_shape["expert"]
+    buffer = all_to_all_bytes(m, rows * t.seq_len / mesh_shape.get("context", 1), ep, act_bytes)
+    per_slice = topo.n_devices // topo.slices
+    dcn_peers = max(0, ep - per_slice) if math.prod(dcn.values()) == 1 else 0
+    sent = 4 * k * sum(m.moe_layers) * buffer / max(ep, 1)  # bytes to each peer, per step
+    expert_s = sent * (ep - 1 - dcn_peers) / dev.ici_bytes_per_s
+    expert_dcn_s = sent * dcn_peers / dev.dcn_bytes_per_s
     step_s = max(compute_s, fsdp_ici + data_s + dcn_s + overlapped) + tensor_s + (context_s - overlapped)
+    step_s += expert_s + expert_dcn_s
     return StepTime(
         flops_per_step=flops,
         hardware_flops_per_step=flops + recompute,
@@ -425,6 +458,8 @@ def step_time(
         data_s=data_s,
         tensor_s=tensor_s,
         context_s=context_s,
+        expert_s=expert_s,
+        expert_dcn_s=expert_dcn_s,
         dcn_s=dcn_s,
         step_s=step_s,
         tokens_per_s=tokens / step_s,
@@ -435,9 +470,13 @@ def step_time(
 # The plan
 
 
-def _max_rows(m: ModelConfig, seq_len: int, remat: str, tp: int, act_bytes: int, free: float, cp: int = 1) -> int:
-    """How many rows per device fit in `free` bytes: activations and logits are linear in the rows."""
+def _max_rows(
+    m: ModelConfig, seq_len: int, remat: str, tp: int, act_bytes: int, free: float, cp: int = 1, ep: int = 1
+) -> int:
+    """How many rows per device fit in `free` bytes: activations, logits and all-to-all buffers are
+    linear in the rows."""
     kept, working = activation_bytes(m, 1, seq_len, remat, tp, act_bytes, cp)
+    working += ALL_TO_ALL_BUFFERS * all_to_all_bytes(m, seq_len / cp, ep, act_bytes)
     return max(0, int(free // (kept + max(working, logits_bytes(m, 1, seq_len, tp, cp)))))
 
 
@@ -461,6 +500,12 @@ def estimate(
     (params, opt_state), (p_sh, o_sh) = abstract_state(recipe, mesh)
     groups = param_groups(params, p_sh, mesh_shape)
     opt_groups = param_groups(opt_state, o_sh, mesh_shape)
+    # The routed experts' kernels: the parameters whose logical axes name the expert dimension.
+    expert_paths = tuple(
+        ".".join(map(str, path))
+        for path, var in nnx.to_flat_state(params)
+        if "expert" in (var.get_metadata().get("out_sharding") or ())
+    )
     act_bytes = compute_dtype_bytes(m, topo.device.name)
     tp = mesh_shape["tensor"]
 
@@ -498,7 +543,8 @@ def estimate(
     cp = mesh_shape["context"]
     logits = logits_bytes(m, rows, t.seq_len, tp, cp)
     acts = {r: activation_bytes(m, rows, t.seq_len, r, tp, act_bytes, cp) for r in REMATS}
-    by_remat = {r: kept + max(working, logits) for r, (kept, working) in acts.items()}
+    all_to_all = ALL_TO_ALL_BUFFERS * all_to_all_bytes(m, rows * t.seq_len / cp, mesh_shape["expert"], act_bytes)
+    by_remat = {r: kept + max(working + all_to_all, logits) for r, (kept, working) in acts.items()}
     memory = Memory(
         params=int(param_bytes),
         optimizer=int(opt_bytes),
@@ -509,6 +555,10 @@ def estimate(
         logits=logits,
         activations_by_remat=by_remat,
         kv_cache_per_sequence=kv_cache_bytes(m, m.max_seq_len, tp, act_bytes),
+        experts=sum(g.bytes_per_device for g in groups + opt_groups if g.path.endswith(expert_paths))
+        if expert_paths
+        else 0,
+        all_to_all=all_to_all,
         # grpo samples train.batch_size completions at once, each at most train.seq_len with its prompt,
         # in a cache of the next power of two (lm.infer.decode.bucket).
         generation=int(rows * kv_cache_bytes(m, min(1 << (t.seq_len - 1).bit_length(), m.max_seq_len), tp, act_bytes))
@@ -517,7 +567,8 @@ def estimate(
     )
     capacity = int(topo.device.hbm_bytes * USABLE_FRACTION)
     fixed = memory.state + memory.gradients + memory.gathered
-    max_rows = {r: _max_rows(m, t.seq_len, r, tp, act_bytes, capacity - fixed, cp) for r in REMATS}
+    free = capacity - fixed
+    max_rows = {r: _max_rows(m, t.seq_len, r, tp, act_bytes, free, cp, mesh_shape["expert"]) for r in REMATS}
     chosen = next((r for r in REMATS if fixed + by_remat[r] <= capacity), None)
 
     grad_shard = grad_bytes / grad_copies
