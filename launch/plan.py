@@ -83,6 +83,15 @@ def report(plan, recipe) -> str:
         "  activations + max(one layer, logits) by remat: "
         + ", ".join(f"{r} {mib(mem.activations_by_remat[r])}" for r in REMATS),
         *(
+            [
+                f"  experts         {mib(mem.experts)}   of parameters and optimizer: the routed experts, split "
+                "over mesh.expert x fsdp x tensor",
+                f"  all-to-all      {mib(mem.all_to_all)}   expert-parallel buffers of the MoE layer in flight",
+            ]
+            if mem.experts
+            else []
+        ),
+        *(
             [f"  grpo rollout    {mib(mem.generation)}   KV cache of train.batch_size completions, between steps"]
             if mem.generation
             else []
@@ -96,7 +105,13 @@ def report(plan, recipe) -> str:
         f"step: {s.step_s * 1e3:,.1f} ms predicted -> {s.tokens_per_s:,.0f} tokens/s "
         f"(compute {s.compute_s * 1e3:,.1f} ms at MFU {s.mfu:.2f} of {s.peak_tflops:.3g} TFLOP/s per device "
         f"[{s.peak_source}]; FSDP {s.fsdp_s * 1e3:,.1f} ms, data {s.data_s * 1e3:,.1f} ms, "
-        f"tensor {s.tensor_s * 1e3:,.1f} ms, context {s.context_s * 1e3:,.1f} ms, DCN {s.dcn_s * 1e3:,.1f} ms)",
+        f"tensor {s.tensor_s * 1e3:,.1f} ms, context {s.context_s * 1e3:,.1f} ms, DCN {s.dcn_s * 1e3:,.1f} ms"
+        + (
+            f", expert all-to-all {s.expert_s * 1e3:,.1f} ms ICI + {s.expert_dcn_s * 1e3:,.1f} ms DCN"
+            if mem.experts
+            else ""
+        )
+        + ")",
     ]
     if plan.compiled:
         c = plan.compiled

@@ -190,11 +190,6 @@ class ModelConfig:
                 f"model.n_experts={self.n_experts} but model.moe_layer_step={self.moe_layer_step} and "
                 f"model.dense_layers={list(self.dense_layers)} leave no layer with experts; set model.n_experts=0"
             )
-        if self.scan_layers and not all(self.moe_layers):
-            raise UserError(
-                f"model.moe_layer_step={self.moe_layer_step} and model.dense_layers={list(self.dense_layers)} mix "
-                "dense and expert layers, which one layer scan cannot stack; set model.scan_layers=false"
-            )
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise UserError(f"model.capacity_factor={self.capacity_factor} must be positive (or none: dropless)")
         if self.router_aux_loss < 0 or self.router_z_loss < 0:
@@ -210,6 +205,23 @@ class ModelConfig:
             self.n_experts > 0 and (i + 1) % self.moe_layer_step == 0 and i not in self.dense_layers
             for i in range(self.n_layers)
         )
+
+    @property
+    def layer_runs(self) -> tuple[tuple[tuple[bool, ...], int], ...]:
+        """The layer scan's runs, in order: (period, repeats), where period says per layer whether it
+        has experts, and the run is that period repeated. Layers are cut into periods of
+        moe_layer_step (MaxText's interleaved MoE) and equal neighbours merge, so a leading dense run
+        (DeepSeek's first dense layers) and a short tail get runs of their own. One run of one layer
+        for a model whose layers are all alike."""
+        step = self.moe_layer_step if self.n_experts else 1
+        runs: list[list] = []
+        for start in range(0, self.n_layers, step):
+            period = self.moe_layers[start : start + step]
+            if runs and runs[-1][0] == period:
+                runs[-1][1] += 1
+            else:
+                runs.append([period, 1])
+        return tuple((period, repeats) for period, repeats in runs)
 
     @property
     def expert_d_ff(self) -> int:

@@ -13,6 +13,7 @@ the devices layer by layer, so the host never holds more than one tensor (plus i
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 from collections.abc import Callable
 from typing import NamedTuple
@@ -26,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from lm.config import EXECUTION, MeshConfig, ModelConfig
 from lm.errors import UserError
-from lm.model import Transformer
+from lm.model import Transformer, layer_paths
 from lm.model.attention import yarn_mscale
 from sharding.mesh import Layout
 from sharding.partition import check_divisible, to_host
@@ -84,9 +85,10 @@ QKV_BIAS = Transform(
 
 
 class Rule(NamedTuple):
-    hf: str  # tensor name; {i} stands for the layer index
+    hf: str  # tensor name; {i} stands for the layer index, {e} for the expert (layers with experts only)
     ours: tuple[str, ...]  # our parameter paths (inside a block when hf has {i})
     transform: Transform = SAME
+    dense_only: bool = False  # a dense MLP's tensor in a family whose other layers have experts
 
 
 def _layer(prefix: str, table: dict) -> tuple[Rule, ...]:
@@ -172,19 +174,25 @@ MIXTRAL = _LLAMA_TOP + _layer(
         "block_sparse_moe.experts.{e}.w2.weight": ("mlp.down.kernel", LINEAR),
     },
 )
-QWEN_MOE = _LLAMA_TOP + _layer(
-    "model.layers.{i}.",
-    {
-        **_ATTENTION,
-        "mlp.gate.weight": ("mlp.router.kernel", LINEAR),
-        "mlp.experts.{e}.gate_proj.weight": ("mlp.gate.kernel", LINEAR),
-        "mlp.experts.{e}.up_proj.weight": ("mlp.up.kernel", LINEAR),
-        "mlp.experts.{e}.down_proj.weight": ("mlp.down.kernel", LINEAR),
-        "mlp.shared_expert.gate_proj.weight": ("mlp.shared.gate.kernel", LINEAR),  # Qwen2-MoE
-        "mlp.shared_expert.up_proj.weight": ("mlp.shared.up.kernel", LINEAR),
-        "mlp.shared_expert.down_proj.weight": ("mlp.shared.down.kernel", LINEAR),
-        "mlp.shared_expert_gate.weight": ("mlp.shared_gate.kernel", LINEAR),
-    },
+# Qwen's dense layers (mlp_only_layers, decoder_sparse_step) keep Llama's MLP names.
+_DENSE_MLP = {k: v for k, v in _LLAMA_LAYER.items() if k.startswith("mlp.") and k.endswith(".weight")}
+QWEN_MOE = (
+    _LLAMA_TOP
+    + tuple(r._replace(dense_only=True) for r in _layer("model.layers.{i}.", _DENSE_MLP))
+    + _layer(
+        "model.layers.{i}.",
+        {
+            **_ATTENTION,
+            "mlp.gate.weight": ("mlp.router.kernel", LINEAR),
+            "mlp.experts.{e}.gate_proj.weight": ("mlp.gate.kernel", LINEAR),
+            "mlp.experts.{e}.up_proj.weight": ("mlp.up.kernel", LINEAR),
+            "mlp.experts.{e}.down_proj.weight": ("mlp.down.kernel", LINEAR),
+            "mlp.shared_expert.gate_proj.weight": ("mlp.shared.gate.kernel", LINEAR),  # Qwen2-MoE
+            "mlp.shared_expert.up_proj.weight": ("mlp.shared.up.kernel", LINEAR),
+            "mlp.shared_expert.down_proj.weight": ("mlp.shared.down.kernel", LINEAR),
+            "mlp.shared_expert_gate.weight": ("mlp.shared_gate.kernel", LINEAR),
+        },
+    )
 )
 
 
@@ -316,12 +324,12 @@ def _experts(hf: dict, model_type: str, where) -> dict:
     """The mixture-of-experts options of a Mixtral, Qwen2-MoE or Qwen3-MoE config.json."""
     if model_type not in MOE_FAMILIES:
         return {}
-    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+    qwen = model_type != "mixtral"
+    if not qwen and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
         raise UserError(
             f"{where}: mlp_only_layers={hf.get('mlp_only_layers')} and decoder_sparse_step="
-            f"{hf.get('decoder_sparse_step')} are not supported; every layer must have experts"
+            f"{hf.get('decoder_sparse_step')} are not Mixtral options; every Mixtral layer has experts"
         )
-    qwen = model_type != "mixtral"
     out = dict(
         n_experts=hf.get("num_local_experts") or hf["num_experts"],
         experts_per_token=hf["num_experts_per_tok"],
@@ -329,6 +337,9 @@ def _experts(hf: dict, model_type: str, where) -> dict:
         router_norm_topk=hf.get("norm_topk_prob", False) if qwen else True,
         router_aux_loss=hf.get("router_aux_loss_coef", 0.001) if hf.get("output_router_logits") else 0.0,
     )
+    if qwen:  # which layers have experts, as transformers decides it
+        dense = tuple(hf.get("mlp_only_layers") or ())
+        out.update(moe_layer_step=hf.get("decoder_sparse_step") or 1, dense_layers=dense)
     if model_type == "qwen2_moe":
         out.update(n_shared_experts=1, shared_expert_d_ff=hf["shared_expert_intermediate_size"])
     return out
@@ -539,8 +550,8 @@ def _experts_to_hf(cfg: ModelConfig, model_type: str) -> dict:
         num_experts=cfg.n_experts,
         moe_intermediate_size=cfg.expert_d_ff,
         norm_topk_prob=cfg.router_norm_topk,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
+        decoder_sparse_step=cfg.moe_layer_step,
+        mlp_only_layers=list(cfg.dense_layers),
         use_sliding_window=False,
     )
     if model_type == "qwen2_moe":
@@ -572,14 +583,18 @@ def _canonical(cfg: ModelConfig) -> ModelConfig:
     cfg = dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in rope})
     if not any(cfg.sliding_layers):
         cfg = dataclasses.replace(cfg, sliding_window=None, sliding_window_first=0, sliding_window_every=1)
-    # Training options of the router; and with experts in every layer, d_ff is never used.
+    # Training options of the router; the layers with experts named one way (a dense layer named by
+    # both moe_layer_step and dense_layers, once); with experts in every layer, d_ff is never used.
     training = ("router_aux_loss", "router_z_loss", "capacity_factor")
     cfg = dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in training})
-    if cfg.n_experts and all(cfg.moe_layers):
+    if cfg.n_experts:
+        dense = tuple(sorted({i for i in cfg.dense_layers if (i + 1) % cfg.moe_layer_step == 0}))
         cfg = dataclasses.replace(
-            cfg, d_ff=cfg.expert_d_ff, moe_d_ff=cfg.expert_d_ff, n_shared_experts=min(cfg.n_shared_experts, 1),
-            shared_expert_d_ff=cfg.shared_d_ff or None, moe_layer_step=1, dense_layers=(),
+            cfg, moe_d_ff=cfg.expert_d_ff, n_shared_experts=min(cfg.n_shared_experts, 1),
+            shared_expert_d_ff=cfg.shared_d_ff or None, dense_layers=dense,
         )  # fmt: skip
+    if cfg.n_experts and all(cfg.moe_layers):
+        cfg = dataclasses.replace(cfg, d_ff=cfg.expert_d_ff, moe_layer_step=1)
     return cfg
 
 
@@ -587,45 +602,48 @@ def _canonical(cfg: ModelConfig) -> ModelConfig:
 # Tensors
 
 
-def _active_rules(cfg: ModelConfig, params: dict) -> list[tuple[Rule, list[tuple]]]:
-    """The family's rules whose parameters this model has, each with its parameter paths per layer.
-    Every parameter is covered exactly once."""
-    family = FAMILIES[family_of(cfg)]
-    active, covered = [], []
-    for rule in family.rules:
-        per_layer = "{i}" in rule.hf
-        paths = [("blocks", *p.split(".")) if per_layer else tuple(p.split(".")) for p in rule.ours]
-        if cfg.scan_layers or not per_layer:
-            present = [p in params for p in paths]
-        else:
-            present = [("blocks", 0, *p[1:]) in params for p in paths]
-        if all(present):
-            active.append((rule, paths))
-            covered += paths
-        elif any(present):
-            raise ValueError(f"rule {rule.hf} covers only part of {paths}")
-    stacked = {("blocks", *p[2:]) if p[0] == "blocks" and not cfg.scan_layers else p for p in params}
-    if stacked != set(covered) or len(covered) != len(set(covered)):
-        raise ValueError(f"mapping table mismatch: {sorted(map(str, stacked ^ set(covered)))}")
-    return active
+class _Tensor(NamedTuple):
+    """One Hugging Face tensor of the model and where it goes: slice `index` (its layer on a stack,
+    its expert) of each of our parameters `targets`."""
+
+    name: str
+    rule: Rule
+    targets: list[tuple]
+    index: tuple[int, ...]
 
 
-def _names(rule: Rule, cfg: ModelConfig) -> list[tuple[str, int | None, int | None]]:
-    """(tensor name, layer, expert) for each HF tensor of a rule ({i}: per layer, {e}: per expert)."""
-    layers = range(cfg.n_layers) if "{i}" in rule.hf else [None]
-    experts = range(cfg.n_experts) if "{e}" in rule.hf else [None]
-    return [(rule.hf.format(i=i, e=e), i, e) for i in layers for e in experts]
-
-
-def _target(path: tuple, layer: int | None, scanned: bool) -> tuple:
-    if layer is None or scanned:
-        return path
-    return ("blocks", layer, *path[1:])
-
-
-def _index(layer: int | None, expert: int | None, scanned: bool) -> tuple[int, ...]:
-    """Where one HF tensor sits inside our parameter: its layer in a stack, its expert in a kernel."""
-    return (layer,) * (scanned and layer is not None) + (expert,) * (expert is not None)
+def _tensors(cfg: ModelConfig, params: dict) -> list[_Tensor]:
+    """Every Hugging Face tensor of the model, from the family's rules and the layers' places
+    (lm.model.layer_paths). Every element of every parameter is covered exactly once."""
+    out = []
+    for rule in FAMILIES[family_of(cfg)].rules:
+        paths = [tuple(p.split(".")) for p in rule.ours]
+        experts = "{e}" in rule.hf
+        places = enumerate(layer_paths(cfg)) if "{i}" in rule.hf else [(None, ((), None))]
+        for layer, (prefix, stacked) in places:
+            sparse = layer is not None and cfg.moe_layers[layer]
+            if experts and not sparse or rule.dense_only and sparse:
+                continue
+            targets = [prefix + p for p in paths]
+            present = [t in params for t in targets]
+            if not any(present):
+                continue
+            if not all(present):
+                raise ValueError(f"rule {rule.hf} covers only part of {targets}")
+            lead = () if stacked is None else (stacked,)
+            for e in range(cfg.n_experts) if experts else [None]:
+                index = lead + (() if e is None else (e,))
+                out.append(_Tensor(rule.hf.format(i=layer, e=e), rule, targets, index))
+    covered: dict[tuple, list] = {}
+    for t in out:
+        for target in t.targets:
+            covered.setdefault(target, []).append(t.index)
+    # Covered once each: as many distinct slices as the parameter's leading (layer, expert) axes hold.
+    once = {p for p, idx in covered.items() if len(set(idx)) == len(idx) == math.prod(params[p].shape[: len(idx[0])])}
+    wrong = (set(params) ^ set(covered)) | (set(covered) - once)
+    if wrong:
+        raise ValueError(f"mapping table mismatch: {sorted(map(str, wrong))}")
+    return out
 
 
 class _Checkpoint:
@@ -716,24 +734,21 @@ def load_hf(
         params = {path: var for path, var in nnx.to_flat_state(state)}
         values: dict[tuple, jax.Array] = {}
         used = set()
-        for rule, paths in _active_rules(cfg, params):
-            for name, layer, expert in _names(rule, cfg):
-                if name not in checkpoint.files:
-                    raise UserError(f"{folder}: tensor {name} is missing; the checkpoint does not match config.json")
-                used.add(name)
-                targets = [_target(p, layer, cfg.scan_layers) for p in paths]
-                index = _index(layer, expert, cfg.scan_layers)
-                want = [params[t].shape[len(index) :] for t in targets]
-                for target, x in zip(targets, _fit(checkpoint.read(name), rule, want, cfg, f"{folder}: tensor {name}")):
-                    var, sharding = params[target], shardings[target]
-                    x = np.asarray(x, dtype=var.dtype)
-                    if not index:
-                        values[target] = jax.device_put(x, sharding)
-                        continue
-                    if target not in values:  # allocated on the devices, then filled layer by layer, expert by expert
-                        values[target] = jax.jit(lambda v=var: jnp.zeros(v.shape, v.dtype), out_shardings=sharding)()
-                    part_sharding = NamedSharding(mesh, P(*sharding.spec[len(index) :]))
-                    values[target] = _set_at(values[target], jax.device_put(x, part_sharding), index)
+        for name, rule, targets, index in _tensors(cfg, params):
+            if name not in checkpoint.files:
+                raise UserError(f"{folder}: tensor {name} is missing; the checkpoint does not match config.json")
+            used.add(name)
+            want = [params[t].shape[len(index) :] for t in targets]
+            for target, x in zip(targets, _fit(checkpoint.read(name), rule, want, cfg, f"{folder}: tensor {name}")):
+                var, sharding = params[target], shardings[target]
+                x = np.asarray(x, dtype=var.dtype)
+                if not index:
+                    values[target] = jax.device_put(x, sharding)
+                    continue
+                if target not in values:  # allocated on the devices, then filled layer by layer, expert by expert
+                    values[target] = jax.jit(lambda v=var: jnp.zeros(v.shape, v.dtype), out_shardings=sharding)()
+                part_sharding = NamedSharding(mesh, P(*sharding.spec[len(index) :]))
+                values[target] = _set_at(values[target], jax.device_put(x, part_sharding), index)
         leftover = set(checkpoint.files) - used
         leftover = {n for n in leftover if not n.endswith(_BUFFERS)}
         if cfg.tie_embeddings:
@@ -753,14 +768,9 @@ def hf_tensors(model: Transformer):
     processes too: then every process must iterate, and each holds one whole tensor beyond its shards)."""
     cfg = model.cfg
     params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for rule, paths in _active_rules(cfg, params):
-        for name, layer, expert in _names(rule, cfg):
-            index = _index(layer, expert, cfg.scan_layers)
-            ours = []
-            for p in paths:
-                value = params[_target(p, layer, cfg.scan_layers)].get_value()
-                ours.append(to_host(value[index]))
-            yield name, np.ascontiguousarray(rule.transform.save(tuple(ours), cfg))
+    for name, rule, targets, index in _tensors(cfg, params):
+        ours = tuple(to_host(params[t].get_value()[index]) for t in targets)
+        yield name, np.ascontiguousarray(rule.transform.save(ours, cfg))
 
 
 def save_hf(

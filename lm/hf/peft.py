@@ -15,6 +15,7 @@ from lm.config import LoraConfig
 from lm.errors import UserError
 from lm.hf.convert import FAMILIES, family_of
 from lm.lora import adapters
+from lm.model import layer_paths
 
 
 def peft_adapter(model: nnx.Module, spec: LoraConfig) -> tuple[dict, dict]:
@@ -29,18 +30,20 @@ def peft_adapter(model: nnx.Module, spec: LoraConfig) -> tuple[dict, dict]:
     family = family_of(cfg)
     if family == "gpt2":
         raise UserError("--adapter-only does not support GPT-2 (fused c_attn Conv1D); export the merged model instead")
-    rules = {r.ours[0]: r for r in FAMILIES[family].rules if "{i}" in r.hf and len(r.ours) == 1}
+    rules = {r.ours[0]: r for r in FAMILIES[family].rules if "{i}" in r.hf and "{e}" not in r.hf and len(r.ours) == 1}
     tensors, modules, by_layer = {}, set(), {}
     rng = np.random.default_rng(0)
+    where = layer_paths(cfg)
     for path, module in adapters(model).items():
-        parts = path.split(".")
-        stacked = cfg.scan_layers
-        sub = ".".join(parts[1:] if stacked else parts[2:])
-        rule = rules.get(sub + ".kernel")
-        if parts[0] != "blocks" or rule is None:
+        parts = tuple(int(p) if p.isdigit() else p for p in path.split("."))
+        # The layers this module serves: one Block, or a stack of them (index: each one's slice).
+        layers = [(i, index) for i, (prefix, index) in enumerate(where) if parts[: len(prefix)] == prefix]
+        prefix = where[layers[0][0]][0] if layers else ()
+        rule = rules.get(".".join(map(str, parts[len(prefix) :])) + ".kernel")
+        if not layers or rule is None:
             raise UserError(f"adapter on {path} has no Hugging Face module to export to; adapt only block projections")
         a, b = np.asarray(jax.device_get(module.lora_a[...])), np.asarray(jax.device_get(module.lora_b[...]))
-        layers = range(cfg.n_layers) if stacked else [int(parts[1])]
+        stacked = layers[0][1] is not None
         in_shape = a.shape[(1 if stacked else 0) : -1]
         out_shape = b.shape[(2 if stacked else 1) :]
         probe = rng.standard_normal(in_shape + out_shape).astype(np.float32)
@@ -48,9 +51,9 @@ def peft_adapter(model: nnx.Module, spec: LoraConfig) -> tuple[dict, dict]:
             raise UserError(f"the Hugging Face layout of {rule.hf} is not a plain transpose; cannot export its adapter")
         name = rule.hf[: -len(".weight")]
         modules.add(name.rsplit(".", 1)[-1])
-        for i in layers:
+        for i, index in layers:
             by_layer.setdefault(i, set()).add(name.format(i=i))
-            ai, bi = (a[i], b[i]) if stacked else (a, b)
+            ai, bi = (a, b) if index is None else (a[index], b[index])
             prefix = f"base_model.model.{name.format(i=i)}"
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(ai.reshape(-1, spec.rank).T)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(bi.reshape(spec.rank, -1).T)

@@ -32,6 +32,7 @@ from lm.infer.sampling import Sampling, apply_repetition_penalty, sample
 from lm.kernels.context import context_size
 from lm.kernels.xla import CACHE_LENGTH_AXIS
 from lm.lora import adapters
+from lm.model.transformer import layer_paths
 from sharding.partition import place, to_host
 
 
@@ -82,10 +83,14 @@ def decode_twin(model: nnx.Module) -> nnx.Module:
     if model.cfg.tie_embeddings:
         source[("lm_head", "kernel")] = nnx.Param(model.head())
     target = nnx.state(twin, nnx.Param)
+    where = layer_paths(model.cfg)
     for path, var in nnx.to_flat_state(target):
-        stacked = path[0] == "blocks"
-        value = source[("blocks",) + path[2:] if stacked else path].get_value()
-        var.set_value(value[path[1]] if stacked else value)
+        if path[0] != "blocks":
+            var.set_value(source[path].get_value())
+            continue
+        prefix, index = where[path[1]]
+        value = source[prefix + path[2:]].get_value()
+        var.set_value(value if index is None else value[index])
     nnx.update(twin, target)
     return twin
 

@@ -4,4 +4,4 @@ platform, LoRA or Hugging Face detail."""
 
 from lm.model.attention import Attention, Mode, rope, rope_frequencies
 from lm.model.blocks import MLP, Block, make_norm
-from lm.model.transformer import Transformer, unembed
+from lm.model.transformer import Transformer, layer_paths, unembed

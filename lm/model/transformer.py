@@ -3,6 +3,10 @@
 Blocks are built once with `nnx.vmap` (every parameter gains a leading `layers` axis) and applied
 with `nnx.scan`, so compile time does not grow with depth. `scan_layers=False` keeps a plain list
 of Blocks applied in a Python loop; it gives the same numbers and is there for debugging and export.
+
+Where dense and expert layers mix (`model.moe_layer_step`, `model.dense_layers`), the layers are
+scanned in runs (`ModelConfig.layer_runs`): each run repeats a period of layers, one stack per place
+in the period, and one scan applies the period. `layer_paths` says where each layer's Block lives.
 """
 
 import functools
@@ -60,15 +64,13 @@ class Transformer(nnx.Module):
 
         self.embed = embed(cfg.vocab_size, "vocab")
         self.pos_embed = embed(cfg.max_seq_len, "position") if cfg.positions == "learned" else nnx.data(None)
-        if cfg.scan_layers:
-
-            @nnx.split_rngs(splits=cfg.n_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            @functools.partial(over_layers, in_axes=(0,))
-            def stack(rngs):  # every layer alike (ModelConfig refuses a mixed stack when scanned)
-                return Block(cfg, experts=cfg.moe_layers[0], rngs=rngs)
-
-            self.blocks = stack(rngs)
+        if cfg.scan_layers and _one_stack(cfg):
+            self.blocks = stacked_blocks(cfg, cfg.moe_layers[0], cfg.n_layers, rngs)
+        elif cfg.scan_layers:  # runs of a repeating period: blocks[run][place in the period]
+            self.blocks = nnx.List(
+                nnx.List(stacked_blocks(cfg, experts, repeats, rngs) for experts in period)
+                for period, repeats in cfg.layer_runs
+            )
         else:
             self.blocks = nnx.List([Block(cfg, experts=moe, rngs=rngs) for moe in cfg.moe_layers])
         self.final_norm = make_norm(cfg, rngs)
@@ -115,20 +117,27 @@ class Transformer(nnx.Module):
         windows = self._layer_windows()
         if self.cfg.remat != "none":
             layer = nnx.remat(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        stats = None
-        if self.cfg.scan_layers and mode == "decode":
-            x = self._decode_scan(x, layer, windows)
-        elif self.cfg.scan_layers:
-            xs = () if windows is None else (windows,)
-            body = over_layers(layer, in_axes=(0, None, *(None for _ in xs)))
-            scan = nnx.scan(body, in_axes=(0, nnx.Carry, *(0 for _ in xs)), out_axes=(nnx.Carry, 0))
-            x, stats = scan(self.blocks, x, *xs)
+        per_layer = []  # RouterStats, [layers, ...] each, in layer order
+        if self.cfg.scan_layers:
+            start = 0
+            for stacks, (period, repeats) in zip(self._runs(), self.cfg.layer_runs):
+                # This run's windows, [repeats, len(period)]: each scanned step takes one period's.
+                end = start + len(period) * repeats
+                xs = () if windows is None else (windows[start:end].reshape(repeats, len(period)),)
+                start = end
+                if mode == "decode":
+                    x = self._decode_scan(stacks, x, layer, *xs)
+                    continue
+                body = over_layers(functools.partial(_period, layer), in_axes=(0, None, *(None for _ in xs)))
+                scan = nnx.scan(body, in_axes=(0, nnx.Carry, *(0 for _ in xs)), out_axes=(nnx.Carry, 0))
+                x, stats = scan(stacks, x, *xs)
+                if stats is not None:  # [repeats, expert layers in the period, ...] -> layer order
+                    per_layer.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats))
         else:
-            per_layer = []
             for block, sliding in zip(self.blocks, self.cfg.sliding_layers):
                 x, s = layer(block, x, self.cfg.sliding_window if sliding else None)
-                per_layer += [s] if s is not None else []
-            stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else None
+                per_layer += [jax.tree.map(lambda a: a[None], s)] if s is not None else []
+        stats = jax.tree.map(lambda *a: jnp.concatenate(a), *per_layer) if per_layer else None
 
         x = self.final_norm(x)
         out = x if return_hidden else self.logits(x)
@@ -155,34 +164,84 @@ class Transformer(nnx.Module):
         unbounded = np.iinfo(np.int32).max
         return jnp.asarray([self.cfg.sliding_window if s else unbounded for s in sliding], jnp.int32)
 
-    def _decode_scan(self, x, layer, windows=None):
-        """One decode step through the stacked layers with the KV cache in the scan's carry.
+    def _runs(self) -> list[list[Block]]:
+        """The scanned stack as runs, each one stacked Block per place in its period."""
+        return [[self.blocks]] if isinstance(self.blocks, Block) else [list(run) for run in self.blocks]
+
+    def _decode_scan(self, stacks: list[Block], x, layer, windows=None):
+        """One decode step through a run of stacked layers with the KV cache in the scan's carry.
 
         Scanned as input and output (nnx.scan's default), the whole cache would be copied once per
         generated token; as a carry, each layer's slice is updated in place.
         """
-        graphdef, params, cache, rest = nnx.split(self.blocks, nnx.Param, nnx.Cache, ...)
+        graphdef, params, cache, rest = nnx.split(stacks, nnx.Param, nnx.Cache, ...)
 
         def body(carry, layer_state):
             x, cache, i = carry
             mine = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, i, keepdims=False), cache)
-            block = nnx.merge(graphdef, layer_state[0], mine, layer_state[1])
-            x, _ = layer(block, x) if windows is None else layer(block, x, layer_state[2])
+            blocks = nnx.merge(graphdef, layer_state[0], mine, layer_state[1])
+            x, _ = _period(layer, blocks, x, *layer_state[2:])
             cache = jax.tree.map(
-                lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, i, 0), cache, nnx.state(block, nnx.Cache)
+                lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, i, 0), cache, nnx.state(blocks, nnx.Cache)
             )
             return (x, cache, i + 1), None
 
         xs = (params, rest) if windows is None else (params, rest, windows)
         (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), xs)
-        nnx.update(self.blocks, cache)
+        nnx.update(stacks, cache)
         return x
 
     def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
-        """Allocate every layer's KV cache: [layers, batch, kv_heads, max_length, head_dim] when scanned
-        (made whole on the stack, not inside a transform, so it works in graph and tree mode alike)."""
+        """Allocate every layer's KV cache: [layers, batch, kv_heads, max_length, head_dim] per stack
+        when scanned (made whole on the stack, not inside a transform, so it works in graph and tree
+        mode alike)."""
         if self.cfg.scan_layers:
-            self.blocks.attn.init_cache((batch, max_length), dtype, layers=self.cfg.n_layers)
+            for stacks, (_, repeats) in zip(self._runs(), self.cfg.layer_runs):
+                for stack in stacks:
+                    stack.attn.init_cache((batch, max_length), dtype, layers=repeats)
         else:
             for block in self.blocks:
                 block.attn.init_cache((batch, max_length), dtype)
+
+
+def _one_stack(cfg: ModelConfig) -> bool:
+    """Every layer alike: the scanned model is one stack `blocks` (a mixed one nests runs in it)."""
+    return len(cfg.layer_runs) == 1 and len(cfg.layer_runs[0][0]) == 1
+
+
+def stacked_blocks(cfg: ModelConfig, experts: bool, n: int, rngs: nnx.Rngs) -> Block:
+    """n Blocks as one, every parameter with a leading `layers` axis of n."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @functools.partial(over_layers, in_axes=(0,))
+    def stack(rngs):
+        return Block(cfg, experts=experts, rngs=rngs)
+
+    return stack(rngs)
+
+
+def _period(layer, blocks: list[Block], x, *windows):
+    """One period of a run: its layers in order (windows: [period], each layer's, when they differ).
+    Returns x and the period's RouterStats stacked [expert layers, ...] (None when it has none)."""
+    stats = []
+    for j, block in enumerate(blocks):
+        x, s = layer(block, x, *(w[j] for w in windows))
+        stats += [s] if s is not None else []
+    return x, (jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else None)
+
+
+def layer_paths(cfg: ModelConfig) -> list[tuple[tuple, int | None]]:
+    """Where each layer's Block lives: (its module path, its index on that stack's leading `layers`
+    axis, or None where layers are not stacked). Layer i's parameter `p` (a path inside a Block) is
+    params[path + p][index]."""
+    if not cfg.scan_layers:
+        return [(("blocks", i), None) for i in range(cfg.n_layers)]
+    if _one_stack(cfg):
+        return [(("blocks",), i) for i in range(cfg.n_layers)]
+    return [
+        (("blocks", run, place), k)
+        for run, (period, repeats) in enumerate(cfg.layer_runs)
+        for k in range(repeats)
+        for place in range(len(period))
+    ]

@@ -5,7 +5,8 @@ Parameter and optimizer bytes are exact: the real model and optimizer are built 
 (`nnx.eval_shape`) under an abstract mesh of the target's shape, and each leaf is split as the one
 rules table (sharding/rules.py) says. Activation bytes come from per-policy formulas calibrated
 against XLA's compiled memory analysis (tests/multidevice/test_plan_accuracy.py keeps them honest).
-Step time is FLOPs at a stated MFU plus the collectives FSDP and tensor parallelism need.
+Step time is FLOPs at a stated MFU plus the collectives FSDP and tensor parallelism need, and for
+mixtures of experts the all-to-alls that carry tokens to their experts' devices (mesh.expert).
 """
 
 import dataclasses
@@ -86,6 +87,11 @@ class Memory:
     kv_cache_per_sequence: int  # generation at model.max_seq_len, one sequence
     generation: int = 0  # train.objective=grpo: the rollout's KV cache, between (not beside) train steps
     reference: int = 0  # dpo/grpo: a frozen reference model of its own (not the LoRA base, adapters off)
+    # Mixture of experts. experts: the routed experts' weights and optimizer state, as split over
+    # mesh.expert x fsdp x tensor (already part of params and optimizer). all_to_all: the buffers the
+    # MoE layer in flight sends and receives under expert parallelism (beside `working`).
+    experts: int = 0
+    all_to_all: int = 0
 
     @property
     def state(self) -> int:
@@ -94,7 +100,7 @@ class Memory:
     @property
     def temporaries(self) -> int:
         """What XLA reports as temp bytes: everything the step allocates beyond its arguments."""
-        return self.gradients + self.gathered + self.activations + max(self.working, self.logits)
+        return self.gradients + self.gathered + self.activations + max(self.working + self.all_to_all, self.logits)
 
     @property
     def total(self) -> int:
@@ -116,6 +122,8 @@ class StepTime:
     step_s: float
     tokens_per_s: float
     context_s: float = 0.0  # K/V moved between the devices of mesh.context (all-gather or ring)
+    expert_s: float = 0.0  # MoE all-to-alls between the devices of mesh.expert, over ICI ...
+    expert_dcn_s: float = 0.0  # ... and the part that crosses slices (an expert axis wider than a slice)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,11 +280,12 @@ def param_groups(params, shardings, mesh_shape, dtype_bytes=None) -> tuple[Param
     return tuple(groups)
 
 
-def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape) -> tuple[int, int]:
+def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape, stacked: bool = True) -> tuple[int, int]:
     """(adapter parameters, adapter float32 bytes per device) for the kernels LoRA targets.
 
     An adapter on a kernel [in..., out...] is A [in..., rank] and B [rank, out...]; the input side
-    is the first dimension, except for the attention output [heads, head_dim, embed].
+    is the first dimension, except for the attention output [heads, head_dim, embed]. stacked: the
+    layers are scanned, so each kernel has a leading layers axis (model.scan_layers).
     """
     rank = getattr(lora, "rank", 0)
     targets = getattr(lora, "targets", ()) or ()
@@ -287,8 +296,7 @@ def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape) -> tup
             continue
         if targets and not any(re.search(t, g.path) for t in targets):
             continue
-        unstacked = re.match(r"blocks\.\d+\.", g.path)  # scan_layers=False: one kernel per layer
-        layers, dims = (1, g.shape) if unstacked else (g.shape[0], g.shape[1:])
+        layers, dims = (g.shape[0], g.shape[1:]) if stacked else (1, g.shape)
         split = 2 if g.path.endswith("attn.out.kernel") else 1
         n_in, n_out = math.prod(dims[:split]), math.prod(dims[split:])
         n = layers * rank * (n_in + n_out)
@@ -349,6 +357,19 @@ def kv_cache_bytes(model: ModelConfig, length: int, tensor: int, act_bytes: int)
     """One sequence's KV cache over every layer: 2 x [layers, kv_heads, length, head_dim]."""
     tp = tensor if model.n_kv_heads % tensor == 0 else 1
     return int(2 * model.n_layers * length * model.n_kv_heads / tp * model.dim_per_head * act_bytes)
+
+
+def all_to_all_bytes(model: ModelConfig, tokens: float, expert: int, act_bytes: int) -> int:
+    """One all-to-all buffer of an MoE layer per device under expert parallelism (0 without):
+    lm.model.moe.expert_parallel gives every peer room for all of a device's `tokens` x
+    experts_per_token assignments, [expert, tokens * k, d_model] (XLA:CPU has no ragged all-to-all)."""
+    if not model.n_experts or expert <= 1:
+        return 0
+    return int(expert * tokens * model.experts_per_token * model.d_model * act_bytes)
+
+
+# Buffers of one MoE layer alive together: the dispatch sent and received, the results sent back.
+ALL_TO_ALL_BUFFERS = 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,7 +435,19 @@ def step_time(
     kv = rows * t.seq_len * 2 * m.n_kv_heads * m.dim_per_head / (tp if m.n_kv_heads % tp == 0 else 1) * act_bytes
     context_s = k * m.n_layers * 2 * ring(cp, kv, dev.ici_bytes_per_s)
     overlapped = context_s if m.context_parallel == "ring" else 0.0
+    # Expert parallelism: per MoE layer, an all-to-all to the experts and one back in the forward pass
+    # and the same two in the backward; the experts wait for them (on the critical path). Each device
+    # keeps 1/expert of a buffer and sends the rest, over DCN to the peers outside its slice when the
+    # expert axis (the innermost) is wider than a slice.
+    ep = mesh_shape["expert"]
+    buffer = all_to_all_bytes(m, rows * t.seq_len / mesh_shape.get("context", 1), ep, act_bytes)
+    per_slice = topo.n_devices // topo.slices
+    dcn_peers = max(0, ep - per_slice) if math.prod(dcn.values()) == 1 else 0
+    sent = 4 * k * sum(m.moe_layers) * buffer / max(ep, 1)  # bytes to each peer, per step
+    expert_s = sent * (ep - 1 - dcn_peers) / dev.ici_bytes_per_s
+    expert_dcn_s = sent * dcn_peers / dev.dcn_bytes_per_s
     step_s = max(compute_s, fsdp_ici + data_s + dcn_s + overlapped) + tensor_s + (context_s - overlapped)
+    step_s += expert_s + expert_dcn_s
     return StepTime(
         flops_per_step=flops,
         hardware_flops_per_step=flops + recompute,
@@ -426,6 +459,8 @@ def step_time(
         data_s=data_s,
         tensor_s=tensor_s,
         context_s=context_s,
+        expert_s=expert_s,
+        expert_dcn_s=expert_dcn_s,
         dcn_s=dcn_s,
         step_s=step_s,
         tokens_per_s=tokens / step_s,
@@ -436,9 +471,13 @@ def step_time(
 # The plan
 
 
-def _max_rows(m: ModelConfig, seq_len: int, remat: str, tp: int, act_bytes: int, free: float, cp: int = 1) -> int:
-    """How many rows per device fit in `free` bytes: activations and logits are linear in the rows."""
+def _max_rows(
+    m: ModelConfig, seq_len: int, remat: str, tp: int, act_bytes: int, free: float, cp: int = 1, ep: int = 1
+) -> int:
+    """How many rows per device fit in `free` bytes: activations, logits and all-to-all buffers are
+    linear in the rows."""
     kept, working = activation_bytes(m, 1, seq_len, remat, tp, act_bytes, cp)
+    working += ALL_TO_ALL_BUFFERS * all_to_all_bytes(m, seq_len / cp, ep, act_bytes)
     return max(0, int(free // (kept + max(working, logits_bytes(m, 1, seq_len, tp, cp)))))
 
 
@@ -462,6 +501,12 @@ def estimate(
     (params, opt_state), (p_sh, o_sh) = abstract_state(recipe, mesh)
     groups = param_groups(params, p_sh, mesh_shape)
     opt_groups = param_groups(opt_state, o_sh, mesh_shape)
+    # The routed experts' kernels: the parameters whose logical axes name the expert dimension.
+    expert_paths = tuple(
+        ".".join(map(str, path))
+        for path, var in nnx.to_flat_state(params)
+        if "expert" in (var.get_metadata().get("out_sharding") or ())
+    )
     act_bytes = compute_dtype_bytes(m, topo.device.name)
     tp = mesh_shape["tensor"]
 
@@ -477,7 +522,7 @@ def estimate(
     gathered_copy = n_params * act_bytes / tp
     lora = recipe.lora
     if lora.rank:
-        trainable, adapter_bytes = lora_adapter_params(groups, lora, mesh_shape)
+        trainable, adapter_bytes = lora_adapter_params(groups, lora, mesh_shape, m.scan_layers)
         base = sum(g.bytes_per_device / jnp.dtype(g.dtype).itemsize * _bytes(lora.base_dtype) for g in groups)
         param_bytes = int(base) + adapter_bytes
         opt_bytes, grad_bytes = 2 * adapter_bytes, adapter_bytes * grad_copies
@@ -509,7 +554,8 @@ def estimate(
     cp = mesh_shape["context"]
     logits = logits_bytes(m, rows, t.seq_len, tp, cp)
     acts = {r: activation_bytes(m, rows, t.seq_len, r, tp, act_bytes, cp) for r in REMATS}
-    by_remat = {r: kept + max(working, logits) for r, (kept, working) in acts.items()}
+    all_to_all = ALL_TO_ALL_BUFFERS * all_to_all_bytes(m, rows * t.seq_len / cp, mesh_shape["expert"], act_bytes)
+    by_remat = {r: kept + max(working + all_to_all, logits) for r, (kept, working) in acts.items()}
     memory = Memory(
         params=int(param_bytes),
         optimizer=int(opt_bytes),
@@ -520,6 +566,10 @@ def estimate(
         logits=logits,
         activations_by_remat=by_remat,
         kv_cache_per_sequence=kv_cache_bytes(m, m.max_seq_len, tp, act_bytes),
+        experts=sum(g.bytes_per_device for g in groups + opt_groups if g.path.endswith(expert_paths))
+        if expert_paths
+        else 0,
+        all_to_all=all_to_all,
         # grpo samples train.batch_size completions at once, each at most train.seq_len with its prompt,
         # in a cache of the next power of two (lm.infer.decode.bucket).
         generation=int(rows * kv_cache_bytes(m, min(1 << (t.seq_len - 1).bit_length(), m.max_seq_len), tp, act_bytes))
@@ -529,7 +579,8 @@ def estimate(
     )
     capacity = int(topo.device.hbm_bytes * USABLE_FRACTION)
     fixed = memory.state + memory.gradients + memory.gathered
-    max_rows = {r: _max_rows(m, t.seq_len, r, tp, act_bytes, capacity - fixed, cp) for r in REMATS}
+    free = capacity - fixed
+    max_rows = {r: _max_rows(m, t.seq_len, r, tp, act_bytes, free, cp, mesh_shape["expert"]) for r in REMATS}
     chosen = next((r for r in REMATS if fixed + by_remat[r] <= capacity), None)
 
     grad_shard = grad_bytes / grad_copies

@@ -52,3 +52,27 @@ def test_partial_layer_adapters_export_as_peft_loads_them(base, tmp_path, target
     with torch.no_grad():
         np.testing.assert_allclose(theirs(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)
     assert nnx.state(model, nnx.LoRAParam)  # still unmerged: the export reads the adapters only
+
+
+@pytest.mark.slow
+def test_adapters_on_a_scanned_stack_of_dense_and_expert_layers_export_as_peft(tmp_path):
+    """Qwen2-MoE with experts in every second layer, scanned in runs (lm.model.layer_paths): each
+    adapter's layers come out under their own Hugging Face layer index."""
+    from hf_models import save_hf_checkpoint
+
+    save_hf_checkpoint("qwen2_moe", tmp_path / "base")
+    model = load_hf(tmp_path / "base", scan_layers=True)
+    spec = LoraConfig(rank=4, alpha=8.0, base_dtype="float32")  # attention everywhere, MLPs of dense layers
+    lora.apply(model, spec, seed=0)
+    for module in lora.adapters(model).values():
+        module.lora_b[...] = jax.random.normal(jax.random.key(1), module.lora_b.shape) * 0.3
+    tokens = np.random.default_rng(0).integers(0, 160, (2, 12))
+    ours = np.asarray(model(tokens, np.broadcast_to(np.arange(12), tokens.shape)))
+    save_peft(model, spec, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32).eval()
+    adapted = sorted(n.split(".layers.")[1] for n, m in theirs.named_modules() if hasattr(m, "lora_A"))
+    dense_mlp = [f"{i}.mlp.{p}_proj" for i in (0, 2) for p in ("down", "gate", "up")]
+    attention = [f"{i}.self_attn.{p}_proj" for i in range(3) for p in ("k", "o", "q", "v")]
+    assert adapted == sorted(dense_mlp + attention)
+    with torch.no_grad():
+        np.testing.assert_allclose(theirs(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)

@@ -11,6 +11,7 @@ from flax import nnx
 from lm.config import ModelConfig, preset
 from lm.errors import UserError
 from lm.model import Transformer, rope, rope_frequencies
+from lm.model.transformer import layer_paths
 
 
 def build(cfg, seed=0):
@@ -23,12 +24,14 @@ def tokens_and_positions(batch, length, vocab, seed=0):
 
 
 def copy_into_unrolled(scanned: Transformer, unrolled: Transformer) -> None:
-    """Give the unrolled model the scanned model's parameters (layer i = slice i of the stack)."""
+    """Give the unrolled model the scanned model's parameters (layer i = its slice of its stack)."""
     source = dict(nnx.to_flat_state(nnx.state(scanned, nnx.Param)))
     target = nnx.state(unrolled, nnx.Param)
+    where = layer_paths(scanned.cfg)
     for path, var in nnx.to_flat_state(target):
         if path[0] == "blocks":
-            var.set_value(source[("blocks",) + path[2:]].get_value()[path[1]])
+            prefix, index = where[path[1]]
+            var.set_value(source[prefix + path[2:]].get_value()[index])
         else:
             var.set_value(source[path].get_value())
     nnx.update(unrolled, target)
@@ -68,6 +71,13 @@ FAMILIES = {
         n_experts=4, experts_per_token=2, moe_d_ff=48, n_shared_experts=1, shared_expert_d_ff=80,
         router_norm_topk=False, qkv_bias=True,
     ),  # fmt: skip
+    # Dense and expert layers in one scan: every second layer has experts (MaxText's interleaved MoE;
+    # 3 layers: a (dense, experts) run, then a dense tail) ...
+    "moe_every_second": dict(n_experts=4, experts_per_token=2, moe_d_ff=48, moe_layer_step=2),
+    # ... and a leading dense layer (DeepSeek's first dense layers), with alternating windows as well.
+    "moe_dense_first": dict(
+        n_experts=4, experts_per_token=2, moe_d_ff=48, dense_layers=(0,), sliding_window=8, sliding_window_every=2
+    ),
 }
 
 

@@ -155,7 +155,6 @@ def test_invalid_moe_configs_are_one_line_user_errors():
         dict(mlp="gelu"),
         dict(capacity_factor=0.0),
         dict(dense_layers=(7,)),
-        dict(dense_layers=(0,)),  # a mixed stack under the layer scan
         dict(dense_layers=(0, 1), scan_layers=False),  # no layer left with experts
         dict(router_aux_loss=-1.0),
     ):
@@ -164,6 +163,10 @@ def test_invalid_moe_configs_are_one_line_user_errors():
         assert "\n" not in str(e.value)
     mixed = dataclasses.replace(CFG, n_layers=4, moe_layer_step=2, dense_layers=(3,), scan_layers=False)
     assert mixed.moe_layers == (False, True, False, False)
+    # The layer scan's runs lay end to end as the layers: periods of moe_layer_step, equal ones merged.
+    assert mixed.layer_runs == (((False, True), 1), ((False, False), 1))
+    first_dense = dataclasses.replace(CFG, n_layers=5, dense_layers=(0,))
+    assert first_dense.layer_runs == (((False,), 1), ((True,), 4))
 
 
 def test_mesh_expert_must_divide_the_experts():

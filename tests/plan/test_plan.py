@@ -220,3 +220,44 @@ def test_a_frozen_reference_model_is_counted_where_it_exists():
     assert full.memory.reference == folder.memory.reference == grpo.memory.reference == params
     assert full.memory.state == full.memory.params + full.memory.optimizer + params
     assert full.memory.total == sft.memory.total - sft.memory.temporaries + full.memory.temporaries + params
+
+
+def test_expert_parallelism_splits_expert_state_and_costs_all_to_all_time():
+    """mesh.expert=e (taking devices from mesh.data) divides the experts' weights and optimizer state
+    per device by e; the all-to-all buffers and their time follow the tokens each device routes,
+    over ICI inside an 8-GPU host and over DCN to the peers in the other host."""
+    keys = ["model.n_layers=2", "train.batch_size=16", "train.seq_len=1024", "train.grad_accum=1", "mesh.fsdp=1"]
+
+    def plan(expert, hardware="h100-80gb x8"):
+        sets = [*keys, f"mesh.data={-1}", f"mesh.expert={expert}"]
+        return estimate(load_recipe("qwen3_30b_a3b_v5p_128", sets), hardware)
+
+    plans = {e: plan(e) for e in (1, 2, 8)}
+    m = load_recipe("qwen3_30b_a3b_v5p_128", keys).model
+    expert_params = sum(m.moe_layers) * 3 * m.n_experts * m.d_model * m.expert_d_ff
+    assert plans[1].memory.experts == expert_params * 4 * 3  # float32 weights and two Adam moments
+    for e, p in plans.items():
+        assert p.memory.experts * e == plans[1].memory.experts, e
+        assert p.memory.params < plans[1].memory.params or e == 1
+    # One buffer: [e, tokens per device * k, d_model] in bf16; a device sends (e - 1) / e of each of the
+    # four all-to-alls per MoE layer (two forward, two backward).
+    tokens = plans[8].rows_per_device * 1024
+    buffer = 8 * tokens * m.experts_per_token * m.d_model * 2
+    assert plans[1].memory.all_to_all == 0 and plans[1].step.expert_s == 0
+    assert plans[8].memory.all_to_all == 3 * buffer
+    ici, dcn = plans[8].step.expert_s, plans[8].step.expert_dcn_s
+    assert math.isclose(ici, 4 * 2 * buffer * 7 / 8 / 450e9, rel_tol=1e-6) and dcn == 0
+    # Two hosts, expert 16 with no DCN axis: 8 of 15 peers are in the other host.
+    wide = plan(16, "h100-80gb x16")
+    assert wide.step.expert_dcn_s > 0 and wide.step.expert_s > 0
+    assert math.isclose(wide.step.step_s - wide.step.expert_s - wide.step.expert_dcn_s,
+                        max(wide.step.compute_s, wide.step.fsdp_s + wide.step.data_s + wide.step.dcn_s)
+                        + wide.step.tensor_s + wide.step.context_s, rel_tol=1e-9)  # fmt: skip
+
+
+def test_planner_names_mesh_expert_when_it_does_not_divide_the_experts():
+    recipe = load_recipe("qwen3_30b_a3b_v5p_128", ["model.n_layers=2", "mesh.fsdp=-1", "mesh.expert=3"])
+    plan = estimate(recipe, "h100-80gb x6")
+    assert any("mesh.expert=3" in p and "model.n_experts=128" in p for p in plan.problems), plan.problems
+    with pytest.raises(UserError, match=r"tensor\*expert = 1\*1\*1\*1\*3 = 3 but there are 8 devices"):
+        estimate(load_recipe("qwen3_30b_a3b_v5p_128", ["mesh.fsdp=1", "mesh.data=1", "mesh.expert=3"]), "h100-80gb x8")

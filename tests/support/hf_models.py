@@ -138,7 +138,8 @@ CASES = {
             tie_word_embeddings=False,
         ),
     ),
-    # Qwen3-MoE: top-3 of 6, renormalised, q/k norms, a head_dim of its own.
+    # Qwen3-MoE: top-3 of 6, renormalised, q/k norms, a head_dim of its own; layer 0 dense
+    # (mlp_only_layers: a dense run, then an expert run, under the layer scan).
     "qwen3_moe": (
         "Qwen3MoeConfig",
         dict(
@@ -152,10 +153,12 @@ CASES = {
             num_experts=6,
             num_experts_per_tok=3,
             norm_topk_prob=True,
+            mlp_only_layers=[0],
             tie_word_embeddings=False,
         ),
     ),
-    # Qwen2-MoE: top-2 of 4 not renormalised, q/k/v biases, a shared expert behind a sigmoid gate.
+    # Qwen2-MoE: top-2 of 4 not renormalised, q/k/v biases, a shared expert behind a sigmoid gate;
+    # experts in every second layer (decoder_sparse_step: a (dense, experts) run, then a dense tail).
     "qwen2_moe": (
         "Qwen2MoeConfig",
         dict(
@@ -169,6 +172,7 @@ CASES = {
             num_experts=4,
             num_experts_per_tok=2,
             norm_topk_prob=False,
+            decoder_sparse_step=2,
             tie_word_embeddings=False,
         ),
     ),
