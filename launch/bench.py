@@ -38,6 +38,13 @@ def parse(argv=None):
     p.add_argument("--depths", type=int, nargs="*", default=[2, 4, 8, 16], help="compile: model depths")
     p.add_argument("--modes", nargs="*", default=["scan", "unrolled"], choices=["scan", "unrolled"], help="compile")
     p.add_argument("--skip-uncached", action="store_true", help="decode: do not time --kv-cache off")
+    p.add_argument(
+        "--contexts",
+        type=int,
+        nargs="*",
+        default=[64, 256, 512],
+        help="decode: prompt lengths of the ms/step-by-context sweep (none: skip it)",
+    )
     p.add_argument("--no-table", action="store_true", help="do not append to docs/benchmarks.md")
     return p.parse_args(argv)
 
@@ -47,7 +54,7 @@ def summary(mode: str, result: dict) -> str:
         runs = result.get("runs", [result])
         return "; ".join(
             f"mesh {tuple(r['mesh'].values())}: {r['tokens_per_s']:,.0f} tok/s, "
-            f"{1e3 * r['step_s_median']:.0f} ms/step, "
+            f"{1e3 * r['step_s_median']:.0f} ms/step (CPU {1e3 * r['cpu_s_per_step_median']:.0f} ms), "
             f"{r['tflops_per_device']:.3f} TFLOP/s/dev, MFU {100 * r['mfu']:.1f}% "
             f"(MaxText {100 * r['mfu_maxtext']:.1f}%), best {r['tokens_per_s_best']:,.0f} tok/s, "
             f"state {r['state_bytes_per_device'] / 2**20:.2f} MiB/dev"
@@ -96,7 +103,7 @@ def main(argv=None):
     elif args.mode == "compile":
         result = benchmark.bench_compile(recipe, tuple(args.depths), tuple(args.modes))
     elif args.mode == "decode":
-        result = benchmark.bench_decode(recipe, uncached=not args.skip_uncached)
+        result = benchmark.bench_decode(recipe, contexts=tuple(args.contexts), uncached=not args.skip_uncached)
     else:
         result = {
             "memory": benchmark.bench_memory,

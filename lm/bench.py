@@ -85,11 +85,12 @@ def bench_train(
         compiled = train_step.lower(model, opt, batch, grad_accum=t.grad_accum).compile() if need_hlo else None
         for _ in range(warmup):
             jax.block_until_ready(train_step(model, opt, batch, grad_accum=t.grad_accum))
-        times = []
+        times, cpu = [], []  # cpu: process CPU seconds, which waiting for a busy machine does not inflate
         for _ in range(steps):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             jax.block_until_ready(train_step(model, opt, batch, grad_accum=t.grad_accum))
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
         if profile_dir:
             jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
             for _ in range(2):
@@ -112,6 +113,7 @@ def bench_train(
         "tokens_per_s_best": tokens / min(times),
         "step_s_median": step_s,
         "step_s_min": min(times),
+        "cpu_s_per_step_median": statistics.median(cpu),
         "tflops_per_device": tflops,
         "mfu": tflops / peak,
         "mfu_convention": "PaLM: 6N + 12*L*T*H*D FLOPs per token (N: non-embedding params + LM head)",
