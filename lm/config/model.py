@@ -95,9 +95,10 @@ class ModelConfig:
     # Attention when mesh.context > 1 splits the sequence (lm.kernels.context): allgather gathers
     # K/V whole on every device; ring passes K/V blocks around the devices (two blocks in memory).
     context_parallel: Literal["allgather", "ring"] = "allgather"
-    # Grouped matmul of the dropless MoE dispatch: auto is megablox on TPU where its tiles fit, XLA's
-    # ragged_dot elsewhere (lm.kernels.grouped_matmul); megablox_interpret runs the kernel interpreted.
-    moe_impl: Literal["auto", "ragged_dot", "megablox", "megablox_interpret"] = "auto"
+    # Grouped matmul of the dropless MoE dispatch: auto is megablox on TPU where its tiles fit, a tiled
+    # scan on CPU, XLA's ragged_dot elsewhere (lm.kernels.grouped_matmul); megablox_interpret runs the
+    # kernel interpreted.
+    moe_impl: Literal["auto", "ragged_dot", "tiled", "megablox", "megablox_interpret"] = "auto"
 
     def __post_init__(self):
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_segments")
@@ -156,7 +157,7 @@ class ModelConfig:
             ("remat", ("none", "full", "dots", "dots_no_batch")),
             ("attention_impl", ("auto", "xla", "cudnn", "splash", "splash_interpret")),
             ("context_parallel", ("allgather", "ring")),
-            ("moe_impl", ("auto", "ragged_dot", "megablox", "megablox_interpret")),
+            ("moe_impl", ("auto", "ragged_dot", "tiled", "megablox", "megablox_interpret")),
             ("dtype", ("auto", "float32", "bfloat16", "float16")),
             ("param_dtype", ("float32", "bfloat16", "float16")),
         ):

@@ -196,8 +196,11 @@ def attention(
 
 def choose_grouped_impl(requested: str, platform: str, lhs_shape, rhs_shape) -> tuple[str, str]:
     """(implementation, reason) for one grouped matmul (model.moe_impl): megablox on TPUs where its
-    tiles divide the widths, XLA's ragged_dot elsewhere."""
+    tiles divide the widths, XLA's tiled scan on CPU (where ragged_dot multiplies every row by every
+    group), XLA's ragged_dot elsewhere."""
     if requested == "auto":
+        if platform_of(platform) == "cpu":
+            return "tiled", "auto on cpu: a scan over row tiles (XLA:CPU's ragged_dot multiplies by every group)"
         if platform_of(platform) != "tpu":
             return "ragged_dot", f"auto on {platform_of(platform)}: XLA's ragged_dot"
         requested = "megablox"
@@ -213,4 +216,6 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto"):
     chosen, _ = choose_grouped_impl(impl, jax.default_backend(), lhs.shape, rhs.shape)
     if chosen.startswith("megablox"):
         return grouped.megablox(lhs, rhs, group_sizes, interpret=chosen == "megablox_interpret")
+    if chosen == "tiled":
+        return grouped.tiled(lhs, rhs, group_sizes)
     return grouped.ragged_dot(lhs, rhs, group_sizes)

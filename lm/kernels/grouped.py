@@ -4,6 +4,8 @@
 `pallas.ops.tpu.megablox`, with its own backward pass); it needs the row count and both matrix
 widths to be multiples of its 128-wide tiles, so rows are padded to a tile and the padding is put
 in no group. `megablox_interpret` runs the same kernel in the Pallas interpreter (tests, any platform).
+`tiled` is megablox's tiling written in XLA, for CPU: there XLA lowers `ragged_dot` to a masked matmul
+against every group stacked, groups times the FLOPs (80% of a small MoE train step, docs/benchmarks.md).
 """
 
 import jax
@@ -31,3 +33,30 @@ def megablox(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, interpre
     # The kernel never writes rows in no group (padding, or rows past the groups): zero them, as ragged_dot does.
     grouped = jnp.arange(rows)[:, None] < group_sizes.sum()
     return jnp.where(grouped, out[:rows], 0).astype(lhs.dtype)
+
+
+def tiled(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Each group's rows padded to whole tiles, so that every tile belongs to one group, and a scan over
+    the tiles, each times its group's matrix. Rows past the groups come out zero, as ragged_dot's do."""
+    rows, groups = lhs.shape[0], rhs.shape[0]
+    tile = min(TILE, max(8, 1 << (-(-rows // groups) - 1).bit_length()))  # about a group's rows
+    n_tiles = rows // tile + groups  # sum(ceil(size / tile)) is at most this
+    sizes = group_sizes.astype(jnp.int32)
+    padded = (sizes + tile - 1) // tile * tile
+    start, padded_start = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded) - padded
+    row = jnp.arange(rows)
+    group = jnp.searchsorted(jnp.cumsum(sizes), row, side="right")  # == groups past the last group
+    grouped = group < groups
+    group = jnp.minimum(group, groups - 1)
+    slot = jnp.where(grouped, padded_start[group] + row - start[group], n_tiles * tile)  # out of range: dropped
+    buf = jnp.zeros((n_tiles * tile, lhs.shape[1]), lhs.dtype).at[slot].set(lhs, mode="drop")
+    tile_group = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_tiles) * tile, side="right")
+    tile_group = jnp.minimum(tile_group, groups - 1)  # tiles past the groups: computed, never read
+
+    def one(_, xs):
+        x, g = xs
+        return None, jnp.matmul(x, rhs[g], preferred_element_type=jnp.float32).astype(lhs.dtype)
+
+    _, out = jax.lax.scan(one, None, (buf.reshape(n_tiles, tile, -1), tile_group))
+    out = out.reshape(n_tiles * tile, -1)[jnp.minimum(slot, n_tiles * tile - 1)]
+    return jnp.where(grouped[:, None], out, 0)

@@ -135,7 +135,7 @@ def test_padding_is_left_out_of_the_router_statistics():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_matmul_megablox_interpreted_equals_ragged_dot():
+def test_grouped_matmul_megablox_interpreted_and_tiled_equal_ragged_dot():
     from lm.kernels import grouped_matmul
 
     rng = np.random.default_rng(0)
@@ -146,6 +146,19 @@ def test_grouped_matmul_megablox_interpreted_equals_ragged_dot():
     kernel = grouped_matmul(lhs, rhs, sizes, impl="megablox_interpret")
     np.testing.assert_allclose(kernel, ragged, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(ragged[190:], 0.0)
+    # The tiled scan (auto on CPU), forward and both gradients, with a group over several tiles, an
+    # empty group and rows past the groups.
+    sizes = jnp.asarray([130, 0, 60], jnp.int32)
+    w = jnp.asarray(rng.normal(size=(200, 128)), jnp.float32)
+
+    def loss(impl):
+        return jax.value_and_grad(lambda x, r: (grouped_matmul(x, r, sizes, impl=impl) * w).sum(), (0, 1))(lhs, rhs)
+
+    (want, want_grads), (got, got_grads) = loss("ragged_dot"), loss("tiled")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, r in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(grouped_matmul(lhs, rhs, sizes, impl="tiled")[190:], 0.0)
 
 
 def test_invalid_moe_configs_are_one_line_user_errors():
