@@ -8,6 +8,8 @@ in no group. `megablox_interpret` runs the same kernel in the Pallas interpreter
 against every group stacked, groups times the FLOPs (80% of a small MoE train step, docs/benchmarks.md).
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -35,10 +37,26 @@ def megablox(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, interpre
     return jnp.where(grouped, out[:rows], 0).astype(lhs.dtype)
 
 
-def tiled(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Each group's rows padded to whole tiles, so that every tile belongs to one group, and a scan over
-    the tiles, each times its group's matrix. Rows past the groups come out zero, as ragged_dot's do."""
-    rows, groups = lhs.shape[0], rhs.shape[0]
+class _Tiles(NamedTuple):
+    """Where each row goes when every group is padded to whole tiles (one group per tile)."""
+
+    slot: jax.Array  # [rows]: the row's place in the padded layout; out of range for rows in no group
+    grouped: jax.Array  # [rows] bool
+    tile_group: jax.Array  # [n_tiles]: the group each tile belongs to (tiles past the groups: the last)
+    tile: int
+    n_tiles: int
+
+    def pad(self, x: jax.Array) -> jax.Array:
+        """[rows, d] -> [n_tiles, tile, d], rows in no group dropped."""
+        buf = jnp.zeros((self.n_tiles * self.tile, x.shape[1]), x.dtype).at[self.slot].set(x, mode="drop")
+        return buf.reshape(self.n_tiles, self.tile, -1)
+
+    def unpad(self, tiles: jax.Array) -> jax.Array:
+        out = tiles.reshape(self.n_tiles * self.tile, -1)[jnp.minimum(self.slot, self.n_tiles * self.tile - 1)]
+        return jnp.where(self.grouped[:, None], out, 0)
+
+
+def _tiles(rows: int, groups: int, group_sizes: jax.Array) -> _Tiles:
     tile = min(TILE, max(8, 1 << (-(-rows // groups) - 1).bit_length()))  # about a group's rows
     n_tiles = rows // tile + groups  # sum(ceil(size / tile)) is at most this
     sizes = group_sizes.astype(jnp.int32)
@@ -48,15 +66,41 @@ def tiled(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     group = jnp.searchsorted(jnp.cumsum(sizes), row, side="right")  # == groups past the last group
     grouped = group < groups
     group = jnp.minimum(group, groups - 1)
-    slot = jnp.where(grouped, padded_start[group] + row - start[group], n_tiles * tile)  # out of range: dropped
-    buf = jnp.zeros((n_tiles * tile, lhs.shape[1]), lhs.dtype).at[slot].set(lhs, mode="drop")
+    slot = jnp.where(grouped, padded_start[group] + row - start[group], n_tiles * tile)
     tile_group = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_tiles) * tile, side="right")
-    tile_group = jnp.minimum(tile_group, groups - 1)  # tiles past the groups: computed, never read
+    return _Tiles(slot, grouped, jnp.minimum(tile_group, groups - 1), tile, n_tiles)
 
+
+def _tile_matmul(tiles: jax.Array, rhs: jax.Array, tile_group: jax.Array) -> jax.Array:
     def one(_, xs):
         x, g = xs
-        return None, jnp.matmul(x, rhs[g], preferred_element_type=jnp.float32).astype(lhs.dtype)
+        return None, jnp.matmul(x, rhs[g], preferred_element_type=jnp.float32).astype(tiles.dtype)
 
-    _, out = jax.lax.scan(one, None, (buf.reshape(n_tiles, tile, -1), tile_group))
-    out = out.reshape(n_tiles * tile, -1)[jnp.minimum(slot, n_tiles * tile - 1)]
-    return jnp.where(grouped[:, None], out, 0)
+    return jax.lax.scan(one, None, (tiles, tile_group))[1]
+
+
+@jax.custom_vjp
+def tiled(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Each group's rows padded to whole tiles, so that every tile belongs to one group, and a scan over
+    the tiles, each times its group's matrix. Rows past the groups come out zero, as ragged_dot's do.
+    The backward pass is written out: autodiff of the scan would add a whole [groups, in, out]
+    cotangent at every tile (3x slower than the forward here)."""
+    t = _tiles(lhs.shape[0], rhs.shape[0], group_sizes)
+    return t.unpad(_tile_matmul(t.pad(lhs), rhs, t.tile_group))
+
+
+def _tiled_fwd(lhs, rhs, group_sizes):
+    return tiled(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+
+def _tiled_bwd(res, g):
+    lhs, rhs, group_sizes = res
+    t = _tiles(lhs.shape[0], rhs.shape[0], group_sizes)
+    g_tiles = t.pad(g)
+    d_lhs = t.unpad(_tile_matmul(g_tiles, jnp.swapaxes(rhs, 1, 2), t.tile_group))
+    per_tile = jnp.einsum("tri,tro->tio", t.pad(lhs), g_tiles, preferred_element_type=jnp.float32)
+    d_rhs = jax.ops.segment_sum(per_tile, t.tile_group, num_segments=rhs.shape[0]).astype(rhs.dtype)
+    return d_lhs, d_rhs, None
+
+
+tiled.defvjp(_tiled_fwd, _tiled_bwd)
