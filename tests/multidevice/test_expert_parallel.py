@@ -80,7 +80,10 @@ def test_expert_parallel_steps_match_single_device(shape, single_device):
     assert hlo.count("all_to_all") >= 4
 
 
-EXPERT_LORA = LoraConfig(rank=4, alpha=8.0, targets=r".*(attn\.(query|value)|mlp\.(gate|up|down))", base_dtype="float32")
+EXPERT_LORA = LoraConfig(
+    rank=4, alpha=8.0, targets=r".*(attn\.(query|value)|mlp\.(gate|up|down))", base_dtype="float32"
+)
+LORA_MESHES = [(1, 2, 1, 4), (1, 2, 2, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,7 @@ def single_device_lora():
     return run_steps((1, 1, 1, 1), n=2, adapters=EXPERT_LORA)[0]
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 1, 4), (1, 2, 2, 2)], ids=lambda s: "data{}_fsdp{}_tensor{}_expert{}".format(*s))
+@pytest.mark.parametrize("shape", LORA_MESHES, ids=lambda s: "data{}_fsdp{}_tensor{}_expert{}".format(*s))
 def test_expert_lora_steps_match_single_device(shape, single_device_lora):
     """Two steps, so the second runs (and differentiates) adapters whose B is no longer zero."""
     sharded, model, hlo = run_steps(shape, n=2, adapters=EXPERT_LORA)
