@@ -202,3 +202,19 @@ def test_context_parallelism_splits_activations_and_costs_kv_traffic():
     assert one.step.context_s == 0
     assert math.isclose(gathered.step.context_s, m.n_layers * 2 * (3 / 4) * kv / bw, rel_tol=1e-6)
     assert math.isclose(gathered.step.step_s - ring.step.step_s, gathered.step.context_s, rel_tol=1e-6)
+
+
+def test_planned_adapters_count_one_per_expert():
+    """The planner's trainable count of a LoRA run on an MoE model equals the adapters lm.lora builds."""
+    import dataclasses
+
+    from flax import nnx
+
+    from lm import lora
+    from lm.model import Transformer
+
+    overrides = ["lora.rank=4", "model.n_experts=4", "model.moe_d_ff=48", "model.n_layers=2"]
+    recipe = load_recipe("stdlib_tiny", overrides)
+    model = Transformer(dataclasses.replace(recipe.model, dtype="float32"), rngs=nnx.Rngs(0))
+    lora.apply(model, recipe.lora)
+    assert estimate(recipe).trainable_params == lora.count(model)[0]
