@@ -213,7 +213,7 @@ def test_planned_adapters_count_one_per_expert():
     from lm import lora
     from lm.model import Transformer
 
-    overrides = ["lora.rank=4", "model.n_experts=4", "model.moe_d_ff=48", "model.n_layers=2"]
+    overrides = ["lora.rank=4", "model.n_experts=4", "model.moe_d_ff=48", "model.n_layers=2", "model.vocab_size=256"]
     recipe = load_recipe("stdlib_tiny", overrides)
     model = Transformer(dataclasses.replace(recipe.model, dtype="float32"), rngs=nnx.Rngs(0))
     lora.apply(model, recipe.lora)
