@@ -14,6 +14,11 @@ Here the adapters are created outside any transform with the stacked layer axis 
 logical axes, so `nnx.scan` slices them per layer and FSDP/TP shard them like the base. qwix still
 does the quantisation: `lora.base_dtype=nf4|int8` stores each targeted kernel as a qwix `QArray`
 (nf4 in blocks of 64 along the input axis, as QLoRA does) and dequantises it inside the matmul.
+
+The experts of an MoE layer (`ExpertLinear`, kernel [layers?, experts, in, out]) get one adapter per
+expert, `ExpertLoRA`: A [layers?, experts, in, rank], B [layers?, experts, rank, out], named `expert`
+like the kernel so expert parallelism splits them with it. The MoE dispatch applies them
+(`lm.model.moe.ExpertWeights`): grouped matmuls on the sorted rows, or the capacity einsums.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from qwix._src.core import qarray
 
 from lm.config import LoraConfig
 from lm.errors import UserError
+from lm.model.blocks import ExpertLinear
+from lm.model.moe import ExpertWeights
 from sharding.rules import axes
 
 TRAINABLE = nnx.LoRAParam
@@ -82,10 +89,11 @@ class LoRA(nnx.Module):
     out [heads, head_dim, embed]. A is [layers?, in..., rank], B [layers?, rank, out...].
     """
 
-    def __init__(self, base: nnx.Linear | nnx.LinearGeneral, spec: LoraConfig, key: jax.Array):
+    def __init__(self, base: nnx.Linear | nnx.LinearGeneral | ExpertLinear, spec: LoraConfig, key: jax.Array):
         kernel = base.kernel
         self.n_in, n_out = _n_in(base), _n_out(base)
-        lead = kernel.ndim - self.n_in - n_out  # 1 for a stack built by nnx.vmap, else 0
+        self.experts = isinstance(base, ExpertLinear)  # an expert axis after the layer axis
+        lead = kernel.ndim - self.n_in - n_out  # layers (1 for a stack built by nnx.vmap, else 0), experts
         names = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
         shape = kernel.shape
         in_shape, out_shape = shape[lead : lead + self.n_in], shape[lead + self.n_in :]
@@ -109,7 +117,7 @@ class LoRA(nnx.Module):
         self.base = base
         if spec.base_dtype in ("int8", "nf4"):
             self.qtype = spec.base_dtype
-            q = _quantize(kernel[...], lead, self.n_in, spec.base_dtype)
+            q = _quantize(kernel[...], lead - self.experts, self.experts + self.n_in - 1, spec.base_dtype)
             self.qvalue = Quantized(q.qvalue, **axes(*names))
             # The blocked axis of the scales is shorter than the kernel's: left unsharded.
             scale_names = tuple(None if s != k else n for s, k, n in zip(q.scale.shape, shape, names))
@@ -144,14 +152,34 @@ class LoRA(nnx.Module):
     def folded(self, kernel: jax.Array, dtype) -> jax.Array:
         """kernel + scale * A B, summed in float32 and cast to `dtype`: a stacked kernel one layer at
         a time, so the float32 temporaries are one layer's (an 8B MLP's: 235 MB, not 7.5 GB)."""
-        lead = self.lora_a.ndim - self.n_in - 1
-        return _fold(kernel, self.lora_a[...], self.lora_b[...], jnp.float32(self.scale), lead=lead, dtype=dtype)
+        lead = self.lora_a.ndim - self.n_in - 1 - self.experts
+        a, b, scale = self.lora_a[...], self.lora_b[...], jnp.float32(self.scale)
+        return _fold(kernel, a, b, scale, lead=lead, experts=self.experts, dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("lead", "dtype"))
-def _fold(kernel, a, b, scale, *, lead: int, dtype):
+class ExpertLoRA(LoRA):
+    """One adapter per expert on an ExpertLinear: expert e computes x W_e + scale * (x A_e) B_e.
+
+    The MoE layer asks for `weights()` rather than calling it: the dispatch (lm.model.moe) applies
+    kernel and factors to the rows sorted by expert, on whichever devices hold that expert."""
+
+    def weights(self, dtype) -> ExpertWeights:
+        kernel = self.kernel().astype(dtype)
+        if not self.enabled:
+            return ExpertWeights(kernel)
+        return ExpertWeights(kernel, self.lora_a[...].astype(dtype), (self.scale * self.lora_b[...]).astype(dtype))
+
+    def __call__(self, x):
+        raise TypeError("an expert adapter is applied by the MoE dispatch (ExpertLoRA.weights), not called")
+
+
+@functools.partial(jax.jit, static_argnames=("lead", "experts", "dtype"))
+def _fold(kernel, a, b, scale, *, lead: int, experts: bool, dtype):
     def one(k, a, b):
-        delta = jnp.dot(a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1), precision=jax.lax.Precision.HIGHEST)
+        if experts:  # [experts, in, r] x [experts, r, out]: each expert its own product
+            delta = jnp.einsum("eir,ero->eio", a, b, precision=jax.lax.Precision.HIGHEST)
+        else:
+            delta = jnp.dot(a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1), precision=jax.lax.Precision.HIGHEST)
         return (k.astype(jnp.float32) + scale * delta.reshape(k.shape)).astype(dtype)
 
     return jax.lax.map(lambda x: one(*x), (kernel, a, b)) if lead else one(kernel, a, b)
@@ -168,12 +196,12 @@ def _project(x, kernel, base, n_in: int):
     return y
 
 
-def _quantize(kernel: jax.Array, lead: int, n_in: int, qtype: str) -> qarray.QArray:
-    """Per output channel (and per layer), in blocks of QUANT_BLOCK along the last input axis.
+def _quantize(kernel: jax.Array, lead: int, axis: int, qtype: str) -> qarray.QArray:
+    """Per output channel (and per layer and expert), in blocks of QUANT_BLOCK along `axis`, the last
+    input axis within one layer's kernel.
 
     A stacked kernel is quantised one layer at a time (lax.map), so the float32 working copy is one
     layer's, not the stack's: for Llama 3.1 8B's MLP that is 235 MB instead of 7.5 GB."""
-    axis = n_in - 1  # within one layer
     size = kernel.shape[lead + axis]
     tile = QUANT_BLOCK if size % QUANT_BLOCK == 0 else size
     channelwise = tuple(i for i in range(kernel.ndim - lead) if i != axis)
@@ -194,17 +222,20 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+PROJECTIONS = (nnx.Linear, nnx.LinearGeneral, ExpertLinear)
+
+
 def targets(model: nnx.Module, pattern: str) -> list[tuple[tuple, nnx.Module]]:
-    """(path, module) of every Linear/LinearGeneral whose dotted path fully matches `pattern` (a regex
-    that LoraConfig has checked)."""
+    """(path, module) of every projection (Linear, LinearGeneral, an MoE layer's ExpertLinear) whose
+    dotted path fully matches `pattern` (a regex that LoraConfig has checked)."""
     regex = re.compile(pattern)
     found = [
         (path, module)
         for path, module in nnx.iter_modules(model)
-        if isinstance(module, (nnx.Linear, nnx.LinearGeneral)) and regex.fullmatch(_dotted(path))
+        if isinstance(module, PROJECTIONS) and regex.fullmatch(_dotted(path))
     ]
     if not found:
-        names = [_dotted(p) for p, m in nnx.iter_modules(model) if isinstance(m, (nnx.Linear, nnx.LinearGeneral))]
+        names = [_dotted(p) for p, m in nnx.iter_modules(model) if isinstance(m, PROJECTIONS)]
         raise UserError(f"lora.targets={pattern!r} matches no projection; module paths look like {names[:6]}")
     return found
 
@@ -230,9 +261,16 @@ def apply(model: nnx.Module, spec: LoraConfig, seed: int = 0) -> list[str]:
     nf4 the adapted kernels are quantised and everything else frozen is kept in bfloat16.
     """
     found = targets(model, spec.targets)
+    experts = [_dotted(p) for p, m in found if isinstance(m, ExpertLinear)]
+    if experts and spec.dropout > 0:
+        raise UserError(
+            f"lora.dropout={spec.dropout} cannot reach the expert adapters ({experts[0]}, ...); set lora.dropout=0 "
+            "or leave the experts out of lora.targets (PEFT's expert adapters refuse dropout too)"
+        )
     keys = jax.random.split(jax.random.key(seed), len(found))
     for (path, module), key in zip(found, keys):
-        _set(_parent(model, path), path[-1], LoRA(module, spec, key))
+        adapter = ExpertLoRA if isinstance(module, ExpertLinear) else LoRA
+        _set(_parent(model, path), path[-1], adapter(module, spec, key))
     store = jnp.float32 if spec.base_dtype == "float32" else jnp.bfloat16
     frozen = nnx.state(model, FROZEN)
     nnx.update(model, jax.tree.map(lambda x: x.astype(store), frozen))

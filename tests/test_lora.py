@@ -19,6 +19,7 @@ from lm.train.step import train_step
 CFG = ModelConfig(
     vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64, dtype="float32"
 )
+MOE = dict(n_experts=4, experts_per_token=2, moe_d_ff=24)  # an MoE variant of CFG
 
 
 def model(scan=True, **kw):
@@ -260,3 +261,79 @@ def test_merge_into_the_original_base_is_exact_and_keeps_its_dtype(base_dtype, s
         want = np.asarray(plain[path][...], np.float64) + scale * delta.reshape(var.shape)
         np.testing.assert_allclose(var[...], want, atol=2e-6, rtol=0)
         assert np.abs(np.asarray(own[path][...], np.float64) - want).max() > 1e-4  # what the old merge wrote
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapters on the experts of an MoE layer: one per expert, applied by the dispatch itself
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def numpy_adapted_moe(layer, x: np.ndarray, cfg: ModelConfig, scale: float) -> np.ndarray:
+    """The layer token by token, expert by expert, in float64, each projection x W_e + scale (x A_e) B_e."""
+    f64 = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+    router = f64(layer.router.kernel)
+
+    def project(p, e, h):
+        return h @ f64(p.base.kernel)[e] + scale * (h @ f64(p.lora_a)[e]) @ f64(p.lora_b)[e]
+
+    logits = x @ router
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        top = np.argsort(-probs[t], kind="stable")[: cfg.experts_per_token]
+        for e in top:
+            h = silu(project(layer.gate, e, x[t])) * project(layer.up, e, x[t])
+            y[t] += probs[t, e] / probs[t, top].sum() * project(layer.down, e, h)
+    return y
+
+
+def test_expert_adapters_equal_a_numpy_loop_over_experts_dropless_capacity_and_merged():
+    from lm.model.blocks import MoE
+
+    cfg = dataclasses.replace(CFG, **MOE)
+    layer = MoE(cfg, rngs=nnx.Rngs(0))
+    layer.router.kernel[...] = layer.router.kernel[...] * 40  # far from top-k ties
+    assert lora.apply(layer, spec(targets=r"gate|up|down")) == ["down", "gate", "up"]
+    assert isinstance(layer.gate, lora.ExpertLoRA) and layer.gate.lora_a.shape == (4, CFG.d_model, 4)
+    perturb(layer, scale=0.3)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 24, CFG.d_model)), jnp.float32)
+    want = numpy_adapted_moe(layer, np.asarray(x[0], np.float64), cfg, spec().scale)
+    forward = nnx.jit(lambda layer, x: layer(x)[0][0])
+    roomy = nnx.clone(layer)
+    roomy.cfg = dataclasses.replace(cfg, capacity_factor=4.0)  # room for every assignment: the einsum path
+    np.testing.assert_allclose(forward(layer, x), want, atol=3e-5)  # grouped matmuls on the sorted rows
+    np.testing.assert_allclose(forward(roomy, x), want, atol=3e-5)
+    with lora.adapters_off(layer):
+        assert np.abs(np.asarray(forward(layer, x)) - want).max() > 1e-2  # the adapters mattered
+
+    graphdef, adapters, frozen = nnx.split(layer, nnx.LoRAParam, ...)
+    adapters, frozen = nnx.as_pure(adapters), nnx.as_pure(frozen)  # plain arrays: fresh Variables when merged
+    grads = jax.jit(jax.grad(lambda a, f: jnp.sum(jnp.sin(nnx.merge(graphdef, a, f)(x)[0]))))(adapters, frozen)
+    norms = np.linalg.norm(np.asarray(grads["up"]["lora_b"]).reshape(4, -1), axis=-1)
+    assert (norms > 0).all()  # each expert got tokens here, and its own adapter's gradient
+    lora.merge(layer)  # each expert's own A_e B_e folded into its kernel
+    assert not lora.adapters(layer)
+    np.testing.assert_allclose(forward(layer, x), want, atol=3e-5)
+
+
+def test_nf4_experts_are_quantised_per_expert():
+    from lm.model.blocks import MoE
+
+    layer = MoE(dataclasses.replace(CFG, **MOE), rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 24, CFG.d_model)), jnp.float32)
+    forward = nnx.jit(lambda layer: layer(x)[0])
+    full = np.asarray(forward(layer))
+    lora.apply(layer, spec(targets=r"gate|up|down", base_dtype="nf4"))
+    assert layer.up.base.kernel is None and layer.up.qvalue.dtype == jnp.uint4
+    # One scale per expert and output channel per block of inputs (64, or all 64 of d_model here).
+    assert layer.up.qvalue.shape == (4, CFG.d_model, 24) and layer.up.qscale.shape == (4, 1, 24)
+    assert 0 < np.abs(np.asarray(forward(layer)) - full).max() < 0.2  # the quantisation error only
+
+
+def test_expert_adapters_refuse_dropout():
+    with pytest.raises(UserError, match="lora.dropout=0.1 cannot reach the expert adapters"):
+        lora.apply(model(**MOE), spec(dropout=0.1))

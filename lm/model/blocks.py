@@ -78,6 +78,10 @@ class ExpertLinear(nnx.Module):
         shape = (cfg.n_experts, d_in, d_out)
         self.kernel = nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)), **axes("expert", *names))
 
+    def weights(self, dtype) -> moe.ExpertWeights:
+        """What the dispatch multiplies by (lm.lora's adapter on the experts adds its factors)."""
+        return moe.ExpertWeights(self.kernel[...].astype(dtype))
+
 
 class MoE(nnx.Module):
     """The mixture-of-experts MLP: routed experts (kernels [experts, ...]) plus, for Qwen2-MoE, shared
@@ -106,7 +110,7 @@ class MoE(nnx.Module):
         tokens = x.reshape(-1, d)
         logits = jnp.dot(tokens, self.router.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
         probs, weights, experts = moe.route(logits, cfg)
-        kernels = tuple(p.kernel[...].astype(x.dtype) for p in (self.gate, self.up, self.down))
+        kernels = tuple(p.weights(x.dtype) for p in (self.gate, self.up, self.down))
         if cfg.capacity_factor is None and moe.expert_devices() > 1:
             y, kept = moe.expert_parallel(tokens, experts, weights.astype(x.dtype), kernels, cfg), None
         elif cfg.capacity_factor is None:

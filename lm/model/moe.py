@@ -11,6 +11,8 @@ numbers). Two dispatches compute the same layer:
                                    multiplied there by grouped matmuls, and travel back.
   capacity (capacity_factor set)   one-hot [tokens, experts, capacity] dispatch and combine einsums;
                                    assignments past an expert's capacity are dropped (GShard).
+Each expert projection arrives as ExpertWeights: its kernel, and with a LoRA adapter on the experts
+(lm.lora) the per-expert low-rank factors, applied by the same grouped matmuls or einsums.
 """
 
 import functools
@@ -60,13 +62,39 @@ def route(logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, ja
     return probs, weights, experts
 
 
+class ExpertWeights(NamedTuple):
+    """One expert projection: kernel [experts, in, out] and, with an adapter, a [experts, in, rank]
+    and b [experts, rank, out] already scaled by alpha / rank: expert e computes x W_e + (x a_e) b_e."""
+
+    kernel: jax.Array
+    a: jax.Array | None = None
+    b: jax.Array | None = None
+
+
+def grouped_project(rows, w: ExpertWeights, sizes, impl: str):
+    """rows [n, in] sorted by expert (sizes [experts]) -> [n, out]; the adapter takes two more grouped
+    matmuls through its rank, so no [n, in, out] or [experts, in, out] delta is ever formed."""
+    y = grouped_matmul(rows, w.kernel, sizes, impl=impl)
+    if w.a is not None:
+        y = y + grouped_matmul(grouped_matmul(rows, w.a, sizes, impl=impl), w.b, sizes, impl=impl)
+    return y
+
+
+def batched_project(xe, w: ExpertWeights):
+    """xe [experts, capacity, in] -> [experts, capacity, out] (the capacity dispatch's einsums)."""
+    y = jnp.einsum("eci,eio->eco", xe, w.kernel)
+    if w.a is not None:
+        y = y + jnp.einsum("ecr,ero->eco", jnp.einsum("eci,eir->ecr", xe, w.a), w.b)
+    return y
+
+
 def _activation(cfg: ModelConfig):
     return jax.nn.silu if cfg.mlp == "swiglu" else lambda h: jax.nn.gelu(h, approximate=True)
 
 
-def grouped_experts(rows, kernels, sizes, cfg: ModelConfig):
+def grouped_experts(rows, kernels: tuple[ExpertWeights, ...], sizes, cfg: ModelConfig):
     """The gated MLP of each group's expert on rows [n, d] sorted by expert (sizes [experts])."""
-    gate, up, down = (functools.partial(grouped_matmul, rhs=w, group_sizes=sizes, impl=cfg.moe_impl) for w in kernels)
+    gate, up, down = (functools.partial(grouped_project, w=w, sizes=sizes, impl=cfg.moe_impl) for w in kernels)
     return down(_activation(cfg)(gate(rows)) * up(rows))
 
 
@@ -107,8 +135,13 @@ def expert_parallel(tokens, experts, weights, kernels, cfg: ModelConfig):
     row = logical_to_spec(("batch", None))
     expert_axes = logical_to_spec(("expert",))[0]
     hidden_axes = logical_to_spec(("expert_mlp",))[0]
-    up_spec = P(expert_axes, None, hidden_axes)
-    down_spec = P(expert_axes, hidden_axes, None)
+
+    def spec(w: ExpertWeights, in_axes, out_axes) -> ExpertWeights:
+        """The adapter's rank axis is whole on every device; its other axes split as the kernel's."""
+        lora = w.a is not None
+        return ExpertWeights(P(expert_axes, in_axes, out_axes), *(
+            (P(expert_axes, in_axes, None), P(expert_axes, None, out_axes)) if lora else (None, None)))  # fmt: skip
+
     ep = expert_devices()
     local_experts = cfg.n_experts // ep
 
@@ -128,17 +161,18 @@ def expert_parallel(tokens, experts, weights, kernels, cfg: ModelConfig):
         rows = recv[by_expert]
         sizes = jnp.bincount(recv_ids, length=local_experts + 1)[:local_experts].astype(jnp.int32)
         out = grouped_experts(rows, (gate, up, down), sizes, cfg)
-        if hidden_axes is not None:
-            out = jax.lax.psum(out, hidden_axes)  # each device summed over its part of the hidden width
+        if hidden_axes is not None:  # each device summed over its part of the hidden width (and the adapter's a)
+            out = jax.lax.psum(out, hidden_axes)
         out = out[jnp.argsort(by_expert)].reshape(ep, n * k, -1)
         back = jax.lax.all_to_all(out, expert_axes, 0, 0, tiled=True)
         mine = back[dest, slot][jnp.argsort(order)].reshape(n, k, -1)
         return jnp.einsum("nkd,nk->nd", mine, weights)
 
     gate, up, down = kernels
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(row, row, row, up_spec, up_spec, down_spec), out_specs=row, check_vma=False
-    )(tokens, experts, weights, gate, up, down)
+    specs = (spec(gate, None, hidden_axes), spec(up, None, hidden_axes), spec(down, hidden_axes, None))
+    return jax.shard_map(local, mesh=mesh, in_specs=(row, row, row, *specs), out_specs=row, check_vma=False)(
+        tokens, experts, weights, gate, up, down
+    )
 
 
 def capacity(n_tokens: int, cfg: ModelConfig) -> int:
@@ -162,8 +196,8 @@ def capacity_dispatch(tokens, experts, weights, kernels, cfg: ModelConfig):
     dispatch, combine = place.sum(1), jnp.einsum("nkec,nk->nec", place, weights)
     gate, up, down = kernels
     xe = jnp.einsum("nec,nd->ecd", dispatch, tokens)
-    h = _activation(cfg)(jnp.einsum("ecd,edf->ecf", xe, gate)) * jnp.einsum("ecd,edf->ecf", xe, up)
-    return jnp.einsum("nec,ecd->nd", combine, jnp.einsum("ecf,efd->ecd", h, down)), kept
+    h = _activation(cfg)(batched_project(xe, gate)) * batched_project(xe, up)
+    return jnp.einsum("nec,ecd->nd", combine, batched_project(h, down)), kept
 
 
 def router_stats(logits, probs, experts, kept, valid) -> RouterStats:

@@ -285,7 +285,8 @@ def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape, stacke
 
     An adapter on a kernel [in..., out...] is A [in..., rank] and B [rank, out...]; the input side
     is the first dimension, except for the attention output [heads, head_dim, embed]. stacked: the
-    layers are scanned, so each kernel has a leading layers axis (model.scan_layers).
+    layers are scanned, so each kernel has a leading layers axis (model.scan_layers). Expert kernels
+    [experts, in, out] get one adapter per expert (lm.lora.ExpertLoRA).
     """
     rank = getattr(lora, "rank", 0)
     targets = getattr(lora, "targets", ()) or ()
@@ -297,9 +298,12 @@ def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape, stacke
         if targets and not any(re.search(t, g.path) for t in targets):
             continue
         layers, dims = (g.shape[0], g.shape[1:]) if stacked else (1, g.shape)
+        experts = 1
+        if re.search(r"mlp\.(gate|up|down)\.kernel$", g.path) and len(dims) == 3:  # [experts, in, out]: one each
+            experts, dims = dims[0], dims[1:]
         split = 2 if g.path.endswith("attn.out.kernel") else 1
         n_in, n_out = math.prod(dims[:split]), math.prod(dims[split:])
-        n = layers * rank * (n_in + n_out)
+        n = layers * experts * rank * (n_in + n_out)
         total += n
         split_ways = math.prod(g.shape) * _bytes(g.dtype) / g.bytes_per_device  # adapters split like the kernel
         per_device += int(n * 4 / split_ways)

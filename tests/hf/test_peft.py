@@ -76,3 +76,45 @@ def test_adapters_on_a_scanned_stack_of_dense_and_expert_layers_export_as_peft(t
     assert adapted == sorted(dense_mlp + attention)
     with torch.no_grad():
         np.testing.assert_allclose(theirs(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, targets",
+    [
+        ("mixtral", None),  # the default targets: attention and every expert
+        ("qwen2_moe", r".*(attn\.(query|value)|mlp\.(shared\.)?(gate|up|down))"),  # and the shared expert
+    ],
+)
+def test_expert_adapters_export_as_peft_target_parameters_and_merged(family, targets, tmp_path):
+    """Per-expert adapters load into transformers 5's fused experts through peft's own loader, and the
+    merged export loads in transformers: both give our logits."""
+    import transformers
+    from hf_models import hf_logits, sample_tokens, save_hf_checkpoint
+
+    from lm.hf import save_hf
+
+    save_hf_checkpoint(family, tmp_path / "base")
+    model = load_hf(tmp_path / "base", dtype="float32", param_dtype="float32")
+    spec = LoraConfig(rank=4, alpha=8.0, base_dtype="float32", **({"targets": targets} if targets else {}))
+    lora.apply(model, spec, seed=0)
+    assert isinstance(model.blocks.mlp.gate, lora.ExpertLoRA)
+    state = nnx.state(model, nnx.LoRAParam)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    tokens = sample_tokens()
+    ours = np.asarray(model(tokens, np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)))
+
+    save_peft(model, spec, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    plain = hf_logits(base, tokens)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(hf_logits(theirs, tokens), ours, atol=1e-4)
+    assert np.abs(plain - ours).max() > 0.1  # the adapters mattered
+
+    save_hf(lora.merge(model), tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    np.testing.assert_allclose(hf_logits(merged, tokens), ours, atol=1e-4)

@@ -51,3 +51,24 @@ def test_dropless_lowers_to_grouped_matmuls_without_a_token_expert_tensor(platfo
     assert not token_expert_tensors(text), token_expert_tensors(text)
     capacity = lowered(ModelConfig(**{**cfg.__dict__, "capacity_factor": 1.0}), platform)
     assert token_expert_tensors(capacity)  # the detector sees the capacity dispatch's [tokens, experts, capacity]
+
+
+def test_expert_adapters_lower_to_grouped_matmuls_without_a_token_expert_tensor():
+    """LoRA on the experts adds two grouped matmuls per projection through the rank, not a dense delta."""
+    from lm import lora
+    from lm.config import LoraConfig
+
+    cfg = ModelConfig(**{**CFG.__dict__, "moe_impl": "ragged_dot"})
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    lora.apply(model, LoraConfig(rank=8, targets=r".*mlp\.(gate|up|down)", base_dtype="bfloat16"))
+    graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    tokens = jnp.zeros((2, TOKENS // 2), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(TOKENS // 2), tokens.shape)
+
+    def loss(adapters, frozen):
+        return nnx.merge(graphdef, adapters, frozen)(tokens, positions).mean()
+
+    pure = nnx.as_pure(adapters), nnx.as_pure(frozen)
+    text = jax.jit(jax.grad(loss)).trace(*pure).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("chlo.ragged_dot") >= 3 * 3  # forward: each projection's kernel, A and B
+    assert not token_expert_tensors(text), token_expert_tensors(text)

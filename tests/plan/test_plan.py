@@ -261,3 +261,19 @@ def test_planner_names_mesh_expert_when_it_does_not_divide_the_experts():
     assert any("mesh.expert=3" in p and "model.n_experts=128" in p for p in plan.problems), plan.problems
     with pytest.raises(UserError, match=r"tensor\*expert = 1\*1\*1\*1\*3 = 3 but there are 8 devices"):
         estimate(load_recipe("qwen3_30b_a3b_v5p_128", ["mesh.fsdp=1", "mesh.data=1", "mesh.expert=3"]), "h100-80gb x8")
+
+
+def test_planned_adapters_count_one_per_expert():
+    """The planner's trainable count of a LoRA run on an MoE model equals the adapters lm.lora builds."""
+    import dataclasses
+
+    from flax import nnx
+
+    from lm import lora
+    from lm.model import Transformer
+
+    overrides = ["lora.rank=4", "model.n_experts=4", "model.moe_d_ff=48", "model.n_layers=2", "model.vocab_size=256"]
+    recipe = load_recipe("stdlib_tiny", overrides)
+    model = Transformer(dataclasses.replace(recipe.model, dtype="float32"), rngs=nnx.Rngs(0))
+    lora.apply(model, recipe.lora)
+    assert estimate(recipe).trainable_params == lora.count(model)[0]
