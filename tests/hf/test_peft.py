@@ -62,7 +62,7 @@ def test_adapters_on_a_scanned_stack_of_dense_and_expert_layers_export_as_peft(t
 
     save_hf_checkpoint("qwen2_moe", tmp_path / "base")
     model = load_hf(tmp_path / "base", scan_layers=True)
-    spec = LoraConfig(rank=4, alpha=8.0, base_dtype="float32")  # attention everywhere, MLPs of dense layers
+    spec = LoraConfig(rank=4, alpha=8.0, base_dtype="float32")  # attention, dense layers' MLPs, layer 1's experts
     lora.apply(model, spec, seed=0)
     for module in lora.adapters(model).values():
         module.lora_b[...] = jax.random.normal(jax.random.key(1), module.lora_b.shape) * 0.3
@@ -73,7 +73,8 @@ def test_adapters_on_a_scanned_stack_of_dense_and_expert_layers_export_as_peft(t
     adapted = sorted(n.split(".layers.")[1] for n, m in theirs.named_modules() if hasattr(m, "lora_A"))
     dense_mlp = [f"{i}.mlp.{p}_proj" for i in (0, 2) for p in ("down", "gate", "up")]
     attention = [f"{i}.self_attn.{p}_proj" for i in range(3) for p in ("k", "o", "q", "v")]
-    assert adapted == sorted(dense_mlp + attention)
+    experts = ["1.mlp.experts", "1.mlp.experts.base_layer"]  # down_proj's ParamWrapper around gate_up_proj's
+    assert adapted == sorted(dense_mlp + attention + experts)
     with torch.no_grad():
         np.testing.assert_allclose(theirs(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)
 
