@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm import lora
 from lm.config import MeshConfig, ModelConfig, Recipe, TrainConfig
 from lm.hardware import device_for_kind, peak_tflops_per_device
 from lm.infer.decode import generate
@@ -98,7 +99,7 @@ def bench_train(
             jax.profiler.stop_trace()
     step_s = statistics.median(times)
     tokens = t.batch_size * t.seq_len
-    adapters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) if recipe.lora.rank else None
+    adapters = lora.computed(model) if recipe.lora.rank else None
     per_s = tokens / step_s / jax.device_count() / 1e12
     tflops = recipe.model.flops_per_token(t.seq_len, adapter_params=adapters) * per_s
     tflops_maxtext = recipe.model.flops_per_token(t.seq_len, "maxtext", adapter_params=adapters) * per_s

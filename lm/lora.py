@@ -324,6 +324,16 @@ def adapters(model: nnx.Module) -> dict[str, LoRA]:
     return {_dotted(p): m for p, m in nnx.iter_modules(model) if isinstance(m, LoRA)}
 
 
+def computed(model: nnx.Module) -> int:
+    """Adapter parameters a token computes with (MFU counts what is computed): an expert's adapter
+    serves only the tokens routed to it, experts_per_token of n_experts."""
+    cfg, total = model.cfg, 0.0
+    for module in adapters(model).values():
+        n = module.lora_a.size + module.lora_b.size
+        total += n * cfg.experts_per_token / cfg.n_experts if isinstance(module, ExpertLoRA) else n
+    return int(total)
+
+
 def count(model: nnx.Module) -> tuple[int, int]:
     """(trainable adapter parameters, frozen parameters incl. quantised ones)."""
     n = lambda state: sum(x.size for x in jax.tree.leaves(state))  # noqa: E731

@@ -280,8 +280,11 @@ def param_groups(params, shardings, mesh_shape, dtype_bytes=None) -> tuple[Param
     return tuple(groups)
 
 
-def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape, stacked: bool = True) -> tuple[int, int]:
-    """(adapter parameters, adapter float32 bytes per device) for the kernels LoRA targets.
+def lora_adapter_params(
+    groups: tuple[ParamGroup, ...], lora, mesh_shape, stacked: bool = True, routed: float = 1.0
+) -> tuple[int, int, int]:
+    """(adapter parameters, adapter float32 bytes per device, parameters a token computes with) for the
+    kernels LoRA targets; routed: experts_per_token / n_experts, the share of experts a token reaches.
 
     An adapter on a kernel [in..., out...] is A [in..., rank] and B [rank, out...]; the input side
     is the first dimension, except for the attention output [heads, head_dim, embed]. stacked: the
@@ -291,7 +294,7 @@ def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape, stacke
     rank = getattr(lora, "rank", 0)
     targets = getattr(lora, "targets", ()) or ()
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    total = per_device = 0
+    total = per_device = computed = 0
     for g in groups:
         if not g.path.endswith("kernel") or not g.path.startswith("blocks"):
             continue
@@ -305,9 +308,10 @@ def lora_adapter_params(groups: tuple[ParamGroup, ...], lora, mesh_shape, stacke
         n_in, n_out = math.prod(dims[:split]), math.prod(dims[split:])
         n = layers * experts * rank * (n_in + n_out)
         total += n
+        computed += n * (routed if experts > 1 else 1)
         split_ways = math.prod(g.shape) * _bytes(g.dtype) / g.bytes_per_device  # adapters split like the kernel
         per_device += int(n * 4 / split_ways)
-    return total, per_device
+    return total, per_device, int(computed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -526,7 +530,8 @@ def estimate(
     gathered_copy = n_params * act_bytes / tp
     lora = recipe.lora
     if lora.rank:
-        trainable, adapter_bytes = lora_adapter_params(groups, lora, mesh_shape, m.scan_layers)
+        routed = m.experts_per_token / m.n_experts if m.n_experts else 1.0
+        trainable, adapter_bytes, computed = lora_adapter_params(groups, lora, mesh_shape, m.scan_layers, routed)
         base = sum(g.bytes_per_device / jnp.dtype(g.dtype).itemsize * _bytes(lora.base_dtype) for g in groups)
         param_bytes = int(base) + adapter_bytes
         opt_bytes, grad_bytes = 2 * adapter_bytes, adapter_bytes * grad_copies
@@ -588,7 +593,7 @@ def estimate(
     chosen = next((r for r in REMATS if fixed + by_remat[r] <= capacity), None)
 
     grad_shard = grad_bytes / grad_copies
-    adapters = trainable if lora.rank else None
+    adapters = computed if lora.rank else None
     step = step_time(recipe, topo, mesh_shape, dcn, gathered_copy, grad_shard, act_bytes, mfu, peak_tflops, adapters)
     return Plan(
         recipe=recipe.name,

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from lm import lora
 from lm.config import Recipe
 from lm.evals import LiveTasks, TaskSet
 from lm.hardware import peak_tflops_per_device
@@ -116,7 +117,7 @@ def _loop(run: Run, preemption: Preemption, guard: NonFiniteGuard) -> _Outcome:
     t, m, ckpt = run.recipe.train, run.recipe.model, run.ckpt
     lr = learning_rate(run.recipe.optimizer, t.steps)
     tokens_per_step = t.batch_size * t.seq_len * (2 if t.objective == "dpo" else 1)  # dpo: chosen and rejected rows
-    adapters = run.n_params if run.recipe.lora.rank else None  # frozen weights get no weight gradient
+    adapters = lora.computed(run.model) if run.recipe.lora.rank else None  # frozen weights: no weight gradient
     flops_per_token = m.flops_per_token(t.seq_len, adapter_params=adapters)
     flops_per_step = flops_per_token * tokens_per_step
     maxtext_ratio = m.flops_per_token(t.seq_len, "maxtext", adapter_params=adapters) / flops_per_token

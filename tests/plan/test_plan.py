@@ -264,7 +264,8 @@ def test_planner_names_mesh_expert_when_it_does_not_divide_the_experts():
 
 
 def test_planned_adapters_count_one_per_expert():
-    """The planner's trainable count of a LoRA run on an MoE model equals the adapters lm.lora builds."""
+    """The planner's trainable count of a LoRA run on an MoE model equals the adapters lm.lora builds,
+    and both count for MFU only the routed experts' share of the expert adapters."""
     import dataclasses
 
     from flax import nnx
@@ -276,4 +277,11 @@ def test_planned_adapters_count_one_per_expert():
     recipe = load_recipe("stdlib_tiny", overrides)
     model = Transformer(dataclasses.replace(recipe.model, dtype="float32"), rngs=nnx.Rngs(0))
     lora.apply(model, recipe.lora)
-    assert estimate(recipe).trainable_params == lora.count(model)[0]
+    plan = estimate(recipe)
+    assert plan.trainable_params == lora.count(model)[0]
+    adapters = lora.adapters(model).values()
+    experts = sum(m.lora_a.size + m.lora_b.size for m in adapters if isinstance(m, lora.ExpertLoRA))
+    assert 0 < experts < plan.trainable_params
+    computed = plan.trainable_params - experts + experts * recipe.model.experts_per_token // recipe.model.n_experts
+    assert lora.computed(model) == computed
+    assert plan.flops_per_token == recipe.model.flops_per_token(recipe.train.seq_len, adapter_params=computed)
