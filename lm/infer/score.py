@@ -29,7 +29,7 @@ from flax import nnx
 from lm.data.instruct import Stats, encode_records
 from lm.errors import UserError
 from lm.infer.decode import bucket
-from lm.kernels.context import balance, context_size
+from lm.kernels.context import balanced, context_size
 from lm.loss import chunked_cross_entropy_sum
 from sharding.partition import to_host
 
@@ -129,8 +129,8 @@ def _nll(graphdef, params, tokens, weights, chunk: int):
     # Position t predicts token t + 1 (the last predicts nothing): paired before the zig-zag reorder
     # (where mesh.context splits the sequence), which moves each target and weight with its position.
     targets, weights = jnp.roll(tokens, -1, axis=1), jnp.roll(weights, -1, axis=1).at[:, -1].set(0.0)
-    row = balance({"tokens": tokens, "positions": positions, "targets": targets, "weights": weights})
-    hidden = model(row["tokens"], row["positions"], return_hidden=True)
+    with balanced({"tokens": tokens, "positions": positions, "targets": targets, "weights": weights}) as row:
+        hidden = model(row["tokens"], row["positions"], return_hidden=True)
     return chunked_cross_entropy_sum(
         hidden, model.head(), row["targets"], row["weights"], chunk, model.cfg.final_softcap
     )

@@ -108,17 +108,25 @@ def resolve_attention_impl(
             f"model.attention_impl={impl} needs a {NEEDS[impl].upper()}, but this run is on {platform}; "
             f"use model.attention_impl=auto or xla{hint}"
         )
-    if context_devices > 1 and seq_len % context_devices == 0:
-        return f"{cfg.context_parallel}", (
-            f"mesh.context={context_devices}: {cfg.context_parallel} context parallelism, each shard an online softmax "
-            f"over XLA key blocks of {context.KEY_BLOCK} (no flash kernel inside shards yet); "
-            "key blocks no query of the shard sees are skipped"
-        )
     dtype = cfg.compute_dtype_on(platform)
     chosen, reason = choose_attention_impl(
         impl, platform, dtype=dtype, head_dim=cfg.dim_per_head, packed=packed, softcap=softcap,
         sliding_window=sliding_window, gpu_capability=gpu_capability,
     )  # fmt: skip
+    if context_devices > 1 and seq_len % context_devices == 0:
+        mode, n = cfg.context_parallel, context_devices
+        blocks = f"an online softmax over XLA key blocks of {context.KEY_BLOCK}"
+        traced = cfg.scan_layers and any(cfg.sliding_layers) and not all(cfg.sliding_layers)
+        if context.shard_kernel(chosen, mode, seq_len, n, zigzagged=True) == "xla":
+            inside = f"each shard {blocks} (key blocks no query of the shard sees are skipped)"
+        elif traced:
+            inside = f"each shard {blocks} ({chosen} needs a static window; the layers' windows are traced in the scan)"
+        else:
+            inside = (
+                f"each shard {chosen} over the gathered K/V in zig-zag balanced batches (training, eval, scoring); "
+                f"prefill (natural order): {blocks}"
+            )
+        return mode, f"mesh.context={n}: {mode} context parallelism, {inside}"
     if chosen.startswith("splash"):
         padded = splash.padded_length(seq_len)
         reason += f" (length {seq_len} -> {padded}, block {splash.block_size(padded)})"
@@ -173,15 +181,15 @@ def attention(
         return xla.chunk_attention(q, k, v, chunk_positions, **options)
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    if positions is not None and context.context_size(q.shape[1]) > 1:
-        return context.context_attention(
-            q, k, v, segment_ids, positions, mode=context_parallel, sliding_window=sliding_window, scale=scale,
-            softcap=softcap,
-        )  # fmt: skip
     chosen, _ = choose_attention_impl(
         impl, jax.default_backend(), dtype=q.dtype, head_dim=q.shape[-1],
         packed=packed, softcap=softcap, sliding_window=sliding_window,
     )  # fmt: skip
+    if positions is not None and context.context_size(q.shape[1]) > 1:
+        return context.context_attention(
+            q, k, v, segment_ids, positions, mode=context_parallel, kernel=chosen, sliding_window=sliding_window,
+            scale=scale, softcap=softcap,
+        )  # fmt: skip
     if chosen in ("splash", "splash_interpret"):
         return splash.splash_attention(
             q, k, v, segment_ids, scale=scale, softcap=softcap, sliding_window=sliding_window,

@@ -13,20 +13,25 @@ Two modes (model.context_parallel):
              sequence in memory.
   ring       K/V blocks passed around the devices with `ppermute`, the next block in flight while
              the current one is attended. Memory holds two K/V blocks at a time.
-Both merge keys KEY_BLOCK at a time with an online softmax (running max, sum and output), so the
-scores in memory are [local queries, KEY_BLOCK] per head, never [T, T]; each merge is
+Inside each shard, allgather runs the splash kernel where the platform's kernel is splash and the
+batch was put in zig-zag order by `balanced` (training, eval, scoring: the kernel's mask is static,
+so it must know the order at trace time). Otherwise (ring, prefill) both modes merge keys KEY_BLOCK
+at a time with an online softmax (running max, sum and output), so the scores in memory are [local queries, KEY_BLOCK] per head, never [T, T]; each merge is
 rematerialised in the backward pass, so what is saved for it is its K/V, not its scores. A key block
 that no local query may see (causally after all of them, or outside every window) is skipped by
 `lax.cond`: under zig-zag order about half the blocks of a causal sequence are, and the result is
 the same to the bit, since such a block leaves the running state unchanged.
 """
 
+import contextlib
+import contextvars
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.kernels import splash
 from lm.kernels.xla import group_queries, ungroup_queries
 from sharding.rules import current_rules, logical_to_spec
 
@@ -137,28 +142,75 @@ def _ring(q, k, v, seg, pos, *, axes, n, **options):
     return finish(merge(state, last))
 
 
-def context_attention(q, k, v, segment_ids, positions, *, mode="allgather", sliding_window=None, scale=None,
-                      softcap=None):  # fmt: skip
+def _allgather_splash(q, k, v, seg, pos, kernel, *, axes, n, scale):
+    """allgather with the splash kernel inside the shard: the local queries (zig-zag order, which the
+    kernel's mask knows) against the gathered K/V put back in natural order, chunk by chunk. As
+    splash without context parallelism, causality is by place in the (natural) sequence and documents
+    by segment ids, so `pos` is not read: within a document positions rise by one per token."""
+
+    def gather(x):  # the gathered chunks are zigzag(2n, n) of the sequence's 2n chunks
+        x = jax.lax.all_gather(x, axes, axis=1, tiled=True)
+        chunks = x.reshape(x.shape[0], 2 * n, x.shape[1] // (2 * n), *x.shape[2:])
+        return chunks[:, unzigzag(2 * n, n)].reshape(x.shape)
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    heads_major = functools.partial(jnp.transpose, axes=(0, 2, 1, 3))
+    q, k, v = heads_major(q * scale), heads_major(gather(k)), heads_major(gather(v))  # the kernel does not scale
+    return heads_major(splash.apply(kernel, q, k, v, seg, gather(seg)))
+
+
+def shard_kernel(
+    kernel: str, mode: str, length: int, n: int, sliding_window=None, *, zigzagged: bool | None = None
+) -> str:
+    """The kernel inside each shard for a sequence of `length` split over n devices: `splash`
+    (or `splash_interpret`) where the platform's choice is splash, the mode is allgather, the
+    batch is zig-zag ordered (`balanced`: the kernel's mask is static, so the order must be known
+    at trace time) and each shard's queries fill whole 128-row blocks; `xla` (the online softmax
+    over key blocks) otherwise. zigzagged: whether the batch is in zig-zag order, default what the
+    trace says (inside `balanced`); True: wherever balanced would reorder it."""
+    zigzagged = _zigzagged(length, n) if zigzagged is None else zigzagged and length % (2 * n) == 0
+    fits = kernel.startswith("splash") and mode == "allgather" and (length // n) % splash.LANES == 0
+    return kernel if fits and zigzagged and isinstance(sliding_window, int | None) else "xla"
+
+
+def context_attention(q, k, v, segment_ids, positions, *, mode="allgather", kernel="xla", sliding_window=None,
+                      scale=None, softcap=None):  # fmt: skip
     """Causal self-attention over a sequence split by the `length` rule (see the module docstring).
 
     q: [batch, length, heads, head_dim], k/v: [batch, length, kv_heads, head_dim], segment_ids and
     positions: int [batch, length], all global arrays laid out by their logical names.
+    kernel: the platform's choice for whole sequences (`splash` runs inside shards where
+    `shard_kernel` allows it, else the XLA blocks).
     """
     mesh = jax.sharding.get_abstract_mesh()
     axes = context_axes(q.shape[1])
+    n = context_size(q.shape[1])
     q_spec = logical_to_spec(Q_NAMES, shape=q.shape, mesh=mesh)
     kv_spec = logical_to_spec(KV_NAMES, shape=k.shape, mesh=mesh)
     if kv_spec[2] != q_spec[2]:  # the tensor axis splits query heads but not the fewer K/V heads
         k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
         kv_spec = q_spec
     token_spec = logical_to_spec(TOKEN_NAMES, shape=positions.shape, mesh=mesh)
+    specs = (q_spec, kv_spec, kv_spec, token_spec, token_spec)
+    args = (q, k, v, segment_ids, positions)
+    kernel = shard_kernel(kernel, mode, q.shape[1], n, sliding_window)
+    if kernel != "xla":
+        head_axes = (q_spec[2],) if isinstance(q_spec[2], str) else tuple(q_spec[2] or ())
+        local_heads = q.shape[2] // int(np.prod([mesh.shape[a] for a in head_axes], dtype=int))
+        local = q.shape[1] // n
+        built = splash.make_kernel(
+            q.shape[1], local_heads, block=splash.block_size(local), window=sliding_window, softcap=softcap,
+            interpret=kernel == "splash_interpret", q_order=zigzag(q.shape[1], n), q_shards=n,
+        )  # fmt: skip
+        fn = functools.partial(_allgather_splash, axes=axes, n=n, scale=scale)
+        kernel_spec = built.manual_sharding_spec(jax.sharding.NamedSharding(mesh, jax.P(None, axes)))
+        return jax.shard_map(fn, in_specs=(*specs, kernel_spec), out_specs=q_spec, check_vma=False)(*args, built)
     options = dict(axes=axes, sliding_window=sliding_window, scale=scale, softcap=softcap)
     if mode == "ring":
-        fn = functools.partial(_ring, n=context_size(q.shape[1]), **options)
+        fn = functools.partial(_ring, n=n, **options)
     else:
         fn = functools.partial(_allgather, **options)
-    specs = (q_spec, kv_spec, kv_spec, token_spec, token_spec)
-    return jax.shard_map(fn, in_specs=specs, out_specs=q_spec, check_vma=False)(q, k, v, segment_ids, positions)
+    return jax.shard_map(fn, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
 def zigzag(length: int, n: int) -> np.ndarray:
@@ -176,13 +228,31 @@ def unzigzag(length: int, n: int) -> np.ndarray:
     return np.argsort(zigzag(length, n))
 
 
-def balance(batch: dict) -> dict:
+_ZIGZAGGED: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("zigzagged", default=None)
+
+
+def _zigzagged(length: int, n: int) -> bool:
+    """Whether the sequences being traced (of `length`, split over n devices) are in zig-zag order."""
+    return _ZIGZAGGED.get() == (length, n)
+
+
+@contextlib.contextmanager
+def balanced(batch: dict):
     """The batch ([batch, length] arrays: tokens, targets, positions, segment ids, weights) in
-    zig-zag order when the sequence is split over devices (and splits evenly); unchanged otherwise.
-    Attention reads positions and segment ids, and the loss is a sum over tokens, so neither changes."""
+    zig-zag order when the sequence is split over devices (and splits evenly), unchanged otherwise.
+    Attention reads positions and segment ids, and the loss is a sum over tokens, so neither changes.
+
+    While the block is open (trace the model inside it), attention knows the order: the splash
+    kernel's mask is static, so it can run inside the shards only where the order is known at trace
+    time (prefill, which keeps the natural order, runs the order-free XLA blocks)."""
     length = batch["tokens"].shape[1]
     n = context_size(length)
     if n == 1 or length % (2 * n):
-        return batch
+        yield batch
+        return
     order = zigzag(length, n)
-    return {k: jnp.take(x, order, axis=1) if x.ndim >= 2 and x.shape[1] == length else x for k, x in batch.items()}
+    token = _ZIGZAGGED.set((length, n))
+    try:
+        yield {k: jnp.take(x, order, axis=1) if x.ndim >= 2 and x.shape[1] == length else x for k, x in batch.items()}
+    finally:
+        _ZIGZAGGED.reset(token)

@@ -3,7 +3,9 @@
 Chosen by model.attention_impl=auto on TPU (or =splash). `splash_interpret` runs the same kernel in
 the Pallas interpreter, slow but exact, which is how the CPU tests check it against XLA; nothing
 switches to the interpreter on its own. Under a mesh the kernel runs per shard (shard_map): batch
-over the batch axes, heads over the tensor axis.
+over the batch axes, heads over the tensor axis. Under context parallelism (lm.kernels.context) each
+shard's zig-zag ordered queries run against the gathered keys, with a kernel built for the whole
+sequence whose mask knows that order (make_kernel's q_order and q_shards).
 
 The real kernel needs its key/value compute block to be a multiple of 128, so sequences are padded
 to a multiple of 128 (segment id 0: padding attends only to padding) and sliced back afterwards.
@@ -14,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
@@ -32,9 +35,13 @@ def block_size(padded: int) -> int:
     return max(b for b in range(LANES, MAX_BLOCK + 1, LANES) if padded % b == 0)
 
 
-def _kernel_call(q, k, v, segment_ids, *, block: int, window: int | None, softcap: float | None, interpret: bool):
-    """q: [batch, heads, length, head_dim], k/v: [batch, kv_heads, length, head_dim]; one shard's worth."""
-    heads, length = q.shape[1], q.shape[2]
+def make_kernel(length: int, heads: int, *, block: int, window: int | None, softcap: float | None, interpret: bool,
+                q_order=None, q_shards: int = 1):  # fmt: skip
+    """The splash kernel for `heads` query heads over a causal (or sliding-window) [length, length] mask.
+
+    q_order: the original index of each query row when the queries are reordered (the zig-zag order
+    of context parallelism; keys are in natural order), default natural. q_shards: how many devices
+    split the query rows; each then takes its slice of the kernel (`manual_sharding_spec`)."""
     sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -44,11 +51,26 @@ def _kernel_call(q, k, v, segment_ids, *, block: int, window: int | None, softca
         one = splash_mask.CausalMask((length, length))
     else:  # itself and the window - 1 keys before it
         one = splash_mask.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+    if q_order is not None:
+        one.q_sequence = np.asarray(q_order, np.int32)
     mask = splash_mask.MultiHeadMask([one for _ in range(heads)])
-    kernel = splash.make_splash_mha(
-        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, attn_logits_soft_cap=softcap, interpret=interpret
-    )
-    return jax.vmap(kernel)(q, k, v, segment_ids=splash.SegmentIds(q=segment_ids, kv=segment_ids))
+    return splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=q_shards, attn_logits_soft_cap=softcap,
+        interpret=interpret,
+    )  # fmt: skip
+
+
+def _kernel_call(q, k, v, segment_ids, *, block: int, window: int | None, softcap: float | None, interpret: bool):
+    """q: [batch, heads, length, head_dim], k/v: [batch, kv_heads, length, head_dim]; one shard's worth."""
+    kernel = make_kernel(q.shape[2], q.shape[1], block=block, window=window, softcap=softcap, interpret=interpret)
+    return apply(kernel, q, k, v, segment_ids, segment_ids)
+
+
+def apply(kernel, q, k, v, q_segments, kv_segments):
+    """A kernel from make_kernel over a batch: q [batch, heads, queries, head_dim] (already scaled),
+    k/v [batch, kv_heads, keys, head_dim], segment ids int [batch, queries] and [batch, keys]."""
+    segments = splash.SegmentIds(q=q_segments.astype(jnp.int32), kv=kv_segments.astype(jnp.int32))
+    return jax.vmap(kernel)(q, k, v, segment_ids=segments)
 
 
 def _head_shards(names, shape) -> int:

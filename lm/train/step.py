@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lm.kernels.context import balance
+from lm.kernels.context import balanced
 from lm.lora import seed_dropout
 from lm.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from lm.model.moe import RouterStats, aux_loss, z_loss
@@ -36,17 +36,17 @@ def compute_params(params, dtype):
 
 def _loss_sums(model, batch) -> tuple[jax.Array, jax.Array, RouterStats | None]:
     """(summed loss, summed weight, the MoE layers' RouterStats or None)."""
-    batch = balance(batch)  # zig-zag order where mesh.context splits the sequence
-    chunk = model.cfg.loss_chunk_for(batch["tokens"].shape[1])
-    inputs = (batch["tokens"], batch["positions"], batch["segment_ids"])
-    if chunk:  # large vocabularies: never materialise [batch, length, vocab] logits
-        hidden, stats = model(*inputs, return_hidden=True, return_router=True)
-        sums = chunked_cross_entropy_sum(
-            hidden, model.head(), batch["targets"], batch["weights"], chunk, model.cfg.final_softcap
-        )
-        return *sums, stats
-    logits, stats = model(*inputs, return_router=True)
-    return *cross_entropy_sum(logits, batch["targets"], batch["weights"]), stats
+    with balanced(batch) as batch:  # zig-zag order where mesh.context splits the sequence (attention is told)
+        chunk = model.cfg.loss_chunk_for(batch["tokens"].shape[1])
+        inputs = (batch["tokens"], batch["positions"], batch["segment_ids"])
+        if chunk:  # large vocabularies: never materialise [batch, length, vocab] logits
+            hidden, stats = model(*inputs, return_hidden=True, return_router=True)
+            sums = chunked_cross_entropy_sum(
+                hidden, model.head(), batch["targets"], batch["weights"], chunk, model.cfg.final_softcap
+            )
+            return *sums, stats
+        logits, stats = model(*inputs, return_router=True)
+        return *cross_entropy_sum(logits, batch["targets"], batch["weights"]), stats
 
 
 def router_metrics(stats: RouterStats | None) -> dict:

@@ -56,10 +56,10 @@ def packed_batch(length: int, batch: int = 4, seed: int = 0) -> dict:
     }
 
 
-def step(shape, mode, length, devices=None):
+def step(shape, mode, length, devices=None, cfg=CFG):
     """(loss, parameters after one SGD step of rate 1) on the mesh `shape`."""
     data, fsdp, context, tensor = shape
-    cfg = dataclasses.replace(CFG, context_parallel=mode)
+    cfg = dataclasses.replace(cfg, context_parallel=mode)
     rules = (("kv_heads", None),) if tensor > CFG.n_kv_heads else ()
     layout = Layout.build(MeshConfig(data=data, fsdp=fsdp, context=context, tensor=tensor, rules=rules), devices)
 
@@ -94,6 +94,37 @@ def test_context_parallel_equals_single_device(shape, mode, length, single_devic
         np.testing.assert_allclose(params[path], want_params[path], atol=1e-5, rtol=0, err_msg=str(path))
 
 
+@pytest.mark.slow
+def test_splash_inside_the_shards_equals_one_device(monkeypatch):
+    """attention_impl=splash_interpret (the TPU kernel in the Pallas interpreter) under mesh.context=2
+    beside fsdp 2 and tensor 2, at length 512: each shard runs splash over the gathered K/V, its mask
+    in the zig-zag order the train step gave the batch, on a causal layer and a windowed one (layers
+    unscanned, so each window is static), with packed documents, padding and GQA. Loss and SGD step
+    equal one device's XLA attention (1e-5). Outside `balanced` (prefill's natural order), for ring and
+    for a traced window, the XLA blocks run."""
+    from lm.kernels import context, splash
+
+    cfg = dataclasses.replace(CFG, attention_impl="splash_interpret", scan_layers=False)
+    built = []
+    real = splash.make_kernel
+    monkeypatch.setattr(splash, "make_kernel", lambda *a, **k: built.append(k) or real(*a, **k))
+    want_loss, want_params = step(
+        (1, 1, 1, 1), "allgather", 512, jax.devices()[:1], dataclasses.replace(cfg, attention_impl="xla")
+    )
+    loss, params = step((1, 2, 2, 2), "allgather", 512, cfg=cfg)
+    assert {(k["window"], k["q_shards"]) for k in built} == {(None, 2), (CFG.sliding_window, 2)}, built
+    assert abs(loss - want_loss) < 1e-5, (loss, want_loss)
+    for path in want_params:
+        np.testing.assert_allclose(params[path], want_params[path], atol=1e-5, rtol=0, err_msg=str(path))
+
+    with Layout.build(MeshConfig(data=1, fsdp=4, context=2, tensor=1)):
+        assert context.shard_kernel("splash", "allgather", 512, 2) == "xla"  # order not known: natural
+        with context.balanced({"tokens": jax.numpy.zeros((4, 512), jax.numpy.int32)}):
+            assert context.shard_kernel("splash", "allgather", 512, 2) == "splash"
+            assert context.shard_kernel("splash", "ring", 512, 2) == "xla"
+            assert context.shard_kernel("splash", "allgather", 512, 2, jax.numpy.int32(48)) == "xla"
+
+
 def test_context_attention_is_used_and_reordering_keeps_the_loss():
     """Under mesh.context=4 the sequence is split (so the context kernel runs); the model's loss on
     the zig-zag-reordered batch (positions and segment ids moved with the tokens) equals the loss on
@@ -116,14 +147,17 @@ def test_context_attention_is_used_and_reordering_keeps_the_loss():
 
 
 @pytest.mark.parametrize(
-    "platform, mode, collective",
-    [("tpu", "ring", "stablehlo.collective_permute"), ("cuda", "allgather", "stablehlo.all_gather")],
+    "platform, mode, impl", [("tpu", "ring", "xla"), ("cuda", "allgather", "xla"), ("tpu", "allgather", "splash")]
 )
-def test_context_parallel_lowers_with_its_collective_and_no_square_operand(platform, mode, collective):
+def test_context_parallel_lowers_with_its_collective_and_no_square_operand(platform, mode, impl):
     """The train step lowered for a TPU or a GPU under mesh.context=4 (beside tensor=2) at length
     1024: the mode's collective is there (fsdp is 1, so no other all-gather is in the lowered
-    program), and no [T, T] array is (allgather's scores are [T/4, T] per device, ring's [T/4, T/4])."""
-    cfg = dataclasses.replace(CFG, context_parallel=mode, dtype="bfloat16", attention_impl="xla")
+    program), and no [T, T] array is (allgather's scores are [T/4, T] per device, ring's [T/4, T/4]).
+    With splash on a TPU, allgather runs the splash kernel (tpu_custom_call) inside each shard, on a
+    causal and a windowed layer; else the XLA blocks, which skip unseen key blocks (stablehlo.case)."""
+    cfg = dataclasses.replace(CFG, context_parallel=mode, dtype="bfloat16", attention_impl=impl)
+    if impl == "splash":
+        cfg = dataclasses.replace(cfg, scan_layers=False)  # static windows
     layout = Layout.build(MeshConfig(data=1, fsdp=1, context=4, tensor=2))
 
     def make():
@@ -134,8 +168,12 @@ def test_context_parallel_lowers_with_its_collective_and_no_square_operand(platf
         model, opt = create_sharded(make, layout)
         batch = put_batch(packed_batch(1024, batch=2), layout)
         text = train_step.trace(model, opt, batch).lower(lowering_platforms=(platform,)).as_text()
+    collective = "stablehlo.all_gather" if mode == "allgather" else "stablehlo.collective_permute"
     assert collective in text, mode
-    assert "stablehlo.case" in text, mode  # key blocks no query of the shard sees are skipped
+    if impl == "splash":
+        assert text.count("tpu_custom_call") >= 2 and "stablehlo.case" not in text
+    else:
+        assert "stablehlo.case" in text, mode  # key blocks no query of the shard sees are skipped
     assert "1024x1024x" not in text and "x1024x1024" not in text, mode
 
 
