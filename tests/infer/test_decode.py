@@ -178,13 +178,19 @@ def test_decode_steps_update_the_cache_in_place(model, prompts, monkeypatch):
     assert not [m.group(0) for t in texts for m in cache_copy.finditer(t)]
 
 
-def test_cached_decode_equals_recompute_with_dense_and_expert_layers(prompts):
-    """The cached loop's unstacked twin takes each layer from its run of the scanned stack
-    (model.moe_layer_step=2 over 3 layers: a (dense, experts) run, then a dense one)."""
+@pytest.mark.parametrize(
+    "layers",
+    [
+        dict(moe_layer_step=2),  # 3 layers: a (dense, experts) run, then a dense one
+        dict(dense_layers=(0,), sliding_window=4, sliding_window_every=2),  # a dense first layer, windows
+    ],
+)
+def test_cached_decode_equals_recompute_with_dense_and_expert_layers(prompts, layers):
+    """The cached loop's unstacked twin takes each layer from its run of the scanned stack."""
     from lm.config import ModelConfig
 
     cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
-                      n_experts=4, moe_d_ff=32, moe_layer_step=2)  # fmt: skip
+                      n_experts=4, moe_d_ff=32, **layers)  # fmt: skip
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     cached = generate(model, prompts, max_new_tokens=8)
     assert cached.tokens == generate(model, prompts, max_new_tokens=8, use_cache=False).tokens

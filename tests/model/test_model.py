@@ -145,7 +145,10 @@ def test_remat_equals_no_remat(tiny_cfg, policy, scan):
     assert "checkpoint" in jaxpr or "remat" in jaxpr
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# The mixed dense/expert stacks' cache is checked through the decode loop instead
+# (tests/infer/test_decode.py::test_cached_decode_equals_recompute_with_dense_and_expert_layers): run
+# eagerly here, step by step, each took 25-30 s.
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("moe_every_second", "moe_dense_first")])
 def test_prefill_then_cached_steps_equal_full_forward(tiny_cfg, family):
     cfg = dataclasses.replace(tiny_cfg, **FAMILIES[family])
     model = build(cfg)
