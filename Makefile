@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m launch.train --recipe stdlib_tiny --run-dir $(RUN_DIR)
 
-# The model, decode, train-step (LoRA and eval), LoRA and Hugging Face tests, again in NNX tree mode.
-TREE_TESTS ?= tests/model tests/infer/test_decode.py tests/test_lora.py tests/hf/test_hf_model.py tests/train/test_loop.py
+# The model, decode, train-step (LoRA and eval) and LoRA tests, again in NNX tree mode, and the Hugging
+# Face imports that build a model (the file's refusals and config round trips build none).
+HF_TREE = $(addprefix tests/hf/test_hf_model.py::test_,imported_logits_match_transformers \
+  export_loads_in_transformers_unchanged_with_same_logits sliding_window_in_cached_decode_equals_full_forward)
+TREE_TESTS ?= tests/model tests/infer/test_decode.py tests/test_lora.py tests/train/test_loop.py $(HF_TREE)
 
 # Exit status 5 (pytest collected no tests) fails here like any other failure.
 # Two pytest-xdist workers (a CI machine has 2 cores); a test module stays on one worker (conftest.py).
