@@ -9,22 +9,26 @@ sequence be reordered (`zigzag`) without changing a number.
 
 Two modes (model.context_parallel):
   allgather  K/V (with their positions and segment ids) gathered whole on every device; each device
-             attends its queries to all of them. One collective per layer; K/V of the whole
-             sequence in memory.
+             attends its queries to all of them. One all-gather per layer forward, and in the
+             backward pass another and a reduce-scatter of dk, dv; K/V of the whole sequence in memory.
   ring       K/V blocks passed around the devices with `ppermute`, the next block in flight while
              the current one is attended. Memory holds two K/V blocks at a time.
 Inside each shard, allgather runs the splash kernel where the platform's kernel is splash and the
 batch was put in zig-zag order by `balanced` (training, eval, scoring: the kernel's mask is static,
 so it must know the order at trace time). Otherwise (ring, prefill) both modes merge keys KEY_BLOCK
-at a time with an online softmax (running max, sum and output), so the scores in memory are [local queries, KEY_BLOCK] per head, never [T, T]; each merge is
-rematerialised in the backward pass, so what is saved for it is its K/V, not its scores. A key block
-that no local query may see (causally after all of them, or outside every window) is skipped by
-`lax.cond`: under zig-zag order about half the blocks of a causal sequence are, and the result is
-the same to the bit, since such a block leaves the running state unchanged.
+at a time with an online softmax (running max, sum and output), so the scores in memory are [local
+queries, KEY_BLOCK] per head, never [T, T]. The backward pass is written out, flash attention's: it
+recomputes each block's probabilities from the output's log-sum-exp, so all that is kept for it is
+the shard's own q, k, v, output and log-sum-exp. In a ring the K/V blocks travel the ring again with
+their dk, dv, so the backward pass too holds two blocks at a time. A key block that no local query
+may see (causally after all of them, or outside every window) is skipped by `lax.cond`, forward and
+backward: under zig-zag order about half the blocks of a causal sequence are, and the result is the
+same to the bit, since such a block changes neither the running state nor a gradient.
 """
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 
 import jax
@@ -60,86 +64,204 @@ def context_size(length: int | None = None) -> int:
     return int(np.prod([mesh.shape[a] for a in context_axes(length)], dtype=int))
 
 
-def _mask(seg_q, pos_q, seg_k, pos_k, sliding_window):
-    """bool [batch, q, k]: same document, key not after the query (and within the window)."""
-    pq, pk = pos_q[:, :, None], pos_k[:, None, :]
-    mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (pk <= pq)
-    if sliding_window is not None:
-        mask = mask & (pq - pk < sliding_window)
-    return mask
-
-
+NO_WINDOW = np.iinfo(np.int32).max  # a window no sequence reaches: plain causal attention
+LOW = float(jnp.finfo(jnp.float32).min)
 KEY_BLOCK = 512  # keys per score block: a device holds [its queries, KEY_BLOCK] scores per head at a time
 
 
-def _online_softmax(q, seg, pos, kv_heads, *, sliding_window, scale, softcap):
-    """(initial state, merge, finish) of an online softmax (a running max, sum and output per query)
-    of the local queries over K/V that arrive in blocks.
+def _mask(seg_q, pos_q, seg_k, pos_k, window):
+    """bool [batch, q, k]: same document, key not after the query and within the window."""
+    pq, pk = pos_q[:, :, None], pos_k[:, None, :]
+    return (seg_q[:, :, None] == seg_k[:, None, :]) & (pk <= pq) & (pq - pk < window)
 
-    merge(state, block) takes a block (k, v [batch, keys, kv_heads, head_dim], their segment ids and
-    positions [batch, keys]) KEY_BLOCK keys at a time, so the scores stay [queries, KEY_BLOCK].
-    The key blocks are a lax.scan whose body is rematerialised: the backward pass recomputes one
-    block at a time (unrolled, XLA:CPU scheduled every recomputation at once and memory grew with the
-    square of the length). finish(state) is the attention output [batch, length, heads, head_dim].
-    """
-    qg = group_queries(q, kv_heads).astype(jnp.float32)  # [batch, kv_heads, group, length, head_dim]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    low = jnp.finfo(jnp.float32).min
 
-    def attend(state, block, mask):
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a shard's attention needs to know besides its arrays (static: it shapes the program)."""
+
+    mode: str  # allgather or ring
+    axes: tuple[str, ...]  # the mesh axes that split the sequence
+    n: int  # how many devices share a sequence
+    scale: float
+    softcap: float | None
+
+
+def _key_pieces(block):
+    """A K/V block (k, v [batch, keys, kv_heads, head_dim], segment ids and positions [batch, keys])
+    cut into pieces of at most KEY_BLOCK keys, stacked on a leading axis for lax.scan."""
+    keys = block[0].shape[1]
+    n = -(-keys // KEY_BLOCK)
+    while keys % n:
+        n += 1
+    return [jnp.moveaxis(x.reshape(x.shape[0], n, keys // n, *x.shape[2:]), 1, 0) for x in block]
+
+
+def _whole(pieces):
+    """_key_pieces' inverse for one stacked array [pieces, batch, keys/pieces, ...]."""
+    x = jnp.moveaxis(pieces, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _scores(plan, qg, kb):
+    """Scaled (and soft-capped) scores [batch, kv_heads, group, queries, keys], and tanh of the cap
+    (its derivative is 1 - tanh^2), or None without one."""
+    s = jnp.einsum("bkgqd,bskd->bkgqs", qg, kb) * plan.scale
+    if plan.softcap is None:
+        return s, None
+    t = jnp.tanh(s / plan.softcap)
+    return plan.softcap * t, t
+
+
+def _forward(plan, qg, seg, pos, window, state, block):
+    """The online softmax's running (max, sum, output) per query after the keys of `block`,
+    KEY_BLOCK at a time. A piece no local query may see (all of it after them, another document,
+    outside the window) would leave the state as it is: skipped, it costs the mask, no matmul.
+
+    The step is a jax.checkpoint although nothing differentiates it (the backward pass is
+    `_backward`): without it, under the model's scan over layers, jax's partial evaluation kept
+    every piece's mask and scores at once ([pieces, queries, KEY_BLOCK] per head: 3.4 GiB instead
+    of 0.6 for the `small` train step at 8k tokens, context 2)."""
+
+    def attend(state, piece, mask):
         m, total, acc = state
-        kb, vb = block[:2]
-        s = jnp.einsum("bkgqd,bskd->bkgqs", qg, kb.astype(jnp.float32)) * scale
-        if softcap is not None:
-            s = softcap * jnp.tanh(s / softcap)
-        s = jnp.where(mask, s, low)
+        s, _ = _scores(plan, qg, piece[0].astype(jnp.float32))
+        s = jnp.where(mask, s, LOW)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
-        acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, vb.astype(jnp.float32))
+        acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, piece[1].astype(jnp.float32))
         return m_new, total * correction + p.sum(-1), acc
 
     @jax.checkpoint
-    def step(state, block):
-        mask = _mask(seg, pos, *block[2:], sliding_window)[:, None, None]
-        # A block no local query may see (all of it after them, another document, outside the window)
-        # would leave the state as it is: skipped, it costs the mask and no matmul, forward or backward.
-        return jax.lax.cond(mask.any(), attend, lambda state, *_: state, state, block, mask), None
+    def step(state, piece):
+        mask = _mask(seg, pos, piece[2], piece[3], window)[:, None, None]
+        return jax.lax.cond(mask.any(), attend, lambda state, *_: state, state, piece, mask), None
 
-    def merge(state, block):
-        keys = block[0].shape[1]
-        n = -(-keys // KEY_BLOCK)
-        while keys % n:
-            n += 1
-        stacked = [jnp.moveaxis(x.reshape(x.shape[0], n, keys // n, *x.shape[2:]), 1, 0) for x in block]
-        return jax.lax.scan(step, state, stacked)[0]
-
-    def finish(state):
-        _, total, acc = state
-        return ungroup_queries((acc / total[..., None]).astype(q.dtype))
-
-    return (jnp.full(qg.shape[:-1], low), jnp.zeros(qg.shape[:-1]), jnp.zeros(qg.shape)), merge, finish
+    return jax.lax.scan(step, state, _key_pieces(block))[0]
 
 
-def _allgather(q, k, v, seg, pos, *, axes, **options):
-    gather = functools.partial(jax.lax.all_gather, axis_name=axes, axis=1, tiled=True)
-    state, merge, finish = _online_softmax(q, seg, pos, k.shape[2], **options)
-    return finish(merge(state, (gather(k), gather(v), gather(seg), gather(pos))))
+def _backward(plan, qg, seg, pos, window, lse, dog, delta, dqg, block):
+    """Flash attention's backward pass over one K/V block, KEY_BLOCK keys at a time: the
+    probabilities come back from the saved log-sum-exp, so nothing of the forward's scores was kept.
+    Returns dq (accumulated into dqg) and this block's dk, dv (float32)."""
+
+    def grads(dqg, piece, mask):
+        kb, vb = piece[0].astype(jnp.float32), piece[1].astype(jnp.float32)
+        s, t = _scores(plan, qg, kb)
+        p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+        ds = p * (jnp.einsum("bkgqd,bskd->bkgqs", dog, vb) - delta[..., None])
+        if t is not None:
+            ds = ds * (1 - t * t)
+        ds = ds * plan.scale
+        dk = jnp.einsum("bkgqs,bkgqd->bskd", ds, qg)
+        dv = jnp.einsum("bkgqs,bkgqd->bskd", p, dog)
+        return dqg + jnp.einsum("bkgqs,bskd->bkgqd", ds, kb), (dk, dv)
+
+    def skip(dqg, piece, mask):
+        return dqg, (jnp.zeros(piece[0].shape, jnp.float32), jnp.zeros(piece[1].shape, jnp.float32))
+
+    def step(dqg, piece):
+        mask = _mask(seg, pos, piece[2], piece[3], window)[:, None, None]
+        return jax.lax.cond(mask.any(), grads, skip, dqg, piece, mask)
+
+    dqg, (dk, dv) = jax.lax.scan(step, dqg, _key_pieces(block))
+    return dqg, _whole(dk), _whole(dv)
 
 
-def _ring(q, k, v, seg, pos, *, axes, n, **options):
-    state, merge, finish = _online_softmax(q, seg, pos, k.shape[2], **options)
-    ring = [(i, (i + 1) % n) for i in range(n)]
+def _gather(plan, block):
+    """The whole sequence's K/V (and segment ids, positions) on every device."""
+    if plan.n == 1:
+        return block
+    return tuple(jax.lax.all_gather(x, plan.axes, axis=1, tiled=True) for x in block)
 
-    def step(carry, _):
-        state, block = carry
-        # The next block is sent before this one is merged, so the transfer can overlap the work.
-        incoming = jax.lax.ppermute(block, axes, ring)
-        return (merge(state, block), incoming), None
 
-    # n - 1 blocks arrive; a scan over them, so their backward passes too run one after another.
-    (state, last), _ = jax.lax.scan(step, (state, (k, v, seg, pos)), None, length=n - 1)
-    return finish(merge(state, last))
+def _pass_on(plan, x):
+    """Each device's x to the next device of the ring."""
+    return jax.lax.ppermute(x, plan.axes, [(i, (i + 1) % plan.n) for i in range(plan.n)])
+
+
+def _local_forward(plan, q, k, v, seg, pos, window):
+    """One device's attention (inside shard_map): its queries q [batch, length/n, heads, head_dim]
+    against every device's K/V, by `plan.mode`. Returns the output and the log-sum-exp of each
+    query's scores [batch, length/n, heads], which is all the backward pass needs besides q, k, v."""
+    qg = group_queries(q, k.shape[2]).astype(jnp.float32)  # [batch, kv_heads, group, length, head_dim]
+    state = (jnp.full(qg.shape[:-1], LOW), jnp.zeros(qg.shape[:-1]), jnp.zeros(qg.shape))
+    attend = functools.partial(_forward, plan, qg, seg, pos, window)
+    if plan.mode == "ring" and plan.n > 1:
+
+        def step(carry, _):
+            state, block = carry
+            incoming = _pass_on(plan, block)  # sent before this block is attended: the transfer overlaps the work
+            return (attend(state, block), incoming), None
+
+        (state, last), _ = jax.lax.scan(step, (state, (k, v, seg, pos)), None, length=plan.n - 1)
+        state = attend(state, last)
+    else:
+        state = attend(state, _gather(plan, (k, v, seg, pos)))
+    m, total, acc = state  # every query sees itself, so total > 0
+    lse = jnp.moveaxis(m + jnp.log(total), 3, 1)  # [batch, length, kv_heads, group]
+    return ungroup_queries((acc / total[..., None]).astype(q.dtype)), lse.reshape(*lse.shape[:2], -1)
+
+
+def _local_backward(plan, q, k, v, seg, pos, window, out, lse, d_out):
+    """dq, dk, dv of one device's attention (inside shard_map). In a ring each K/V block travels
+    the ring again with its dk, dv, which every device adds its share to; after n steps they are
+    back on the block's own device. allgather gathers K/V again and reduce-scatters dk, dv."""
+    kv_heads = k.shape[2]
+    qg = group_queries(q, kv_heads).astype(jnp.float32)
+    dog = group_queries(d_out, kv_heads).astype(jnp.float32)
+    delta = jnp.sum(dog * group_queries(out, kv_heads).astype(jnp.float32), -1)
+    lse = jnp.moveaxis(lse.reshape(*lse.shape[:2], kv_heads, -1), 1, 3)
+    grads = functools.partial(_backward, plan, qg, seg, pos, window, lse, dog, delta)
+    dqg = jnp.zeros(qg.shape)
+    if plan.mode == "ring" and plan.n > 1:
+
+        def step(carry, _):
+            dqg, block, dk, dv = carry
+            incoming = _pass_on(plan, block)
+            dqg, dk_block, dv_block = grads(dqg, block)
+            return (dqg, incoming, *_pass_on(plan, (dk + dk_block, dv + dv_block))), None
+
+        zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+        (dqg, last, dk, dv), _ = jax.lax.scan(step, (dqg, (k, v, seg, pos), *zeros), None, length=plan.n - 1)
+        dqg, dk_block, dv_block = grads(dqg, last)
+        dk, dv = _pass_on(plan, (dk + dk_block, dv + dv_block))
+    else:
+        dqg, dk, dv = grads(dqg, _gather(plan, (k, v, seg, pos)))
+        if plan.n > 1:  # each device keeps the sum over devices of its own keys' gradients
+            dk, dv = (jax.lax.psum_scatter(x, plan.axes, scatter_dimension=1, tiled=True) for x in (dk, dv))
+    return ungroup_queries(dqg).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sharded_attention(plan, specs, q, k, v, seg, pos, window):
+    """Context-parallel attention with its backward pass written out (flash attention's, from the
+    output and log-sum-exp): what is kept for it is each device's own q, k, v, output and
+    log-sum-exp, no score, no running state per key block and, in a ring, no other device's K/V.
+    specs: the PartitionSpecs of (q, k/v, segment ids and positions)."""
+    return _sharded_forward(plan, specs, q, k, v, seg, pos, window)[0]
+
+
+def _sharded_forward(plan, specs, q, k, v, seg, pos, window):
+    q_spec, kv_spec, token_spec = specs
+    out, lse = jax.shard_map(
+        functools.partial(_local_forward, plan), in_specs=(q_spec, kv_spec, kv_spec, token_spec, token_spec, jax.P()),
+        out_specs=(q_spec, jax.P(*q_spec[:3])), check_vma=False,
+    )(q, k, v, seg, pos, window)  # fmt: skip
+    return out, (q, k, v, seg, pos, window, out, lse)
+
+
+def _sharded_backward(plan, specs, residuals, d_out):
+    q_spec, kv_spec, token_spec = specs
+    dq, dk, dv = jax.shard_map(
+        functools.partial(_local_backward, plan),
+        in_specs=(q_spec, kv_spec, kv_spec, token_spec, token_spec, jax.P(), q_spec, jax.P(*q_spec[:3]), q_spec),
+        out_specs=(q_spec, kv_spec, kv_spec), check_vma=False,
+    )(*residuals, d_out)  # fmt: skip
+    return dq, dk, dv, None, None, None
+
+
+_sharded_attention.defvjp(_sharded_forward, _sharded_backward)
 
 
 def _allgather_splash(q, k, v, seg, pos, kernel, *, axes, n, scale):
@@ -205,12 +327,9 @@ def context_attention(q, k, v, segment_ids, positions, *, mode="allgather", kern
         fn = functools.partial(_allgather_splash, axes=axes, n=n, scale=scale)
         kernel_spec = built.manual_sharding_spec(jax.sharding.NamedSharding(mesh, jax.P(None, axes)))
         return jax.shard_map(fn, in_specs=(*specs, kernel_spec), out_specs=q_spec, check_vma=False)(*args, built)
-    options = dict(axes=axes, sliding_window=sliding_window, scale=scale, softcap=softcap)
-    if mode == "ring":
-        fn = functools.partial(_ring, n=n, **options)
-    else:
-        fn = functools.partial(_allgather, **options)
-    return jax.shard_map(fn, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
+    plan = _Plan(mode, axes, n, q.shape[-1] ** -0.5 if scale is None else scale, softcap)
+    window = jnp.asarray(NO_WINDOW if sliding_window is None else sliding_window, jnp.int32)
+    return _sharded_attention(plan, (q_spec, kv_spec, token_spec), *args, window)
 
 
 def zigzag(length: int, n: int) -> np.ndarray:
