@@ -1,14 +1,18 @@
-import sys, time, dataclasses
+import sys
+
 import numpy as np
-import jax
 from flax import nnx
+
 try:
     from lm.infer.decode import generate
 except ImportError:
     from lm.decode import generate
 from lm.config import ModelConfig
 from lm.model import Transformer
-cfg = ModelConfig(vocab_size=8192, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1536, max_seq_len=1024, tie_embeddings=True)
+
+cfg = ModelConfig(
+    vocab_size=8192, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1536, max_seq_len=1024, tie_embeddings=True
+)
 try:
     model = Transformer(cfg, rngs=nnx.Rngs(0))
 except Exception:
