@@ -35,9 +35,8 @@ def pytest_sessionstart(session):
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) a module's tests share a worker, so
-    its module fixtures are built once; the multidevice files (each its own subprocess) and the
-    recipes' plan commands spread out."""
-    spread = ("tests/sharding/test_sharding.py::", "tests/plan/test_plan.py::test_every_recipe_plans")
+    its module fixtures are built once; the multidevice files (each its own subprocess) spread out."""
+    spread = ("tests/sharding/test_sharding.py::",)
     for item in items:
         group = item.nodeid if item.nodeid.startswith(spread) else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))

@@ -157,8 +157,9 @@ def test_prefill_then_cached_steps_equal_full_forward(tiny_cfg, family):
     model.init_cache(2, 64)
     prefill = model(tokens[:, :25], positions[:, :25], mode="prefill")
     np.testing.assert_allclose(prefill, full[:, :25], atol=1e-5)
+    decode = nnx.jit(lambda model, tokens, positions: model(tokens, positions, mode="decode"))  # one compile, 15 steps
     for t in range(25, 40):
-        step = model(tokens[:, t : t + 1], positions[:, t : t + 1], mode="decode")
+        step = decode(model, tokens[:, t : t + 1], positions[:, t : t + 1])
         np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5)
 
 
@@ -209,9 +210,10 @@ def test_splash_attention_matches_xla_with_segments(tiny_cfg):
     splash = build(dataclasses.replace(tiny_cfg, attention_impl="splash_interpret"))
     tokens, positions = tokens_and_positions(2, 128, tiny_cfg.vocab_size)
     segments = jnp.concatenate([jnp.ones((2, 50), jnp.int32), jnp.full((2, 78), 2, jnp.int32)], axis=1)
-    np.testing.assert_allclose(splash(tokens, positions, segments), xla(tokens, positions, segments), atol=1e-5)
-    ga = nnx.grad(lambda m: m(tokens, positions, segments).std())(xla)
-    gb = nnx.grad(lambda m: m(tokens, positions, segments).std())(splash)
+    forward = nnx.jit(lambda m: m(tokens, positions, segments))
+    np.testing.assert_allclose(forward(splash), forward(xla), atol=1e-5)
+    grad = nnx.jit(nnx.grad(lambda m: m(tokens, positions, segments).std()))
+    ga, gb = grad(xla), grad(splash)
     for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -247,7 +249,9 @@ def test_blocked_causal_attention_equals_the_whole_square(length, window, softca
     q = jax.random.normal(keys[0], (2, length, 4, 16))
     k, v = (jax.random.normal(key, (2, length, 2, 16)) for key in keys[1:3])
     segment_ids = jnp.asarray(np.r_[[1] * (length // 3), [2] * (length - length // 3 - 5), [0] * 5])[None].repeat(2, 0)
-    got = causal_xla_attention(q, k, v, segment_ids, sliding_window=window, softcap=softcap)
+    options = dict(sliding_window=window, softcap=softcap)
+    blocked = jax.jit(lambda q, k, v: causal_xla_attention(q, k, v, segment_ids, **options))
+    got = blocked(q, k, v)
     want = _attention_reference(q, k, v, segment_ids, window, softcap)
     real = np.asarray(segment_ids)[:, :, None, None] != 0  # padding queries attend only to padding
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-6)
@@ -260,9 +264,6 @@ def test_blocked_causal_attention_equals_the_whole_square(length, window, softca
     def whole(q, k, v):
         return _attention_reference(q, k, v, segment_ids, window, softcap, xp=jnp)
 
-    def blocked(q, k, v):
-        return causal_xla_attention(q, k, v, segment_ids, sliding_window=window, softcap=softcap)
-
-    grad = jax.grad(loss, argnums=(1, 2, 3))
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)
     for a, b in zip(grad(blocked, q, k, v), grad(whole, q, k, v)):
         np.testing.assert_allclose(a, b, atol=2e-5)
