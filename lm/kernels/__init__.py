@@ -117,14 +117,14 @@ def resolve_attention_impl(
         mode, n = cfg.context_parallel, context_devices
         blocks = f"an online softmax over XLA key blocks of {context.KEY_BLOCK}"
         traced = cfg.scan_layers and any(cfg.sliding_layers) and not all(cfg.sliding_layers)
-        if context.shard_kernel(chosen, mode, seq_len, n, zigzagged=True) == "xla":
+        if context.shard_kernel(chosen, mode, seq_len, n) == "xla":
             inside = f"each shard {blocks} (key blocks no query of the shard sees are skipped)"
         elif traced:
             inside = f"each shard {blocks} ({chosen} needs a static window; the layers' windows are traced in the scan)"
         else:
             inside = (
-                f"each shard {chosen} over the gathered K/V in zig-zag balanced batches (training, eval, scoring); "
-                f"prefill (natural order): {blocks}"
+                f"each shard {chosen} over the gathered K/V, its mask built for the queries' order "
+                "(zig-zag in training, eval and scoring; natural at prefill)"
             )
         return mode, f"mesh.context={n}: {mode} context parallelism, {inside}"
     if chosen.startswith("splash"):

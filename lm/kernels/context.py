@@ -13,9 +13,10 @@ Two modes (model.context_parallel):
              backward pass another and a reduce-scatter of dk, dv; K/V of the whole sequence in memory.
   ring       K/V blocks passed around the devices with `ppermute`, the next block in flight while
              the current one is attended. Memory holds two K/V blocks at a time.
-Inside each shard, allgather runs the splash kernel where the platform's kernel is splash and the
-batch was put in zig-zag order by `balanced` (training, eval, scoring: the kernel's mask is static,
-so it must know the order at trace time). Otherwise (ring, prefill) both modes merge keys KEY_BLOCK
+Inside each shard, allgather runs the splash kernel where the platform's kernel is splash: its
+mask is static, built for the queries in zig-zag order where `balanced` reordered the batch
+(training, eval, scoring) and in natural order otherwise (prefill). Otherwise (ring, a traced
+window, another platform) both modes merge keys KEY_BLOCK
 at a time with an online softmax (running max, sum and output), so the scores in memory are [local
 queries, KEY_BLOCK] per head, never [T, T]. The backward pass is written out, flash attention's: it
 recomputes each block's probabilities from the output's log-sum-exp, so all that is kept for it is
@@ -264,15 +265,17 @@ def _sharded_backward(plan, specs, residuals, d_out):
 _sharded_attention.defvjp(_sharded_forward, _sharded_backward)
 
 
-def _allgather_splash(q, k, v, seg, pos, kernel, *, axes, n, scale):
-    """allgather with the splash kernel inside the shard: the local queries (zig-zag order, which the
-    kernel's mask knows) against the gathered K/V put back in natural order, chunk by chunk. As
+def _allgather_splash(q, k, v, seg, pos, kernel, *, axes, n, scale, zigzagged: bool):
+    """allgather with the splash kernel inside the shard: the local queries (in zig-zag order or in
+    natural order, as the kernel's mask was built) against the gathered K/V in natural order. As
     splash without context parallelism, causality is by place in the (natural) sequence and documents
     by segment ids, so `pos` is not read: within a document positions rise by one per token."""
 
-    def gather(x):  # the gathered chunks are zigzag(2n, n) of the sequence's 2n chunks
+    def gather(x):
         x = jax.lax.all_gather(x, axes, axis=1, tiled=True)
-        chunks = x.reshape(x.shape[0], 2 * n, x.shape[1] // (2 * n), *x.shape[2:])
+        if not zigzagged:
+            return x
+        chunks = x.reshape(x.shape[0], 2 * n, x.shape[1] // (2 * n), *x.shape[2:])  # zigzag(2n, n) of 2n chunks
         return chunks[:, unzigzag(2 * n, n)].reshape(x.shape)
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -281,18 +284,13 @@ def _allgather_splash(q, k, v, seg, pos, kernel, *, axes, n, scale):
     return heads_major(splash.apply(kernel, q, k, v, seg, gather(seg)))
 
 
-def shard_kernel(
-    kernel: str, mode: str, length: int, n: int, sliding_window=None, *, zigzagged: bool | None = None
-) -> str:
+def shard_kernel(kernel: str, mode: str, length: int, n: int, sliding_window=None) -> str:
     """The kernel inside each shard for a sequence of `length` split over n devices: `splash`
     (or `splash_interpret`) where the platform's choice is splash, the mode is allgather, the
-    batch is zig-zag ordered (`balanced`: the kernel's mask is static, so the order must be known
-    at trace time) and each shard's queries fill whole 128-row blocks; `xla` (the online softmax
-    over key blocks) otherwise. zigzagged: whether the batch is in zig-zag order, default what the
-    trace says (inside `balanced`); True: wherever balanced would reorder it."""
-    zigzagged = _zigzagged(length, n) if zigzagged is None else zigzagged and length % (2 * n) == 0
+    window is static and each shard's queries fill whole 128-row blocks; `xla` (the online softmax
+    over key blocks) otherwise."""
     fits = kernel.startswith("splash") and mode == "allgather" and (length // n) % splash.LANES == 0
-    return kernel if fits and zigzagged and isinstance(sliding_window, int | None) else "xla"
+    return kernel if fits and isinstance(sliding_window, int | None) else "xla"
 
 
 def context_attention(q, k, v, segment_ids, positions, *, mode="allgather", kernel="xla", sliding_window=None,
@@ -320,11 +318,12 @@ def context_attention(q, k, v, segment_ids, positions, *, mode="allgather", kern
         head_axes = (q_spec[2],) if isinstance(q_spec[2], str) else tuple(q_spec[2] or ())
         local_heads = q.shape[2] // int(np.prod([mesh.shape[a] for a in head_axes], dtype=int))
         local = q.shape[1] // n
+        zigzagged = _zigzagged(q.shape[1], n)  # the kernel's mask is static: the order is known at trace time
         built = splash.make_kernel(
             q.shape[1], local_heads, block=splash.block_size(local), window=sliding_window, softcap=softcap,
-            interpret=kernel == "splash_interpret", q_order=zigzag(q.shape[1], n), q_shards=n,
+            interpret=kernel == "splash_interpret", q_order=zigzag(q.shape[1], n) if zigzagged else None, q_shards=n,
         )  # fmt: skip
-        fn = functools.partial(_allgather_splash, axes=axes, n=n, scale=scale)
+        fn = functools.partial(_allgather_splash, axes=axes, n=n, scale=scale, zigzagged=zigzagged)
         kernel_spec = built.manual_sharding_spec(jax.sharding.NamedSharding(mesh, jax.P(None, axes)))
         return jax.shard_map(fn, in_specs=(*specs, kernel_spec), out_specs=q_spec, check_vma=False)(*args, built)
     plan = _Plan(mode, axes, n, q.shape[-1] ** -0.5 if scale is None else scale, softcap)
@@ -362,8 +361,7 @@ def balanced(batch: dict):
     Attention reads positions and segment ids, and the loss is a sum over tokens, so neither changes.
 
     While the block is open (trace the model inside it), attention knows the order: the splash
-    kernel's mask is static, so it can run inside the shards only where the order is known at trace
-    time (prefill, which keeps the natural order, runs the order-free XLA blocks)."""
+    kernel's mask is static, so it is built at trace time for the order the queries are in."""
     length = batch["tokens"].shape[1]
     n = context_size(length)
     if n == 1 or length % (2 * n):

@@ -127,12 +127,11 @@ def test_resolve_names_the_kernel_and_refuses_one_the_platform_lacks():
     for name in ("llama3_8b", "llama3_1b", "mistral_7b", "qwen3_0_6b"):  # large presets: flash by default
         assert resolve_attention_impl(preset(name), "gpu", 8192, gpu_capability=(9, 0))[0] == "cudnn", name
         assert resolve_attention_impl(preset(name), "tpu", 8192)[0] == "splash", name
-    # Under mesh.context the context kernel runs; on a TPU allgather's shards run splash where the batch
-    # is zig-zag balanced, and the XLA blocks for prefill, ring and windows traced in the scan.
+    # Under mesh.context the context kernel runs; on a TPU allgather's shards run splash, its mask built
+    # for the queries' order, and the XLA blocks for ring and windows traced in the scan.
     impl, why = resolve_attention_impl(preset("llama3_8b"), "tpu", 8192, context_devices=8)
     assert impl == "allgather" and why.startswith("mesh.context=8: allgather"), why
-    assert "each shard splash over the gathered K/V in zig-zag balanced batches" in why, why
-    assert "prefill (natural order): an online softmax over XLA key blocks" in why, why
+    assert "each shard splash over the gathered K/V, its mask built for the queries' order" in why, why
     ring = ModelConfig(**{**preset("llama3_8b").__dict__, "context_parallel": "ring"})
     gemma = ModelConfig(**{**CFG.__dict__, "sliding_window": 64, "sliding_window_every": 2})
     for cfg, platform in ((preset("llama3_8b"), "gpu"), (ring, "tpu"), (gemma, "tpu")):

@@ -6,6 +6,7 @@ and sliding windows on alternating layers (Gemma 2's pattern: the window is trac
 """
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -15,12 +16,14 @@ import pytest
 from flax import nnx
 
 from lm.config import MeshConfig, ModelConfig
+from lm.kernels import attention
 from lm.kernels.context import context_size, zigzag
 from lm.loss import cross_entropy_sum
 from lm.model import Transformer
 from lm.train.step import train_step
 from sharding.mesh import Layout
 from sharding.partition import create_sharded, put_batch
+from sharding.rules import logical_to_spec
 
 CFG = ModelConfig(
     vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=1024,
@@ -100,8 +103,9 @@ def test_splash_inside_the_shards_equals_one_device(monkeypatch):
     beside fsdp 2 and tensor 2, at length 512: each shard runs splash over the gathered K/V, its mask
     in the zig-zag order the train step gave the batch, on a causal layer and a windowed one (layers
     unscanned, so each window is static), with packed documents, padding and GQA. Loss and SGD step
-    equal one device's XLA attention (1e-5). Outside `balanced` (prefill's natural order), for ring and
-    for a traced window, the XLA blocks run."""
+    equal one device's XLA attention (1e-5). Outside `balanced` (prefill's natural order) splash
+    runs with its mask built for natural order and gives one device's output (1e-5); for ring and for
+    a traced window, the XLA blocks run."""
     from lm.kernels import context, splash
 
     cfg = dataclasses.replace(CFG, attention_impl="splash_interpret", scan_layers=False)
@@ -117,12 +121,28 @@ def test_splash_inside_the_shards_equals_one_device(monkeypatch):
     for path in want_params:
         np.testing.assert_allclose(params[path], want_params[path], atol=1e-5, rtol=0, err_msg=str(path))
 
-    with Layout.build(MeshConfig(data=1, fsdp=4, context=2, tensor=1)):
-        assert context.shard_kernel("splash", "allgather", 512, 2) == "xla"  # order not known: natural
-        with context.balanced({"tokens": jax.numpy.zeros((4, 512), jax.numpy.int32)}):
-            assert context.shard_kernel("splash", "allgather", 512, 2) == "splash"
-            assert context.shard_kernel("splash", "ring", 512, 2) == "xla"
-            assert context.shard_kernel("splash", "allgather", 512, 2, jax.numpy.int32(48)) == "xla"
+    built.clear()
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 256, 4, 16))
+    k, v = (jax.random.normal(key, (2, 256, 2, 16)) for key in keys[1:])
+    segment_ids = np.ones((2, 256), np.int32)
+    segment_ids[1, 200:] = 0  # a prefill row: one prompt, right-padded
+    positions = np.broadcast_to(np.arange(256), (2, 256)) * (segment_ids > 0)
+    want = attention(q, k, v, segment_ids, impl="xla")  # no mesh: one device's
+    layout = Layout.build(MeshConfig(data=1, fsdp=2, context=2, tensor=2))
+    with layout:
+        assert context.shard_kernel("splash", "allgather", 512, 2) == "splash"
+        assert context.shard_kernel("splash", "ring", 512, 2) == "xla"
+        assert context.shard_kernel("splash", "allgather", 512, 2, jax.numpy.int32(48)) == "xla"
+        names = (context.Q_NAMES, context.KV_NAMES, context.KV_NAMES, context.TOKEN_NAMES, context.TOKEN_NAMES)
+        args = [
+            jax.device_put(x, jax.NamedSharding(layout.mesh, logical_to_spec(n, shape=x.shape, mesh=layout.mesh)))
+            for x, n in zip((q, k, v, segment_ids, positions), names)
+        ]
+        got = jax.jit(functools.partial(context.context_attention, kernel="splash_interpret"))(*args)
+    assert [k["q_order"] for k in built] == [None], built  # natural order: no zig-zag
+    real = segment_ids[:, :, None, None] > 0
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-5)
 
 
 def test_context_attention_is_used_and_reordering_keeps_the_loss():
