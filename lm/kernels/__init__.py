@@ -121,6 +121,11 @@ def resolve_attention_impl(
             inside = f"each shard {blocks} (key blocks no query of the shard sees are skipped)"
         elif traced:
             inside = f"each shard {blocks} ({chosen} needs a static window; the layers' windows are traced in the scan)"
+        elif mode == "ring":
+            inside = (
+                f"each shard {chosen} per pair of query and key chunks as the K/V come round the ring (causal on "
+                "the diagonal, mask-free below it), merged by log-sum-exp"
+            )
         else:
             inside = (
                 f"each shard {chosen} over the gathered K/V, its mask built for the queries' order "

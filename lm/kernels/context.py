@@ -15,8 +15,10 @@ Two modes (model.context_parallel):
              the current one is attended. Memory holds two K/V blocks at a time.
 Inside each shard, allgather runs the splash kernel where the platform's kernel is splash: its
 mask is static, built for the queries in zig-zag order where `balanced` reordered the batch
-(training, eval, scoring) and in natural order otherwise (prefill). Otherwise (ring, a traced
-window, another platform) both modes merge keys KEY_BLOCK
+(training, eval, scoring) and in natural order otherwise (prefill). A ring runs splash per pair of
+(local query chunk, arriving key chunk): causal on the diagonal, mask-free for keys all before the
+queries, merged by log-sum-exp (`_ring_splash_forward`). Otherwise (a traced window, a window in a
+ring, another platform) both modes merge keys KEY_BLOCK
 at a time with an online softmax (running max, sum and output), so the scores in memory are [local
 queries, KEY_BLOCK] per head, never [T, T]. The backward pass is written out, flash attention's: it
 recomputes each block's probabilities from the output's log-sum-exp, so all that is kept for it is
@@ -85,6 +87,8 @@ class _Plan:
     n: int  # how many devices share a sequence
     scale: float
     softcap: float | None
+    kernel: str = "xla"  # in a ring: xla (key blocks) or splash / splash_interpret (per chunk pair)
+    zigzag: bool = False  # whether each device holds two zig-zag chunks (else one, in natural order)
 
 
 def _key_pieces(block):
@@ -185,6 +189,8 @@ def _local_forward(plan, q, k, v, seg, pos, window):
     """One device's attention (inside shard_map): its queries q [batch, length/n, heads, head_dim]
     against every device's K/V, by `plan.mode`. Returns the output and the log-sum-exp of each
     query's scores [batch, length/n, heads], which is all the backward pass needs besides q, k, v."""
+    if plan.kernel != "xla":
+        return _ring_splash_forward(plan, q, k, v, seg)
     qg = group_queries(q, k.shape[2]).astype(jnp.float32)  # [batch, kv_heads, group, length, head_dim]
     state = (jnp.full(qg.shape[:-1], LOW), jnp.zeros(qg.shape[:-1]), jnp.zeros(qg.shape))
     attend = functools.partial(_forward, plan, qg, seg, pos, window)
@@ -208,6 +214,8 @@ def _local_backward(plan, q, k, v, seg, pos, window, out, lse, d_out):
     """dq, dk, dv of one device's attention (inside shard_map). In a ring each K/V block travels
     the ring again with its dk, dv, which every device adds its share to; after n steps they are
     back on the block's own device. allgather gathers K/V again and reduce-scatters dk, dv."""
+    if plan.kernel != "xla":
+        return _ring_splash_backward(plan, q, k, v, seg, out, lse, d_out)
     kv_heads = k.shape[2]
     qg = group_queries(q, kv_heads).astype(jnp.float32)
     dog = group_queries(d_out, kv_heads).astype(jnp.float32)
@@ -232,6 +240,131 @@ def _local_backward(plan, q, k, v, seg, pos, window, out, lse, d_out):
         if plan.n > 1:  # each device keeps the sum over devices of its own keys' gradients
             dk, dv = (jax.lax.psum_scatter(x, plan.axes, scatter_dimension=1, tiled=True) for x in (dk, dv))
     return ungroup_queries(dqg).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _chunk_ids(plan, device):
+    """The sequence chunks a device holds, in its local order: under zig-zag chunks i and 2n-1-i of
+    2n, else chunk i of n."""
+    return (device, 2 * plan.n - 1 - device) if plan.zigzag else (device,)
+
+
+def _split(x, count, axis):
+    return jnp.split(x, count, axis=axis)
+
+
+def _relation(query_chunk, key_chunk):
+    """0: no query sees a key (keys after); 1: the diagonal (causal); 2: keys all before (full)."""
+    return jnp.where(key_chunk < query_chunk, 2, jnp.where(key_chunk == query_chunk, 1, 0))
+
+
+def _pair_kernels(plan, chunk, heads):
+    """The two splash kernels a ring's chunk pairs need: the diagonal (causal) and keys before (full)."""
+    block = splash.block_size(chunk)
+    return [
+        splash.make_kernel(chunk, heads, block=block, window=None, softcap=plan.softcap,
+                           interpret=plan.kernel == "splash_interpret", full=full, save_residuals=True)
+        for full in (False, True)
+    ]  # fmt: skip
+
+
+def _ring_splash_forward(plan, q, k, v, seg):
+    """A ring whose every step runs splash per pair of (local query chunk, arriving key chunk):
+    lax.switch picks the causal kernel on the diagonal, the mask-free one for keys all before the
+    queries, nothing for keys after them; documents by segment ids. The pairs' outputs merge by
+    their log-sum-exp. Returns what `_local_forward` does."""
+    count = 2 if plan.zigzag else 1
+    causal, full = _pair_kernels(plan, q.shape[1] // count, q.shape[2])
+    device = jax.lax.axis_index(plan.axes)
+    heads_major = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+    queries = _split(heads_major(q * plan.scale), count, 2)  # the kernel does not scale
+    q_segments = _split(seg, count, 1)
+
+    def skip(q, k, v, q_segments, kv_segments):
+        return jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], LOW)
+
+    branches = [skip] + [
+        lambda *a, kernel=kernel: jax.tree.map(lambda x: x.astype(jnp.float32), splash.pair_forward(kernel, *a))
+        for kernel in (causal, full)
+    ]
+
+    def attend(state, block, source):
+        keys, values, k_segments = (_split(x, count, axis) for x, axis in zip(block, (2, 2, 1)))
+        merged = []
+        for x, (lse, acc) in enumerate(state):
+            for y in range(count):
+                relation = _relation(_chunk_ids(plan, device)[x], _chunk_ids(plan, source)[y])
+                out, pair_lse = jax.lax.switch(relation, branches, queries[x], keys[y], values[y], q_segments[x],
+                                               k_segments[y])  # fmt: skip
+                new = jnp.logaddexp(lse, pair_lse)
+                acc = acc * jnp.exp(lse - new)[..., None] + out * jnp.exp(pair_lse - new)[..., None]
+                lse = new
+            merged.append((lse, acc))
+        return merged
+
+    state = [(jnp.full(x.shape[:3], LOW), jnp.zeros(x.shape, jnp.float32)) for x in queries]
+    block = (heads_major(k), heads_major(v), seg)
+
+    def step(carry, offset):
+        state, block = carry
+        incoming = _pass_on(plan, block)
+        return (attend(state, block, (device - offset) % plan.n), incoming), None
+
+    (state, last), _ = jax.lax.scan(step, (state, block), jnp.arange(plan.n - 1))
+    state = attend(state, last, (device + 1) % plan.n)
+    out = heads_major(jnp.concatenate([acc for _, acc in state], axis=2)).astype(q.dtype)
+    return out, heads_major(jnp.concatenate([lse for lse, _ in state], axis=2))
+
+
+def _ring_splash_backward(plan, q, k, v, seg, out, lse, d_out):
+    """`_ring_splash_forward`'s backward pass: splash's backward per chunk pair, handed the merged
+    output and log-sum-exp, with dk, dv travelling the ring with their K/V as in the XLA blocks."""
+    count = 2 if plan.zigzag else 1
+    causal, full = _pair_kernels(plan, q.shape[1] // count, q.shape[2])
+    device = jax.lax.axis_index(plan.axes)
+    heads_major = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+    queries = _split(heads_major(q * plan.scale), count, 2)
+    q_segments = _split(seg, count, 1)
+    outs, d_outs = (_split(heads_major(x), count, 2) for x in (out, d_out))
+    lses = _split(heads_major(lse), count, 2)
+
+    def zero(q, k, v, *_):
+        return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+
+    branches = [zero] + [
+        lambda *a, kernel=kernel: tuple(x.astype(jnp.float32) for x in splash.pair_backward(kernel, *a))
+        for kernel in (causal, full)
+    ]
+
+    def grads(d_queries, block, source):
+        keys, values, k_segments = (_split(x, count, axis) for x, axis in zip(block, (2, 2, 1)))
+        d_keys = [jnp.zeros(x.shape, jnp.float32) for x in keys]
+        d_values = [jnp.zeros(x.shape, jnp.float32) for x in values]
+        d_queries = list(d_queries)
+        for x in range(count):
+            for y in range(count):
+                relation = _relation(_chunk_ids(plan, device)[x], _chunk_ids(plan, source)[y])
+                dq, dk, dv = jax.lax.switch(
+                    relation, branches, queries[x], keys[y], values[y], q_segments[x], k_segments[y], outs[x],
+                    lses[x], d_outs[x],
+                )  # fmt: skip
+                d_queries[x], d_keys[y], d_values[y] = d_queries[x] + dq, d_keys[y] + dk, d_values[y] + dv
+        return d_queries, jnp.concatenate(d_keys, axis=2), jnp.concatenate(d_values, axis=2)
+
+    d_queries = [jnp.zeros(x.shape, jnp.float32) for x in queries]
+    block = (heads_major(k), heads_major(v), seg)
+
+    def step(carry, offset):
+        d_queries, block, dk, dv = carry
+        incoming = _pass_on(plan, block)
+        d_queries, dk_block, dv_block = grads(d_queries, block, (device - offset) % plan.n)
+        return (d_queries, incoming, *_pass_on(plan, (dk + dk_block, dv + dv_block))), None
+
+    zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in block[:2])
+    (d_queries, last, dk, dv), _ = jax.lax.scan(step, (d_queries, block, *zeros), jnp.arange(plan.n - 1))
+    d_queries, dk_block, dv_block = grads(d_queries, last, (device + 1) % plan.n)
+    dk, dv = _pass_on(plan, (dk + dk_block, dv + dv_block))
+    dq = heads_major(jnp.concatenate(d_queries, axis=2)) * plan.scale
+    return dq.astype(q.dtype), heads_major(dk).astype(k.dtype), heads_major(dv).astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -285,12 +418,17 @@ def _allgather_splash(q, k, v, seg, pos, kernel, *, axes, n, scale, zigzagged: b
 
 
 def shard_kernel(kernel: str, mode: str, length: int, n: int, sliding_window=None) -> str:
-    """The kernel inside each shard for a sequence of `length` split over n devices: `splash`
-    (or `splash_interpret`) where the platform's choice is splash, the mode is allgather, the
-    window is static and each shard's queries fill whole 128-row blocks; `xla` (the online softmax
-    over key blocks) otherwise."""
-    fits = kernel.startswith("splash") and mode == "allgather" and (length // n) % splash.LANES == 0
-    return kernel if fits and isinstance(sliding_window, int | None) else "xla"
+    """The kernel inside each shard for a sequence of `length` split over n devices: `splash` (or
+    `splash_interpret`) where the platform's choice is splash, the window is static and the blocks
+    fill whole 128-row tiles (allgather: each shard's queries; ring: each of the 2n chunks, and no
+    window, which would cut a chunk pair by distance); `xla` (the online softmax over key blocks)
+    otherwise."""
+    if not kernel.startswith("splash") or not isinstance(sliding_window, int | None):
+        return "xla"
+    if mode == "allgather":
+        return kernel if (length // n) % splash.LANES == 0 else "xla"
+    fits = sliding_window is None and length % (2 * n) == 0 and (length // (2 * n)) % splash.LANES == 0
+    return kernel if fits else "xla"
 
 
 def context_attention(q, k, v, segment_ids, positions, *, mode="allgather", kernel="xla", sliding_window=None,
@@ -314,7 +452,7 @@ def context_attention(q, k, v, segment_ids, positions, *, mode="allgather", kern
     specs = (q_spec, kv_spec, kv_spec, token_spec, token_spec)
     args = (q, k, v, segment_ids, positions)
     kernel = shard_kernel(kernel, mode, q.shape[1], n, sliding_window)
-    if kernel != "xla":
+    if kernel != "xla" and mode == "allgather":
         head_axes = (q_spec[2],) if isinstance(q_spec[2], str) else tuple(q_spec[2] or ())
         local_heads = q.shape[2] // int(np.prod([mesh.shape[a] for a in head_axes], dtype=int))
         local = q.shape[1] // n
@@ -326,7 +464,8 @@ def context_attention(q, k, v, segment_ids, positions, *, mode="allgather", kern
         fn = functools.partial(_allgather_splash, axes=axes, n=n, scale=scale, zigzagged=zigzagged)
         kernel_spec = built.manual_sharding_spec(jax.sharding.NamedSharding(mesh, jax.P(None, axes)))
         return jax.shard_map(fn, in_specs=(*specs, kernel_spec), out_specs=q_spec, check_vma=False)(*args, built)
-    plan = _Plan(mode, axes, n, q.shape[-1] ** -0.5 if scale is None else scale, softcap)
+    zigzagged = _zigzagged(q.shape[1], n)
+    plan = _Plan(mode, axes, n, q.shape[-1] ** -0.5 if scale is None else scale, softcap, kernel, zigzagged)
     window = jnp.asarray(NO_WINDOW if sliding_window is None else sliding_window, jnp.int32)
     return _sharded_attention(plan, (q_spec, kv_spec, token_spec), *args, window)
 

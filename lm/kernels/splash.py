@@ -36,18 +36,22 @@ def block_size(padded: int) -> int:
 
 
 def make_kernel(length: int, heads: int, *, block: int, window: int | None, softcap: float | None, interpret: bool,
-                q_order=None, q_shards: int = 1):  # fmt: skip
+                q_order=None, q_shards: int = 1, full: bool = False, save_residuals: bool = False):  # fmt: skip
     """The splash kernel for `heads` query heads over a causal (or sliding-window) [length, length] mask.
 
     q_order: the original index of each query row when the queries are reordered (the zig-zag order
     of context parallelism; keys are in natural order), default natural. q_shards: how many devices
-    split the query rows; each then takes its slice of the kernel (`manual_sharding_spec`)."""
+    split the query rows; each then takes its slice of the kernel (`manual_sharding_spec`).
+    full: no causal mask (keys all before the queries: a ring's earlier chunks). save_residuals: the
+    kernel also returns each query's log-sum-exp (for `pair_forward`)."""
     sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
         block_q_dq=block, block_kv_dq=block,
     )  # fmt: skip
-    if window is None:
+    if full:
+        one = splash_mask.FullMask((length, length))
+    elif window is None:
         one = splash_mask.CausalMask((length, length))
     else:  # itself and the window - 1 keys before it
         one = splash_mask.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
@@ -56,8 +60,42 @@ def make_kernel(length: int, heads: int, *, block: int, window: int | None, soft
     mask = splash_mask.MultiHeadMask([one for _ in range(heads)])
     return splash.make_splash_mha(
         mask, block_sizes=sizes, head_shards=1, q_seq_shards=q_shards, attn_logits_soft_cap=softcap,
-        interpret=interpret,
+        interpret=interpret, save_residuals=save_residuals,
     )  # fmt: skip
+
+
+def pair_forward(kernel, q, k, v, q_segments, kv_segments):
+    """One block pair of a ring: a kernel made with save_residuals=True over a batch (as `apply`).
+    Returns the output [batch, heads, queries, head_dim] and the log-sum-exp [batch, heads, queries]
+    (very negative where a query sees none of these keys: its output then gets no weight in a merge)."""
+    out, (lse,) = apply(kernel, q, k, v, q_segments, kv_segments)
+    return out, lse
+
+
+def pair_backward(kernel, q, k, v, q_segments, kv_segments, out, lse, d_out):
+    """dq, dk, dv of one block pair from the *merged* output and log-sum-exp of all of a query's
+    keys (flash attention's backward pass per block): splash's own backward pass, handed the merged
+    statistics instead of the pair's. dq is with respect to the (scaled) q the kernel took."""
+    options = kernel.kwargs
+
+    def collapsed(info):  # as splash's own entry point hands the mask blocks to its kernels
+        if info is None or info.partial_mask_blocks is None:
+            return info
+        blocks = info.partial_mask_blocks
+        return info._replace(partial_mask_blocks=blocks.reshape(-1, *blocks.shape[-2:]))
+
+    infos = [collapsed(info) for info in (kernel.dq_mask_info, kernel.dkv_mask_info)]
+
+    def one(q, k, v, q_segments, kv_segments, out, lse, d_out):
+        segments = splash.SegmentIds(q=q_segments.astype(jnp.int32), kv=kv_segments.astype(jnp.int32))
+        grads = splash._splash_attention_bwd(
+            False, options["mask_value"], options["is_mqa"], options["block_sizes"], None, options["mask_function"],
+            options["attn_logits_soft_cap"], options["interpret"],
+            (q, k, v, segments, None, out, lse, *infos), d_out,
+        )  # fmt: skip
+        return grads[3:6]
+
+    return jax.vmap(one)(q, k, v, q_segments, kv_segments, out, lse, d_out)
 
 
 def _kernel_call(q, k, v, segment_ids, *, block: int, window: int | None, softcap: float | None, interpret: bool):

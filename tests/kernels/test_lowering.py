@@ -127,14 +127,16 @@ def test_resolve_names_the_kernel_and_refuses_one_the_platform_lacks():
     for name in ("llama3_8b", "llama3_1b", "mistral_7b", "qwen3_0_6b"):  # large presets: flash by default
         assert resolve_attention_impl(preset(name), "gpu", 8192, gpu_capability=(9, 0))[0] == "cudnn", name
         assert resolve_attention_impl(preset(name), "tpu", 8192)[0] == "splash", name
-    # Under mesh.context the context kernel runs; on a TPU allgather's shards run splash, its mask built
-    # for the queries' order, and the XLA blocks for ring and windows traced in the scan.
+    # Under mesh.context the context kernel runs; on a TPU the shards run splash (allgather: its mask
+    # built for the queries' order; ring: per chunk pair), and the XLA blocks for windows traced in the scan.
     impl, why = resolve_attention_impl(preset("llama3_8b"), "tpu", 8192, context_devices=8)
     assert impl == "allgather" and why.startswith("mesh.context=8: allgather"), why
     assert "each shard splash over the gathered K/V, its mask built for the queries' order" in why, why
     ring = ModelConfig(**{**preset("llama3_8b").__dict__, "context_parallel": "ring"})
+    impl, why = resolve_attention_impl(ring, "tpu", 8192, context_devices=8)
+    assert impl == "ring" and "each shard splash per pair of query and key chunks" in why, why
     gemma = ModelConfig(**{**CFG.__dict__, "sliding_window": 64, "sliding_window_every": 2})
-    for cfg, platform in ((preset("llama3_8b"), "gpu"), (ring, "tpu"), (gemma, "tpu")):
+    for cfg, platform in ((preset("llama3_8b"), "gpu"), (ring, "gpu"), (gemma, "tpu")):
         impl, why = resolve_attention_impl(cfg, platform, 8192, context_devices=8, gpu_capability=(9, 0))
         assert why.startswith(f"mesh.context=8: {impl}") and "each shard an online softmax over XLA" in why, why
     cpu = ModelConfig(**{**CFG.__dict__, "dtype": "auto"})

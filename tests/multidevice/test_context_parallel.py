@@ -103,9 +103,10 @@ def test_splash_inside_the_shards_equals_one_device(monkeypatch):
     beside fsdp 2 and tensor 2, at length 512: each shard runs splash over the gathered K/V, its mask
     in the zig-zag order the train step gave the batch, on a causal layer and a windowed one (layers
     unscanned, so each window is static), with packed documents, padding and GQA. Loss and SGD step
-    equal one device's XLA attention (1e-5). Outside `balanced` (prefill's natural order) splash
-    runs with its mask built for natural order and gives one device's output (1e-5); for ring and for
-    a traced window, the XLA blocks run."""
+    equal one device's XLA attention (1e-5), and so do they with ring, where splash runs per chunk
+    pair on the causal layer. Outside `balanced` (prefill's natural order) splash runs with its mask
+    built for natural order and gives one device's output (1e-5); for a traced window, the XLA blocks
+    run."""
     from lm.kernels import context, splash
 
     cfg = dataclasses.replace(CFG, attention_impl="splash_interpret", scan_layers=False)
@@ -121,6 +122,15 @@ def test_splash_inside_the_shards_equals_one_device(monkeypatch):
     for path in want_params:
         np.testing.assert_allclose(params[path], want_params[path], atol=1e-5, rtol=0, err_msg=str(path))
 
+    # ring: splash per chunk pair on the causal layer (a causal and a mask-free kernel of 128 rows,
+    # with their log-sum-exp), the XLA blocks on the windowed one
+    built.clear()
+    loss, params = step((1, 2, 2, 2), "ring", 512, cfg=cfg)
+    assert {(k["full"], k["save_residuals"]) for k in built} == {(False, True), (True, True)}, built
+    assert abs(loss - want_loss) < 1e-5, (loss, want_loss)
+    for path in want_params:
+        np.testing.assert_allclose(params[path], want_params[path], atol=1e-5, rtol=0, err_msg=str(path))
+
     built.clear()
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (2, 256, 4, 16))
@@ -132,7 +142,9 @@ def test_splash_inside_the_shards_equals_one_device(monkeypatch):
     layout = Layout.build(MeshConfig(data=1, fsdp=2, context=2, tensor=2))
     with layout:
         assert context.shard_kernel("splash", "allgather", 512, 2) == "splash"
-        assert context.shard_kernel("splash", "ring", 512, 2) == "xla"
+        assert context.shard_kernel("splash", "ring", 512, 2) == "splash"
+        assert context.shard_kernel("splash", "ring", 512, 2, 48) == "xla"  # a window would cut a full pair
+        assert context.shard_kernel("splash", "ring", 256, 2) == "xla"  # chunks of 64 rows
         assert context.shard_kernel("splash", "allgather", 512, 2, jax.numpy.int32(48)) == "xla"
         names = (context.Q_NAMES, context.KV_NAMES, context.KV_NAMES, context.TOKEN_NAMES, context.TOKEN_NAMES)
         args = [
@@ -167,14 +179,17 @@ def test_context_attention_is_used_and_reordering_keeps_the_loss():
 
 
 @pytest.mark.parametrize(
-    "platform, mode, impl", [("tpu", "ring", "xla"), ("cuda", "allgather", "xla"), ("tpu", "allgather", "splash")]
+    "platform, mode, impl",
+    [("tpu", "ring", "xla"), ("cuda", "allgather", "xla"), ("tpu", "allgather", "splash"), ("tpu", "ring", "splash")],
 )
 def test_context_parallel_lowers_with_its_collective_and_no_square_operand(platform, mode, impl):
     """The train step lowered for a TPU or a GPU under mesh.context=4 (beside tensor=2) at length
     1024: the mode's collective is there (fsdp is 1, so no other all-gather is in the lowered
     program), and no [T, T] array is (allgather's scores are [T/4, T] per device, ring's [T/4, T/4]).
     With splash on a TPU, allgather runs the splash kernel (tpu_custom_call) inside each shard, on a
-    causal and a windowed layer; else the XLA blocks, which skip unseen key blocks (stablehlo.case)."""
+    causal and a windowed layer, and ring runs it per chunk pair on the causal layer (forward and
+    backward kernels, picked per pair by stablehlo.case); else the XLA blocks, which skip unseen key
+    blocks (stablehlo.case)."""
     cfg = dataclasses.replace(CFG, context_parallel=mode, dtype="bfloat16", attention_impl=impl)
     if impl == "splash":
         cfg = dataclasses.replace(cfg, scan_layers=False)  # static windows
@@ -190,7 +205,9 @@ def test_context_parallel_lowers_with_its_collective_and_no_square_operand(platf
         text = train_step.trace(model, opt, batch).lower(lowering_platforms=(platform,)).as_text()
     collective = "stablehlo.all_gather" if mode == "allgather" else "stablehlo.collective_permute"
     assert collective in text, mode
-    if impl == "splash":
+    if impl == "splash" and mode == "ring":
+        assert text.count("tpu_custom_call") >= 4, text.count("tpu_custom_call")  # causal, full; forward, backward
+    elif impl == "splash":
         assert text.count("tpu_custom_call") >= 2 and "stablehlo.case" not in text
     else:
         assert "stablehlo.case" in text, mode  # key blocks no query of the shard sees are skipped
