@@ -126,6 +126,8 @@ def resolve_attention_impl(
                 f"each shard {chosen} per pair of query and key chunks as the K/V come round the ring (causal on "
                 "the diagonal, mask-free below it), merged by log-sum-exp"
             )
+            if any(cfg.sliding_layers):  # a window would cut a mask-free pair by distance
+                inside += f"; windowed layers: {blocks}"
         else:
             inside = (
                 f"each shard {chosen} over the gathered K/V, its mask built for the queries' order "

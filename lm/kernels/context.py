@@ -1,11 +1,12 @@
 """Causal self-attention with the sequence split over the mesh axes of the `length` rule
 (`mesh.context`: context parallelism), and the zig-zag order that balances its causal work.
 
-Each device holds a slice of the queries, keys and values. Which key a query may see is decided by
-positions and segment ids, never by where a token sits in the array: within a document positions
-rise by one per token (lm.data packs documents that way), so `key position <= query position` in
-the same document is exactly the causal mask, in any order of the tokens. That is what lets the
-sequence be reordered (`zigzag`) without changing a number.
+Each device holds a slice of the queries, keys and values. In the XLA kernel, which key a query may
+see is decided by positions and segment ids, never by where a token sits in the array: within a
+document positions rise by one per token (lm.data packs documents that way), so `key position <=
+query position` in the same document is exactly the causal mask, in any order of the tokens. That is
+what lets the sequence be reordered (`zigzag`) without changing a number. The splash paths decide by
+place, so they read the order `balanced` declares at trace time.
 
 Two modes (model.context_parallel):
   allgather  K/V (with their positions and segment ids) gathered whole on every device; each device
@@ -317,7 +318,9 @@ def _ring_splash_forward(plan, q, k, v, seg):
 
 def _ring_splash_backward(plan, q, k, v, seg, out, lse, d_out):
     """`_ring_splash_forward`'s backward pass: splash's backward per chunk pair, handed the merged
-    output and log-sum-exp, with dk, dv travelling the ring with their K/V as in the XLA blocks."""
+    output and log-sum-exp, with dk, dv travelling the ring with their K/V as in the XLA blocks.
+    Splash writes each pair's gradients in the input dtype, so in bfloat16 each of the up to 2n pair
+    contributions is rounded once before the float32 sum (one splash call rounds once in all)."""
     count = 2 if plan.zigzag else 1
     causal, full = _pair_kernels(plan, q.shape[1] // count, q.shape[2])
     device = jax.lax.axis_index(plan.axes)

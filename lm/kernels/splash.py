@@ -3,9 +3,10 @@
 Chosen by model.attention_impl=auto on TPU (or =splash). `splash_interpret` runs the same kernel in
 the Pallas interpreter, slow but exact, which is how the CPU tests check it against XLA; nothing
 switches to the interpreter on its own. Under a mesh the kernel runs per shard (shard_map): batch
-over the batch axes, heads over the tensor axis. Under context parallelism (lm.kernels.context) each
-shard's zig-zag ordered queries run against the gathered keys, with a kernel built for the whole
-sequence whose mask knows that order (make_kernel's q_order and q_shards).
+over the batch axes, heads over the tensor axis. Under context parallelism (lm.kernels.context),
+allgather runs each shard's queries (zig-zag or natural order) against the gathered keys, with a kernel
+built for the whole sequence whose mask knows that order (make_kernel's q_order and q_shards); a ring
+runs a causal or mask-free kernel per chunk pair (`pair_forward`, `pair_backward`).
 
 The real kernel needs its key/value compute block to be a multiple of 128, so sequences are padded
 to a multiple of 128 (segment id 0: padding attends only to padding) and sliced back afterwards.

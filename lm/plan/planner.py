@@ -437,12 +437,14 @@ def step_time(
     activation = rows * t.seq_len / mesh_shape.get("context", 1) * m.d_model * act_bytes
     tensor_s = k * m.n_layers * 4 * ring(tp, activation, dev.ici_bytes_per_s, reduce=True)
     # Context parallelism: per layer, K/V of the whole sequence reach every device of mesh.context in
-    # the forward pass, again in the backward pass (which keeps only the shard's own K/V), and their
-    # gradients go back (the same bytes for both modes; a remat recompute adds its forward again).
-    # The all-gather waits on the critical path; the ring sends the next block while attending this one.
+    # the forward pass (twice under remat, whose recompute runs it again), again in the backward pass
+    # (which keeps only the shard's own K/V), and their gradients go back in float32 (the same bytes
+    # for both modes). The all-gather waits on the critical path; the ring sends the next block while
+    # attending this one.
     cp = mesh_shape.get("context", 1)
     kv = rows * t.seq_len * 2 * m.n_kv_heads * m.dim_per_head / (tp if m.n_kv_heads % tp == 0 else 1) * act_bytes
-    context_s = k * m.n_layers * 3 * ring(cp, kv, dev.ici_bytes_per_s)
+    passes = (2 if m.remat != "none" else 1) + 1 + 4 / act_bytes
+    context_s = k * m.n_layers * passes * ring(cp, kv, dev.ici_bytes_per_s)
     overlapped = context_s if m.context_parallel == "ring" else 0.0
     # Expert parallelism: per MoE layer, an all-to-all to the experts and one back in the forward pass
     # and the same two in the backward; the experts wait for them (on the critical path). Each device

@@ -135,6 +135,9 @@ def test_resolve_names_the_kernel_and_refuses_one_the_platform_lacks():
     ring = ModelConfig(**{**preset("llama3_8b").__dict__, "context_parallel": "ring"})
     impl, why = resolve_attention_impl(ring, "tpu", 8192, context_devices=8)
     assert impl == "ring" and "each shard splash per pair of query and key chunks" in why, why
+    windowed = ModelConfig(**{**ring.__dict__, "sliding_window": 4096, "sliding_window_every": 1})
+    why = resolve_attention_impl(windowed, "tpu", 8192, context_devices=8)[1]
+    assert "; windowed layers: an online softmax over XLA" in why, why
     gemma = ModelConfig(**{**CFG.__dict__, "sliding_window": 64, "sliding_window_every": 2})
     for cfg, platform in ((preset("llama3_8b"), "gpu"), (ring, "gpu"), (gemma, "tpu")):
         impl, why = resolve_attention_impl(cfg, platform, 8192, context_devices=8, gpu_capability=(9, 0))

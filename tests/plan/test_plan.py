@@ -205,7 +205,9 @@ def test_context_parallelism_splits_activations_and_costs_kv_traffic():
     m, bw = load_recipe("qwen3_0_6b").model, 450e9
     kv = 8192 * 2 * m.n_kv_heads * m.dim_per_head * 2  # one row per device, bf16
     assert one.step.context_s == 0
-    assert math.isclose(gathered.step.context_s, m.n_layers * 3 * (3 / 4) * kv / bw, rel_tol=1e-6)
+    # K/V forward (again under remat's recompute), again in the backward pass, float32 gradients back
+    passes = (2 if m.remat != "none" else 1) + 1 + 2
+    assert math.isclose(gathered.step.context_s, m.n_layers * passes * (3 / 4) * kv / bw, rel_tol=1e-6)
     assert math.isclose(gathered.step.step_s - ring.step.step_s, gathered.step.context_s, rel_tol=1e-6)
 
 
