@@ -112,6 +112,7 @@ def test_training_changes_only_the_adapters():
     assert all(changed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype", ["nf4", "int8"])
 def test_qlora_base_is_quantised_and_its_loss_falls(qtype):
     m = model()
@@ -218,6 +219,7 @@ def keyed(m, key: int):
     return m
 
 
+@pytest.mark.slow
 def test_dropout_acts_in_training_steps_only_and_is_reproducible():
     m = model()
     lora.apply(m, spec(dropout=0.5))
@@ -291,6 +293,7 @@ def numpy_adapted_moe(layer, x: np.ndarray, cfg: ModelConfig, scale: float) -> n
     return y
 
 
+@pytest.mark.slow
 def test_expert_adapters_equal_a_numpy_loop_over_experts_dropless_capacity_and_merged():
     from lm.model.blocks import MoE
 

@@ -161,6 +161,7 @@ def tiny_model(vocab):
     return Transformer(cfg, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_loss_equals_mean_over_completion_tokens_computed_independently(tmp_path, folder):
     records = completions(24)
     data, _ = prepare(tmp_path, folder, records)

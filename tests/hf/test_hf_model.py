@@ -118,6 +118,7 @@ def test_sliding_window_and_softcap_actually_change_the_logits(tmp_path):
         assert np.abs(our_logits(other, sample_tokens()) - base).max() > 1e-3, change
 
 
+@pytest.mark.slow
 def test_sliding_window_in_cached_decode_equals_full_forward(tmp_path):
     """Decode past the window: the cache mask must drop the keys that left it, on the right layers."""
     save_hf_checkpoint("gemma2", tmp_path)

@@ -45,6 +45,7 @@ def test_cached_greedy_equals_recompute_for_ragged_batch(model, prompts):
     assert all(len(t) == 24 for t in cached.tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_windowed_decode_equals_recompute(model, prompts, chunk):
     """Attention windows of 32, 48, 64, 96 and 128 slots in turn (growing as the context fills) give
@@ -185,6 +186,7 @@ def test_decode_steps_update_the_cache_in_place(model, prompts, monkeypatch):
         dict(dense_layers=(0,), sliding_window=4, sliding_window_every=2),  # a dense first layer, windows
     ],
 )
+@pytest.mark.slow
 def test_cached_decode_equals_recompute_with_dense_and_expert_layers(prompts, layers):
     """The cached loop's unstacked twin takes each layer from its run of the scanned stack."""
     from lm.config import ModelConfig

@@ -114,6 +114,7 @@ def test_segment_ids_keep_packed_documents_apart(tiny_cfg):
     np.testing.assert_allclose(together[:, 10:], alone_b, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scanned_equals_unrolled(tiny_cfg, family):
     cfg = dataclasses.replace(tiny_cfg, n_layers=3, **FAMILIES[family])
@@ -124,6 +125,7 @@ def test_scanned_equals_unrolled(tiny_cfg, family):
     assert np.abs(scanned(tokens, positions) - unrolled(tokens, positions)).max() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
 @pytest.mark.parametrize("scan", [True, False])
 def test_remat_equals_no_remat(tiny_cfg, policy, scan):
@@ -204,6 +206,7 @@ def test_presets_are_valid():
     assert 1.1e8 < preset("gpt2_124m").n_params < 1.3e8  # GPT-2 small is 124M
 
 
+@pytest.mark.slow
 def test_splash_attention_matches_xla_with_segments(tiny_cfg):
     """The TPU Pallas kernel (interpret mode off TPU) against the XLA path: forward and gradients."""
     xla = build(tiny_cfg)

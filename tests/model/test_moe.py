@@ -127,6 +127,7 @@ def test_aux_loss_equals_transformers_load_balancing_loss():
     np.testing.assert_allclose(np.asarray(stats.load.sum(-1)), 2.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_padding_is_left_out_of_the_router_statistics():
     layer, x = layer_and_input(CFG, n=16)
     valid = jnp.arange(16)[None] < 10
@@ -136,6 +137,7 @@ def test_padding_is_left_out_of_the_router_statistics():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_grouped_matmul_megablox_interpreted_and_tiled_equal_ragged_dot():
     from lm.kernels import grouped_matmul
 

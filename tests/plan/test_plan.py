@@ -270,6 +270,7 @@ def test_planner_names_mesh_expert_when_it_does_not_divide_the_experts():
         estimate(load_recipe("qwen3_30b_a3b_v5p_128", ["mesh.fsdp=1", "mesh.data=1", "mesh.expert=3"]), "h100-80gb x8")
 
 
+@pytest.mark.slow
 def test_planned_adapters_count_one_per_expert():
     """The planner's trainable count of a LoRA run on an MoE model equals the adapters lm.lora builds,
     and both count for MFU only the routed experts' share of the expert adapters."""

@@ -25,6 +25,7 @@ CFG = ModelConfig(vocab_size=128, d_model=32, n_layers=3, n_heads=4, n_kv_heads=
                   dtype="float32")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_router_losses_join_the_objective_and_the_metrics():
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (4, 17)), jnp.int32)
